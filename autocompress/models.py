@@ -1,0 +1,210 @@
+"""Built-in models and user model specs.
+
+A model spec is a string the user passes to --model and the artifact stores so that `load()`
+can rebuild the architecture: a built-in name (lenet5, mlp, resnet18), `torchvision:NAME`,
+`module:callable`, `path/file.py:callable`, or the path of a saved module
+(`torch.save(model)` or TorchScript).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+BUILTIN_MODELS = ("lenet5", "mlp", "resnet18")
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 as in Han et al.: conv 20-50 (5x5), fc 800-500-10 on 28x28 inputs (431,080 params)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        pad = 0 if image_size >= 20 else 2  # keep small inputs (8x8 digits) from shrinking to nothing
+        self.conv1 = nn.Conv2d(in_channels, 20, 5, padding=pad)
+        self.conv2 = nn.Conv2d(20, 50, 5, padding=pad)
+        self.pool = nn.MaxPool2d(2)
+        with torch.no_grad():
+            n = self._features(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
+        self.fc1 = nn.Linear(n, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return torch.flatten(x, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self._features(x))))
+
+
+class MLP(nn.Module):
+    """LeNet-300-100: a fully connected 300-100 network on flattened images."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_channels * image_size * image_size, 300)
+        self.fc2 = nn.Linear(300, 100)
+        self.fc3 = nn.Linear(100, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def resnet18_small(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> nn.Module:
+    """torchvision ResNet-18 for small grey images: 3x3 stem, stride 1, no max-pool."""
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the uncompressed architecture (stored in the artifact)."""
+
+    spec: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _call_with_supported(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call a user factory with whichever of num_classes/in_channels/image_size it accepts."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn()
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _load_callable(spec: str) -> Callable[..., Any]:
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise UserError(f"model file not found: {target} (from --model {spec})")
+        mod_spec = importlib.util.spec_from_file_location(os.path.basename(target)[:-3], target)
+        assert mod_spec and mod_spec.loader
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise UserError(f"cannot import module {target!r} for --model {spec}: {e}") from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise UserError(f"{target} has no callable {attr!r} (from --model {spec})")
+    return fn
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Replace the first Conv2d when the data has a different number of input channels."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            if mod.in_channels != in_channels:
+                new = nn.Conv2d(in_channels, mod.out_channels, mod.kernel_size, mod.stride,
+                                mod.padding, mod.dilation, mod.groups, mod.bias is not None)
+                parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+                setattr(parent, name.rpartition(".")[2], new)
+            return
+
+
+def build_model(spec: str | ModelSpec, num_classes: int = 10, in_channels: int = 1,
+                image_size: int = 28) -> nn.Module:
+    """Build an (untrained unless the spec is a saved module) model from a spec string."""
+    if isinstance(spec, ModelSpec):
+        spec, num_classes, in_channels, image_size = spec.spec, spec.num_classes, spec.in_channels, spec.image_size
+    kw = dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    if spec == "lenet5":
+        return LeNet5(**kw)
+    if spec == "mlp":
+        return MLP(**kw)
+    if spec == "resnet18":
+        return resnet18_small(**kw)
+    if spec.startswith("torchvision:"):
+        import torchvision
+
+        name = spec.split(":", 1)[1]
+        try:
+            fn = torchvision.models.get_model_builder(name)
+        except ValueError:
+            raise UserError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()") from None
+        model = fn(weights=None, num_classes=num_classes)
+        _adapt_first_conv(model, in_channels)
+        return model
+    if os.path.isfile(spec):
+        return load_saved_module(spec)
+    if ":" in spec and not spec.startswith(("/", ".")) or spec.rpartition(":")[0].endswith(".py"):
+        model = _call_with_supported(_load_callable(spec), **kw)
+        if not isinstance(model, nn.Module):
+            raise UserError(f"--model {spec} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    raise UserError(
+        f"unknown model {spec!r}: use one of {', '.join(BUILTIN_MODELS)}, torchvision:NAME, "
+        "module:callable, path/file.py:callable, or the path of a saved module")
+
+
+def load_saved_module(path: str) -> nn.Module:
+    """Load a whole saved module: TorchScript first, then a pickled nn.Module."""
+    try:
+        return torch.jit.load(path, map_location="cpu")
+    except Exception:
+        pass
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"cannot read saved model {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    if not isinstance(obj, nn.Module):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a saved nn.Module; "
+                        "pass a state dict with --weights and the architecture with --model")
+    return obj
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a state dict (or a checkpoint dict holding one under 'state_dict'/'model') into model."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path} is corrupt or not a PyTorch file ({type(e).__name__})") from None
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise UserError(f"checkpoint {path} holds no state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise UserError(f"checkpoint {path} does not fit the model: {first}") from None
+
+
+def prunable_layers(model: nn.Module) -> list[str]:
+    """Names of the Linear and Conv2d layers, in module order: the layers a plan can address."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n]
+
+
+def param_bytes(model: nn.Module) -> int:
+    """fp32 size of the model's parameters: the 'original size' that ratio budgets refer to."""
+    return sum(p.numel() for p in model.parameters()) * 4
