@@ -77,6 +77,7 @@ class ModelSpec:
     num_classes: int
     in_channels: int
     image_size: int
+    data: str | None = None  # the data spec it was trained on, so `evaluate` can find its test split
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
