@@ -1,0 +1,110 @@
+"""The Python API: `search()` checks every input before anything is written, then runs the study.
+
+Order matters for "bad input leaves nothing behind": budget, space, data, model, checkpoint and
+the budget's floor are all checked before the baseline is trained or any file is created.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .plan import Budget, PlanError, format_bytes, parse_budget
+
+DEFAULT_BASELINE_EPOCHS = {"lenet5": 4, "mlp": 4, "resnet18": 15}
+
+
+def parse_duration(text: str | float | None) -> float | None:
+    """'30m', '90s', '1.5h', '45' (seconds) -> seconds."""
+    if text is None or isinstance(text, (int, float)):
+        return float(text) if text is not None else None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|h|min|sec)?\s*", str(text))
+    if not m:
+        raise UserError(f"cannot parse duration {text!r}: use e.g. 90s, 30m or 1.5h")
+    value = float(m.group(1))
+    return value * {"h": 3600, "m": 60, "min": 60}.get(m.group(2) or "s", 1)
+
+
+def default_study_name(model: str, data: str, budget: Budget) -> str:
+    base = os.path.basename(model.rstrip("/")).replace(":", "-")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{base}-{data}-{budget}".replace(" ", ""))
+
+
+def space_floor(model: nn.Module, space: Any, spec: Any, example: torch.Tensor) -> int:
+    """Bytes of the most compressed plan the space allows: no plan can be smaller than this."""
+    from .compress import compress
+    from .cost import artifact_size
+
+    return artifact_size(compress(model, space.smallest(), example), spec)
+
+
+def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = None, weights: str | None = None,
+           data_dir: str | None = None, space: str | None = None, out: str = "runs", study: str | None = None,
+           storage: str | None = None, tracking_uri: str | None = None, trials: int = 12,
+           timeout: str | float | None = None, epochs: int = 1, baseline_epochs: int | None = None,
+           lr: float = 0.01, batch_size: int = 128, max_batches: int | None = None, seed: int = 0,
+           device: str = "cpu", limit: int | None = None, val_fraction: float = 0.1,
+           early_stopping: bool = True, progress: bool = True) -> Any:
+    """Search compression plans for `model` on `data` under `budget`; returns a SearchOutcome.
+
+    `budget` is a size ('50KB', '1.5MiB') or a ratio of the fp32 parameter bytes ('20x').
+    With no `weights`, the baseline is trained once and cached.
+    """
+    from .data import default_data, load_data
+    from .models import ModelSpec, build_model, load_weights, param_bytes
+    from .search import SearchContext, SearchSettings, run_search
+    from .space import load_space
+    from .train import baseline
+
+    b = budget if isinstance(budget, Budget) else parse_budget(budget)
+    seconds = parse_duration(timeout)
+    if trials < 1:
+        raise UserError(f"--trials must be at least 1, got {trials}")
+    if epochs < 0:
+        raise UserError(f"--epochs must be >= 0, got {epochs}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    bound_space_src = load_space(space)
+    if data is None:
+        bundle = default_data(seed)
+        if bundle.notice:
+            print(bundle.notice)
+    else:
+        bundle = load_data(data, data_dir=data_dir, seed=seed, limit=limit, val_fraction=val_fraction)
+    spec = ModelSpec(model, bundle.num_classes, bundle.in_channels, bundle.image_size, data=bundle.name)
+    net = build_model(spec)
+    if weights:
+        load_weights(net, weights)
+    net.eval()
+    bound = bound_space_src.bind(net)
+    example = bundle.train.x[:2]
+    original = param_bytes(net)
+    cap = b.limit(original)
+    try:
+        floor = space_floor(net, bound, spec, example)
+    except PlanError as e:
+        raise UserError(f"the search space does not fit this model: {e}") from None
+    if cap < floor:
+        raise UserError(f"budget {format_bytes(cap)} ({cap} bytes) is below the smallest artifact this search "
+                        f"space can reach: {format_bytes(floor)} ({floor} bytes, {original / floor:.1f}x); "
+                        "raise --budget or widen the space")
+    base_epochs = baseline_epochs if baseline_epochs is not None else DEFAULT_BASELINE_EPOCHS.get(model, 5)
+    net, val_acc = baseline(spec, bundle, epochs=base_epochs, seed=seed, device=device, weights=weights,
+                            progress=progress)
+    settings = SearchSettings(
+        budget=b, out=out, study=study or default_study_name(model, bundle.name, b), storage=storage,
+        tracking_uri=tracking_uri, trials=trials, timeout=seconds, epochs=epochs, lr=lr,
+        batch_size=batch_size, max_batches=max_batches, seed=seed, device=device,
+        early_stopping=early_stopping, progress=progress)
+    bundle.train, bundle.val, bundle.test = (bundle.train.to(device), bundle.val.to(device),
+                                             bundle.test.to(device))
+    net = net.to(device)
+    calib = list(bundle.train.batches(batch_size, shuffle=True, seed=seed, limit=settings.calib_batches))
+    ctx = SearchContext(model=net, spec=spec, data=bundle, space=bound, baseline_val_acc=val_acc,
+                        original_bytes=original, example_input=bundle.train.x[:2], calib=calib)
+    print(f"baseline {model} on {bundle.name}: val accuracy {val_acc:.4f}, {format_bytes(original)} fp32 params")
+    return run_search(settings, ctx)

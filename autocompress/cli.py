@@ -1,0 +1,173 @@
+"""Command line: search, report, export, evaluate. torch and friends are imported inside handlers
+so `--help` and input errors answer at once."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from typing import Sequence
+
+
+def _add_common(p: argparse.ArgumentParser, out_flag: bool = True) -> None:
+    flags = ("--out", "--runs") if out_flag else ("--runs",)
+    p.add_argument(*flags, dest="out", default="runs",
+                   help="output folder of the search: study DB, MLflow store, artifacts (default: runs)")
+    p.add_argument("--study", help="study name (default: MODEL-DATA-BUDGET for search; the only study for others)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/optuna.db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autocompress", description=(
+        "Search per-layer pruning, mixed-precision and low-rank plans for a PyTorch model under a size "
+        "budget; every trial is fine-tuned, scored on a validation split and logged to MLflow."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("search", help="run (or resume) a compression search")
+    s.add_argument("--budget", required=True, help="artifact size: 50KB, 1.5MB, 200KiB, ... or a ratio: 20x")
+    s.add_argument("--model", default="lenet5", help="lenet5 | mlp | resnet18 | torchvision:NAME | module:callable | "
+                   "path/file.py:callable | saved module file (default: lenet5)")
+    s.add_argument("--weights", help="state dict to load into the model (else the baseline is trained and cached)")
+    s.add_argument("--data", help="fashion-mnist | digits | imagefolder:DIR | torchvision:NAME | module:callable "
+                   "(default: fashion-mnist, else digits)")
+    s.add_argument("--data-dir", help="where to look for the data set files")
+    s.add_argument("--space", help="search-space YAML (default: search_spaces/default.yaml)")
+    s.add_argument("--trials", type=int, default=12, help="total finished trials wanted in the study (default 12)")
+    s.add_argument("--timeout", help="stop starting trials after this long: 90s, 30m, 1h")
+    s.add_argument("--epochs", type=int, default=1, help="fine-tune epochs per trial (default 1)")
+    s.add_argument("--baseline-epochs", type=int, help="epochs to train the baseline when no --weights")
+    s.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate (default 0.01)")
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--max-batches", type=int, help="cap on fine-tune batches per epoch (faster, noisier trials)")
+    s.add_argument("--limit", type=int, help="use at most this many training samples (quick runs)")
+    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", help="cpu | cuda")
+    s.add_argument("--no-early-stopping", action="store_true", help="never stop a trial before its last epoch")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_common(s)
+
+    r = sub.add_parser("report", help="table of a study's trials")
+    r.add_argument("--format", choices=("table", "json"), default="table")
+    r.add_argument("--top", type=int, default=10)
+    _add_common(r)
+
+    e = sub.add_parser("export", help="write a trial's compressed artifact (default: the best)")
+    e.add_argument("--trial", type=int, help="trial number (default: the best feasible trial)")
+    e.add_argument("--out", dest="to", required=True, help="destination file, e.g. best.acz")
+    _add_common(e, out_flag=False)
+
+    v = sub.add_parser("evaluate", help="load an artifact and print its test accuracy and size")
+    v.add_argument("artifact")
+    v.add_argument("--data", help="data spec (default: the one the model was compressed on)")
+    v.add_argument("--data-dir")
+    v.add_argument("--device", default="cpu")
+    return parser
+
+
+def _cmd_search(a: argparse.Namespace) -> int:
+    from .api import search
+
+    outcome = search(a.budget, model=a.model, data=a.data, weights=a.weights, data_dir=a.data_dir, space=a.space,
+                     out=a.out, study=a.study, storage=a.storage, tracking_uri=a.tracking_uri, trials=a.trials,
+                     timeout=a.timeout, epochs=a.epochs, baseline_epochs=a.baseline_epochs, lr=a.lr,
+                     batch_size=a.batch_size, max_batches=a.max_batches, seed=a.seed, device=a.device,
+                     limit=a.limit, early_stopping=not a.no_early_stopping, progress=not a.no_progress)
+    if outcome.best is not None:
+        uri = outcome.study and (a.tracking_uri or f"sqlite:///{os.path.abspath(os.path.join(a.out, 'mlflow.db'))}")
+        print(f"review in MLflow: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _open(a: argparse.Namespace):  # -> optuna.Study
+    import optuna
+
+    from .errors import UserError
+    from .plan import Budget
+    from .search import SearchSettings, open_study
+
+    if a.storage is None and not os.path.exists(os.path.join(a.out, "optuna.db")):
+        raise UserError(f"no study database in {a.out}/ (run `autocompress search` first or pass --out/--storage)")
+    settings = SearchSettings(budget=Budget(bytes=1), out=a.out, storage=a.storage, study=a.study or "")
+    if not a.study:
+        names = optuna.get_all_study_names(settings.storage_url)
+        if len(names) != 1:
+            raise UserError(f"{len(names)} studies in {settings.storage_url}: pick one with --study "
+                            f"({', '.join(names) or 'none'})")
+        settings.study = names[0]
+    return open_study(settings, create=False)
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from .report import format_table, rows_json, trial_rows
+
+    study = _open(a)
+    rows = trial_rows(study)
+    print(rows_json(rows) if a.format == "json" else f"study {study.study_name}\n{format_table(rows, a.top)}")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from .errors import UserError
+    from .search import best_trial
+
+    study = _open(a)
+    if a.trial is None:
+        t = best_trial(study)
+        if t is None:
+            raise UserError(f"study {study.study_name} has no feasible completed trial to export")
+    else:
+        match = [t for t in study.get_trials(deepcopy=False) if t.number == a.trial]
+        if not match:
+            raise UserError(f"study {study.study_name} has no trial {a.trial}")
+        t = match[0]
+    src = t.user_attrs.get("artifact")
+    if not src or not os.path.isfile(src):
+        raise UserError(f"trial {t.number} has no artifact (state {t.state.name.lower()}); pick a completed trial")
+    tmp = a.to + ".tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, a.to)
+    print(f"trial {t.number}: {os.path.getsize(a.to)} bytes -> {a.to}")
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from .data import load_data
+    from .errors import UserError
+    from .export import load, read_header
+    from .train import evaluate
+
+    if not os.path.isfile(a.artifact):
+        raise UserError(f"artifact not found: {a.artifact}")
+    header = read_header(a.artifact)
+    spec = header.get("spec", {})
+    data_spec = a.data or spec.get("data")
+    if not data_spec:
+        raise UserError("the artifact does not say which data it was compressed on: pass --data")
+    model = load(a.artifact).to(a.device)
+    bundle = load_data(data_spec, data_dir=a.data_dir)
+    acc = evaluate(model, bundle.test.to(a.device), device=a.device)
+    size = os.path.getsize(a.artifact)
+    print(f"{a.artifact}: test accuracy {acc:.4f} on {bundle.name} ({len(bundle.test)} samples), {size} bytes")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: one clear line and exit code 2 for bad input."""
+    from .errors import UserError
+    from .plan import PlanError
+
+    args = build_parser().parse_args(argv)
+    handler = {"search": _cmd_search, "report": _cmd_report, "export": _cmd_export, "evaluate": _cmd_evaluate}
+    try:
+        return handler[args.command](args)
+    except (UserError, PlanError) as e:
+        print(f"autocompress: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autocompress: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

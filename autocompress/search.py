@@ -1,0 +1,357 @@
+"""The search: the one module that wires Optuna, compression, cost, fine-tune, export and tracking.
+
+Per trial: the space proposes a plan; a copy of the baseline is compressed; the artifact size is
+computed before any training (an over-budget plan is recorded infeasible through Optuna's
+constraints and never fine-tuned); the compressed model is fine-tuned with validation accuracy
+reported per epoch (early stopping may end it); the trial's artifact is written and its size
+checked against the reported one. Everything is logged to one MLflow child run per trial.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from .compress import compress, kept_weights
+from .cost import artifact_size
+from .data import DataBundle
+from .errors import UserError
+from .export import export
+from .finetune import FinetuneConfig, finetune
+from .models import ModelSpec
+from .plan import Budget, CompressionPlan, PlanError, format_bytes
+from .space import BoundSpace
+from .tracking import Tracker
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+class TrialFailed(Exception):
+    """A trial that failed for a reason of its own (NaN loss, a plan the model rejects, ...):
+    recorded, and the study goes on."""
+
+
+@dataclass
+class SearchSettings:
+    """What the user chose for this search (CLI flags or the Python API)."""
+
+    budget: Budget
+    out: str = "runs"
+    study: str = "autocompress"
+    storage: str | None = None
+    tracking_uri: str | None = None
+    trials: int = 12
+    timeout: float | None = None
+    epochs: int = 1
+    lr: float = 0.01
+    batch_size: int = 128
+    max_batches: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    early_stopping: bool = True
+    progress: bool = True
+    calib_batches: int = 4
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{os.path.abspath(os.path.join(self.out, 'optuna.db'))}"
+
+    @property
+    def artifact_dir(self) -> str:
+        return os.path.join(self.out, "artifacts", self.study)
+
+
+@dataclass
+class SearchContext:
+    """The fixed inputs every trial shares: the baseline, its data, the bound space."""
+
+    model: nn.Module
+    spec: ModelSpec
+    data: DataBundle
+    space: BoundSpace
+    baseline_val_acc: float
+    original_bytes: int = 0
+    example_input: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    calib: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class SearchOutcome:
+    study: optuna.Study
+    best: optuna.trial.FrozenTrial | None
+    best_path: str | None
+    test_accuracy: float | None
+    baseline_test_accuracy: float | None
+    limit: int
+    parent_run_id: str | None
+
+
+def trial_state(t: optuna.trial.FrozenTrial) -> str:
+    """complete / infeasible / early-stopped / failed / running, as shown in tables and MLflow."""
+    if t.state == optuna.trial.TrialState.COMPLETE:
+        return "infeasible" if t.user_attrs.get("infeasible") else "complete"
+    return {optuna.trial.TrialState.PRUNED: "early-stopped", optuna.trial.TrialState.FAIL: "failed",
+            optuna.trial.TrialState.RUNNING: "running", optuna.trial.TrialState.WAITING: "waiting"}[t.state]
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The feasible completed trial with the highest validation accuracy (smaller size breaks ties)."""
+    ok = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+          if not t.user_attrs.get("infeasible") and t.value is not None]
+    return max(ok, key=lambda t: (t.value, -t.user_attrs.get("size_bytes", 0))) if ok else None
+
+
+def _constraints(t: optuna.trial.FrozenTrial) -> list[float]:
+    return [float(t.user_attrs.get("constraint", 0.0))]
+
+
+def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
+    """Create or resume the study in its RDB storage (heartbeats let a dead worker's trial be failed)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if settings.storage is None:
+        os.makedirs(settings.out, exist_ok=True)
+    try:
+        storage = optuna.storages.RDBStorage(
+            settings.storage_url, heartbeat_interval=30, grace_period=90,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+    except Exception as e:  # unreachable server, bad URL
+        raise UserError(f"cannot open study storage {settings.storage_url}: {str(e).splitlines()[0]}") from None
+    sampler = optuna.samplers.TPESampler(seed=settings.seed, constraints_func=_constraints,
+                                         n_startup_trials=min(8, max(settings.trials // 3, 2)))
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=4) if settings.early_stopping
+              else optuna.pruners.NopPruner())
+    if not create:
+        try:
+            return optuna.load_study(study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner)
+        except KeyError:
+            raise UserError(f"no study named {settings.study!r} in {settings.storage_url}") from None
+    return optuna.create_study(study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner,
+                               direction="maximize", load_if_exists=True)
+
+
+class Objective:
+    """One Optuna trial: plan -> compress -> size -> (infeasible | fine-tune -> export)."""
+
+    def __init__(self, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, limit: int) -> None:
+        self.s, self.ctx, self.tracker, self.limit = settings, ctx, tracker, limit
+        self.data = ctx.data
+        os.makedirs(settings.artifact_dir, exist_ok=True)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        start = time.perf_counter()
+        torch.manual_seed(self.s.seed + trial.number)
+        plan = self.ctx.space.suggest(trial)
+        run_id = self.tracker.start_trial(trial.number, _run_params(plan, self.s), plan.to_dict())
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("plan", plan.to_dict())
+        state, finetune_s = "failed", 0.0
+        try:
+            compressed = compress(self.ctx.model, plan, self.ctx.example_input, self.ctx.calib)
+            size = artifact_size(compressed, self.ctx.spec)
+            ratio = self.ctx.original_bytes / size
+            trial.set_user_attr("size_bytes", size)
+            trial.set_user_attr("ratio", ratio)
+            trial.set_user_attr("constraint", float(size - self.limit))
+            self.tracker.log_metrics(run_id, {"size_bytes": size, "compression_ratio": ratio})
+            if size > self.limit:
+                state = "infeasible"
+                trial.set_user_attr("infeasible", True)
+                return 0.0
+            result = finetune(compressed, self.data.train, self.data.val, self._finetune_config(plan),
+                              teacher=self.ctx.model if plan.distill > 0 else None,
+                              report=self._reporter(trial, run_id), l1_weights=lambda: kept_weights(compressed),
+                              device=self.s.device, progress=self.s.progress)
+            finetune_s = result.seconds + result.eval_seconds
+            for epoch, loss in enumerate(result.train_loss):
+                self.tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch)
+            path = os.path.join(self.s.artifact_dir, f"trial-{trial.number}.acz")
+            written = export(compressed.cpu(), path, self.ctx.spec)
+            if written != size:
+                raise RuntimeError(f"artifact of trial {trial.number} has {written} bytes, cost model said {size}")
+            trial.set_user_attr("artifact", os.path.abspath(path))
+            acc = result.val_acc[-1]
+            self.tracker.log_metrics(run_id, {"val_accuracy_final": acc})
+            state = "complete"
+            return acc
+        except optuna.TrialPruned:
+            state = "early-stopped"
+            raise
+        except KeyboardInterrupt:
+            state = "interrupted"
+            raise
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            trial.set_user_attr("fail_reason", reason)
+            self.tracker.set_tags(run_id, {"fail_reason": reason})
+            raise TrialFailed(reason) from e
+        finally:
+            seconds = time.perf_counter() - start
+            trial.set_user_attr("seconds", seconds)
+            trial.set_user_attr("overhead_seconds", seconds - finetune_s)
+            self.tracker.log_metrics(run_id, {"trial_seconds": seconds, "overhead_seconds": seconds - finetune_s})
+            self.tracker.end(run_id, state)
+
+    def _finetune_config(self, plan: CompressionPlan) -> FinetuneConfig:
+        return FinetuneConfig(epochs=self.s.epochs, lr=self.s.lr, batch_size=self.s.batch_size,
+                              max_batches=self.s.max_batches, distill=plan.distill,
+                              temperature=plan.temperature, l1=plan.l1, seed=self.s.seed)
+
+    def _reporter(self, trial: optuna.Trial, run_id: str) -> Any:
+        last_epoch = self.s.epochs - 1
+
+        def report(acc: float, epoch: int) -> None:
+            self.tracker.log_metrics(run_id, {"val_accuracy": acc}, step=epoch)
+            if not math.isfinite(acc):
+                raise TrialFailed("validation accuracy is not finite")
+            trial.report(acc, epoch)
+            if epoch < last_epoch and trial.should_prune():
+                raise optuna.TrialPruned(f"val accuracy {acc:.4f} after epoch {epoch + 1}")
+        return report
+
+
+def _run_params(plan: CompressionPlan, s: SearchSettings) -> dict[str, Any]:
+    return {**plan.summary(), "epochs": s.epochs, "lr": s.lr}
+
+
+def resume_cleanup(study: optuna.Study, tracker: Tracker) -> int:
+    """Fail trials whose worker died (no heartbeat) and close their MLflow runs."""
+    optuna.storages.fail_stale_trials(study)
+    dead = [t.user_attrs["mlflow_run_id"] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+            if "mlflow_run_id" in t.user_attrs]
+    return tracker.close_stale(dead)
+
+
+def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
+    """Run (or resume) the study until it holds `settings.trials` finished trials or time runs out."""
+    from .report import print_table
+
+    limit = settings.budget.limit(ctx.original_bytes)
+    study = open_study(settings)
+    _check_same_study(study, settings, ctx, limit)
+    tracker = Tracker(settings.tracking_uri or _default_uri(settings), settings.study,
+                      os.path.join(settings.out, "mlartifacts"))
+    closed = resume_cleanup(study, tracker)
+    parent = tracker.start_parent(f"search-{time.strftime('%Y%m%d-%H%M%S')}", {
+        "budget": str(settings.budget), "budget_bytes": limit, "model": ctx.spec.spec, "data": ctx.data.name,
+        "trials": settings.trials, "epochs": settings.epochs, "seed": settings.seed, "device": settings.device,
+        "space_params": len(ctx.space.param_names()),
+    })
+    tracker.log_metrics(parent, {"baseline_val_accuracy": ctx.baseline_val_acc,
+                                 "baseline_fp32_bytes": ctx.original_bytes})
+    tracker.log_text(parent, _space_yaml(ctx.space), "search_space.json")
+    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    remaining = max(settings.trials - done, 0)
+    print(f"study {settings.study}: {done} trials done, {remaining} to run; budget {format_bytes(limit)} "
+          f"({ctx.original_bytes / limit:.1f}x of {format_bytes(ctx.original_bytes)} fp32)"
+          + (f"; closed {closed} run(s) left by a killed search" if closed else ""))
+    objective = Objective(settings, ctx, tracker, limit)
+    bar = _progress(remaining, settings.progress)
+    try:
+        study.optimize(objective, n_trials=remaining, timeout=settings.timeout, catch=(TrialFailed,),
+                       callbacks=[_trial_printer(bar, ctx.original_bytes)], gc_after_trial=False)
+    except KeyboardInterrupt:
+        print("interrupted: the current trial is recorded as failed; run the same command to resume")
+        tracker.end(parent, "interrupted")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    best = best_trial(study)
+    print_table(study, ctx.original_bytes, limit)
+    outcome = SearchOutcome(study, best, None, None, None, limit, parent)
+    if best is not None:
+        _finish_best(outcome, settings, ctx, tracker)
+    else:
+        print("no trial met the budget yet: run more trials (--trials) or raise --budget")
+    tracker.end(parent, "complete")
+    return outcome
+
+
+def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchContext, tracker: Tracker) -> None:
+    """Copy the best artifact to OUT/best.acz, load it back and measure test accuracy once."""
+    from .export import load
+    from .train import evaluate
+
+    best = outcome.best
+    assert best is not None and outcome.parent_run_id
+    src = best.user_attrs["artifact"]
+    dst = os.path.join(settings.out, "best.acz")
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+    deployed = load(dst)
+    outcome.best_path = dst
+    outcome.test_accuracy = evaluate(deployed, ctx.data.test, device=settings.device)
+    outcome.baseline_test_accuracy = evaluate(ctx.model, ctx.data.test, device=settings.device)
+    size = os.path.getsize(dst)
+    tracker.log_metrics(outcome.parent_run_id, {
+        "best_val_accuracy": best.value, "best_test_accuracy": outcome.test_accuracy,
+        "baseline_test_accuracy": outcome.baseline_test_accuracy, "best_size_bytes": size,
+        "best_compression_ratio": ctx.original_bytes / size})
+    tracker.set_tags(outcome.parent_run_id, {"best_trial": best.number, "best_artifact": os.path.abspath(dst)})
+    tracker.log_text(outcome.parent_run_id, CompressionPlan.from_dict(best.user_attrs["plan"]).to_json(),
+                     "best_plan.json")
+    print(f"best: trial {best.number}, val {best.value:.4f}, test {outcome.test_accuracy:.4f} "
+          f"(baseline test {outcome.baseline_test_accuracy:.4f}), {size} bytes = {format_bytes(size)}, "
+          f"{ctx.original_bytes / size:.1f}x -> {dst}")
+
+
+def _check_same_study(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, limit: int) -> None:
+    """A resumed study must keep its budget, model and space: TPE assumes one fixed objective."""
+    key = {"budget_bytes": limit, "model": ctx.spec.spec, "data": ctx.data.name,
+           "params": ctx.space.param_names()}
+    old = study.user_attrs.get("identity")
+    if old is None:
+        study.set_user_attr("identity", key)
+    elif old != key:
+        diff = [k for k in key if old.get(k) != key[k]]
+        raise UserError(f"study {settings.study!r} was created with a different {', '.join(diff)}; "
+                        "use another --study name")
+
+
+def _default_uri(settings: SearchSettings) -> str:
+    from .tracking import default_tracking_uri
+
+    return default_tracking_uri(settings.out)
+
+
+def _space_yaml(space: BoundSpace) -> str:
+    import json
+
+    return json.dumps({n: {k: c.to_obj() for k, c in ch.items()} for n, ch in space.layers.items()}, indent=1)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="trials", unit="trial", dynamic_ncols=True)
+
+
+def _trial_printer(bar: Any, original_bytes: int) -> Any:
+    def callback(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+        size = t.user_attrs.get("size_bytes")
+        line = f"trial {t.number:3d} {trial_state(t):13s}"
+        if t.value is not None and not t.user_attrs.get("infeasible"):
+            line += f" val {t.value:.4f}"
+        if size:
+            line += f"  {format_bytes(size):>9s} {original_bytes / size:6.1f}x"
+        line += f"  {t.user_attrs.get('seconds', 0):5.1f}s"
+        if "fail_reason" in t.user_attrs:
+            line += f"  ({t.user_attrs['fail_reason']})"
+        best = best_trial(study)
+        if bar is not None:
+            bar.write(line)
+            bar.update(1)
+            if best is not None:
+                bar.set_postfix(best=f"{best.value:.4f}", size=format_bytes(best.user_attrs['size_bytes']))
+        else:
+            print(line)
+    return callback
