@@ -1,0 +1,206 @@
+"""compress(model, plan): apply a CompressionPlan to a deep copy of a model.
+
+Order: validate -> channel pruning (physical) -> low-rank factorisation -> fixed masks and
+weight fake quantisation -> float16 rounding of the other tensors (float_bits=16) ->
+BatchNorm recalibration -> activation quantiser calibration. The returned model trains with
+plain optimizers (masks and quantisers are parametrizations) and carries
+`autocompress_record`, the structure the exporter stores.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..models import prunable_layers
+from ..plan import CompressionPlan, LayerPlan, PlanError
+from . import channel, lowrank, prune, quantize
+from .quantize import HalfRound, WeightCompressor
+
+__all__ = ["compress", "compressed_layers", "kept_weights", "sparsity_report", "RECORD_ATTR"]
+
+RECORD_ATTR = "autocompress_record"
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _check_static(model: nn.Module, plan: CompressionPlan, batches: Batches | None) -> str:
+    plan.validate()
+    layers = prunable_layers(model)
+    if not layers:
+        raise PlanError("the model has no Linear or Conv2d layer to compress")
+    output = layers[-1]
+    for name, lp in plan.layers.items():
+        if name not in layers:
+            raise PlanError(f"layer {name}: no Linear/Conv2d layer of that name in the model "
+                            f"(layers: {', '.join(layers)})")
+        mod = model.get_submodule(name)
+        if isinstance(mod, nn.Conv2d) and mod.groups != 1 and (lp.rank_ratio < 1 or lp.prune in ("nm", "block")):
+            raise PlanError(f"layer {name}: grouped convolution (groups={mod.groups}) cannot be "
+                            "factorised or N:M/block pruned")
+        if lp.prune == "channel" and name == output:
+            raise PlanError(f"layer {name}: the output layer cannot be channel pruned (it would change the outputs)")
+        if not batches and lp.prune not in ("none", "nm") and lp.importance == "taylor" and lp.amount > 0:
+            raise PlanError(f"layer {name}: taylor importance needs calibration batches")
+        if not batches and lp.act_bits < 32:
+            raise PlanError(f"layer {name}: act_bits {lp.act_bits} needs calibration batches")
+    return output
+
+
+def _targets(model: nn.Module, plan: CompressionPlan, ranks: dict[str, int]) -> dict[str, LayerPlan]:
+    """Module name -> plan for every weight to compress (both factors of a low-rank layer)."""
+    out: dict[str, LayerPlan] = {}
+    for name, lp in plan.layers.items():
+        names = [f"{name}.0", f"{name}.1"] if name in ranks else [name]
+        for n in names:
+            k = model.get_submodule(n).weight[0].numel()
+            if lp.prune == "nm" and k % lp.m:
+                where = f" ({'first' if n.endswith('.0') else 'second'} low-rank factor, rank {ranks[name]})" \
+                    if name in ranks else ""
+                raise PlanError(f"layer {name}{where}: N:M {lp.n}:{lp.m} needs the input size {k} "
+                                f"to be a multiple of {lp.m}")
+            out[n] = lp
+    return out
+
+
+def _mask(weight: torch.Tensor, score: torch.Tensor | None, lp: LayerPlan) -> torch.Tensor | None:
+    s = score if score is not None else weight.detach().abs()
+    if lp.prune == "unstructured":
+        return prune.unstructured_mask(s, lp.amount)
+    if lp.prune == "nm":
+        return prune.nm_mask(s.reshape(s.shape[0], -1), lp.n, lp.m).view_as(weight)
+    if lp.prune == "block":
+        return prune.block_mask(weight, s, lp.block_size, lp.amount, lp.importance)
+    return None
+
+
+def _recalibrate_bn(model: nn.Module, batches: Batches) -> None:
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or not batches:
+        return
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    model.eval()
+
+
+def _calibrate_acts(model: nn.Module, names: list[str], batches: Batches) -> None:
+    mods = [model.get_submodule(n) for n in names]
+    for m in mods:
+        m.act_observing, m.act_range = True, (float("inf"), float("-inf"))
+    model.eval()
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x)
+    for m in mods:
+        quantize.set_act_range(m, *m.act_range)
+        del m.act_observing, m.act_range
+
+
+def _round_floats(model: nn.Module, compressed: set[str]) -> None:
+    """float_bits=16: every float tensor but the planned weights is used (and stored) as float16."""
+    for mname, mod in list(model.named_modules()):
+        if "parametrizations" in mname.split("."):
+            continue
+        for pname, p in list(mod._parameters.items()):
+            if p is not None and not (mname in compressed and pname == "weight"):
+                parametrize.register_parametrization(mod, pname, HalfRound())
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.register_forward_pre_hook(quantize.round_bn_stats_hook)
+
+
+def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tensor,
+             batches: Batches | None = None) -> nn.Module:
+    """Return a compressed deep copy of `model` following `plan` (raises PlanError on a bad plan)."""
+    training = model.training
+    model = copy.deepcopy(model).eval()
+    output = _check_static(model, plan, batches)
+    original_out = {n: model.get_submodule(n).weight.shape[0] for n in plan.layers}
+    chan = [(n, lp.amount, lp.importance) for n, lp in plan.layers.items() if lp.prune == "channel"]
+    replay = channel.prune_channels(model, example_input, chan, output, batches)
+
+    ranks: dict[str, int] = {}
+    for name, lp in plan.layers.items():
+        if lp.rank_ratio < 1.0:
+            layer = model.get_submodule(name)
+            ranks[name] = lowrank.rank_for(layer, lp.rank_ratio)
+            _set_module(model, name, lowrank.factorise(layer, ranks[name]))
+
+    targets = _targets(model, plan, ranks)
+    taylor = {n: model.get_submodule(n).weight for n, lp in targets.items()
+              if lp.importance == "taylor" and lp.prune in ("unstructured", "nm", "block")}
+    scores = prune.taylor_scores(model, taylor, batches or []) if taylor else {}
+    for name, lp in targets.items():
+        mod = model.get_submodule(name)
+        mask = _mask(mod.weight, scores.get(name), lp)
+        parametrize.register_parametrization(mod, "weight", WeightCompressor(mask, lp.bits, lp.symmetric))
+    if plan.float_bits == 16:
+        _round_floats(model, set(targets))
+
+    if batches:
+        _recalibrate_bn(model, batches)
+    acts = [n for n, lp in plan.layers.items() if lp.act_bits < 32]
+    for n in acts:
+        quantize.attach_act_quant(model.get_submodule(n), plan.layers[n].act_bits)
+    if acts:
+        _calibrate_acts(model, acts, batches or [])
+
+    record: dict[str, Any] = {
+        "plan": plan.to_dict(),
+        "input_shape": list(example_input.shape[1:]),
+        "channel_replay": [[n, list(i)] for n, i in replay],
+        "ranks": ranks,
+        "targets": {n: plan_name for plan_name in plan.layers
+                    for n in ([f"{plan_name}.0", f"{plan_name}.1"] if plan_name in ranks else [plan_name])},
+        "acts": {n: plan.layers[n].act_bits for n in acts},
+        "original_out": original_out,
+    }
+    setattr(model, RECORD_ATTR, record)
+    return model.train(training)
+
+
+def compressed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every layer whose weight carries a mask/quantiser."""
+    return [(n, m) for n, m in model.named_modules()
+            if parametrize.is_parametrized(m, "weight")
+            and isinstance(m.parametrizations.weight[0], WeightCompressor)]
+
+
+def compressor(module: nn.Module) -> WeightCompressor:
+    """The WeightCompressor of a compressed layer."""
+    return module.parametrizations.weight[0]
+
+
+def kept_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The masked float weights (differentiable w.r.t. the trained params), e.g. for an L1 penalty."""
+    return [compressor(m).masked(m.parametrizations.weight.original) for _, m in compressed_layers(model)]
+
+
+def sparsity_report(model: nn.Module) -> dict[str, float]:
+    """Achieved zero fraction per compressed weight; for channel-pruned layers, the channel fraction removed."""
+    record = getattr(model, RECORD_ATTR, {})
+    plans = record.get("plan", {}).get("layers", {})
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for name, mod in compressed_layers(model):
+            plan_name = record.get("targets", {}).get(name, name)
+            if plans.get(plan_name, {}).get("prune") == "channel" and name == plan_name:
+                out[name] = 1.0 - mod.weight.shape[0] / record["original_out"][name]
+            else:
+                w = mod.weight
+                out[name] = float((w == 0).sum()) / w.numel()
+    return out

@@ -1,0 +1,31 @@
+"""Artifact size: the exact byte count export() would write for a compressed model."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..models import ModelSpec
+
+
+def artifact_size(model: nn.Module, spec: ModelSpec) -> int:
+    """Bytes of the artifact (equals os.path.getsize of the exported file)."""
+    from ..export import artifact_bytes
+
+    return len(artifact_bytes(model, spec))
+
+
+def size_breakdown(model: nn.Module, spec: ModelSpec) -> dict[str, int]:
+    """Bytes per stored tensor plus 'header' (framing + compressed JSON) and 'total'."""
+    from ..export import _entries, artifact_bytes
+
+    header, streams = _entries(model, spec)
+    out: dict[str, int] = {}
+    i = 0
+    for e in header["entries"]:
+        n = len(e["sizes"]) if e["t"] == "q" else 1
+        key = e.get("name") or f"{e['module']}.act"
+        out[key] = sum(len(s) for s in streams[i:i + n])
+        i += n
+    total = len(artifact_bytes(model, spec))
+    out["header"] = total - sum(out.values())
+    out["total"] = total
+    return out

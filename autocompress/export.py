@@ -1,0 +1,294 @@
+"""The packed artifact: writer, reader and load().
+
+Layout: MAGIC | version (u8) | header length (u32 LE) | zlib(JSON header) | payload | CRC32 (u32 LE).
+The header holds structure only (names, shapes, codecs, bits, plan, spec, channel-prune replay,
+ranks); the payload holds fixed-width data whose length depends only on that structure. So the
+size of a freshly compressed model's artifact is exactly the size after fine-tuning.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import struct
+import tempfile
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .compress import RECORD_ATTR, channel, codec, compressed_layers, compressor, lowrank, quantize
+from .compress.prune import block_view, blocks_of
+from .errors import UserError
+from .models import ModelSpec, build_model
+
+MAGIC = b"ACZP"
+FORMAT_VERSION = 1
+_PRE = struct.Struct("<4sBI")
+_ACT_BUFFERS = ("act_scale", "act_zero_point")
+_FLOAT_DTYPE = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Effective float tensors (parametrizations evaluated) under their plain state-dict names."""
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for mname, mod in model.named_modules():
+            if "parametrizations" in mname.split("."):
+                continue
+            prefix = f"{mname}." if mname else ""
+            names = [k for k, p in mod._parameters.items() if p is not None]
+            if parametrize.is_parametrized(mod):
+                names += list(mod.parametrizations.keys())
+            for k in names:
+                out[prefix + k] = getattr(mod, k).detach()
+            for k, t in mod._buffers.items():
+                if t is None or k in mod._non_persistent_buffers_set or k in _ACT_BUFFERS:
+                    continue
+                if k == "num_batches_tracked" or "parametrizations" in k:
+                    continue
+                out[prefix + k] = t.detach()
+    return out
+
+
+def _layer_plan(record: dict, module: str) -> dict:
+    return record["plan"]["layers"][record["targets"][module]]
+
+
+def _quantized_entry(name: str, mod: nn.Module, lp: dict) -> tuple[dict, list[bytes]]:
+    comp = compressor(mod)
+    bits, sym = comp.bits, comp.symmetric
+    w = comp.masked(mod.parametrizations.weight.original.detach())
+    mask = None if comp.mask is None else comp.mask.detach().numpy().astype(bool).ravel()
+    streams: list[bytes] = []
+    if bits <= 8:
+        q, s, zp = quantize.quantize_weight(w, bits, sym)
+        codes = (q.flatten().numpy() + quantize.code_offset(bits, sym)).astype(np.int64)
+        if bits == 1:
+            codes = (codes + 1) // 2
+        streams.append(s.flatten().numpy().astype("<f2").tobytes())
+        if not sym and bits > 1:
+            streams.append(codec.pack_uint(zp.flatten().numpy().astype(np.int64), bits))
+        pack = lambda sel: codec.pack_uint(codes[sel], bits)  # noqa: E731
+    else:
+        vals = w.flatten().numpy().astype(_FLOAT_DTYPE[bits])
+        pack = lambda sel: vals[sel].tobytes()  # noqa: E731
+    entry: dict[str, Any] = {"t": "q", "name": f"{name}.weight", "module": name,
+                             "shape": list(w.shape), "bits": bits, "sym": sym}
+    width = bits
+    dense_ok = mask is None or bits > 1 or bool(mask.all())
+    dense_size = codec.nbytes(w.numel() * width)
+    if mask is not None:
+        unit, nm = "w", None
+        if lp["prune"] == "block":
+            unit, unit_mask = "b", blocks_of(comp.mask, lp["block_size"]).numpy().astype(bool).ravel()
+        else:
+            unit_mask = mask
+            if lp["prune"] == "nm":
+                nm = (lp["n"], lp["m"])
+        info, mstreams = codec.encode_mask(unit_mask, nm)
+        sparse_size = sum(map(len, mstreams)) + codec.nbytes(int(mask.sum()) * width)
+        if not dense_ok or sparse_size < dense_size:
+            entry["mask"] = dict(info, unit=unit, **({"bs": lp["block_size"]} if unit == "b" else {}))
+            streams += mstreams + [pack(mask)]
+            entry["sizes"] = [len(s) for s in streams]
+            return entry, streams
+    entry["mask"] = {"kind": "dense"}
+    streams.append(pack(slice(None)))
+    entry["sizes"] = [len(s) for s in streams]
+    return entry, streams
+
+
+def _entries(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[bytes]]:
+    record = getattr(model, RECORD_ATTR, None)
+    if record is None:
+        raise UserError("the model was not produced by autocompress.compress(); nothing to export")
+    plan_fb = record["plan"].get("float_bits", 32)
+    entries: list[dict] = []
+    streams: list[bytes] = []
+    qnames = set()
+    for name, mod in compressed_layers(model):
+        e, s = _quantized_entry(name, mod, _layer_plan(record, name))
+        entries.append(e)
+        streams += s
+        qnames.add(e["name"])
+    for key, t in _plain_state(model).items():
+        if key in qnames:
+            continue
+        entries.append({"t": "f", "name": key, "shape": list(t.shape), "bits": plan_fb})
+        streams.append(t.float().numpy().astype(_FLOAT_DTYPE[plan_fb]).tobytes())
+    for name in record["acts"]:
+        mod = model.get_submodule(name)
+        entries.append({"t": "act", "module": name, "bits": mod.act_bits})
+        streams.append(struct.pack("<fB", float(mod.act_scale), int(mod.act_zero_point)))
+    rec = {k: record[k] for k in ("plan", "input_shape", "channel_replay", "ranks", "targets", "acts")}
+    header = {"format": FORMAT_VERSION, "spec": spec.to_dict(), "record": rec, "entries": entries}
+    return header, streams
+
+
+def artifact_bytes(model: nn.Module, spec: ModelSpec) -> bytes:
+    """The complete artifact of a compressed model, as bytes."""
+    header, streams = _entries(model, spec)
+    hz = zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), 9)
+    body = _PRE.pack(MAGIC, FORMAT_VERSION, len(hz)) + hz + b"".join(streams)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def export(model: nn.Module, path: str | os.PathLike, spec: ModelSpec) -> int:
+    """Write the artifact atomically (temp file + os.replace); return the bytes written."""
+    data = artifact_bytes(model, spec)
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".autocompress-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return len(data)
+
+
+def _read(path: str | os.PathLike) -> tuple[dict, memoryview]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read artifact {path}: {e.strerror}") from None
+    bad = f"{path} is not a valid autocompress artifact"
+    if len(data) < _PRE.size + 4:
+        raise UserError(f"{bad}: file is truncated ({len(data)} bytes)")
+    magic, version, hlen = _PRE.unpack_from(data)
+    if magic != MAGIC:
+        raise UserError(f"{bad}: wrong magic bytes")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path}: artifact format {version} is not supported (this build reads {FORMAT_VERSION})")
+    try:
+        header = json.loads(zlib.decompress(data[_PRE.size:_PRE.size + hlen]))
+        total = sum(sum(e.get("sizes", [])) for e in header["entries"] if e["t"] == "q")
+        total += sum(int(np.prod(e["shape"])) * e["bits"] // 8 for e in header["entries"] if e["t"] == "f")
+        total += 5 * sum(e["t"] == "act" for e in header["entries"])
+    except Exception:
+        raise UserError(f"{bad}: header is truncated or corrupt") from None
+    if len(data) != _PRE.size + hlen + total + 4:
+        raise UserError(f"{bad}: expected {_PRE.size + hlen + total + 4} bytes, found {len(data)} (truncated?)")
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if crc != zlib.crc32(data[:-4]):
+        raise UserError(f"{bad}: checksum mismatch (file is corrupt)")
+    return header, memoryview(data)[_PRE.size + hlen:-4]
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The artifact's header: format version, model spec, plan and structure."""
+    header, _ = _read(path)
+    return {"format": header["format"], "spec": header["spec"], "plan": header["record"]["plan"],
+            **{k: v for k, v in header.items() if k not in ("format", "spec")}}
+
+
+def _decode_quantized(e: dict, chunks: list[bytes]) -> torch.Tensor:
+    shape, bits, sym = e["shape"], e["bits"], e["sym"]
+    numel, out = int(np.prod(shape)), shape[0]
+    chunks = list(chunks)
+    if bits <= 8:
+        s = torch.from_numpy(np.frombuffer(chunks.pop(0), dtype="<f2").astype(np.float32)).view(out, 1)
+        zp = torch.zeros_like(s)
+        if not sym and bits > 1:
+            zp = torch.from_numpy(codec.unpack_uint(chunks.pop(0), out, bits).astype(np.float32)).view(out, 1)
+    minfo = e["mask"]
+    mask = None
+    if minfo["kind"] != "dense":
+        unit = minfo["unit"]
+        mstreams = chunks[:-1]
+        if unit == "b":
+            bs = minfo["bs"]
+            nb = -(-(numel // out) // bs)
+            blocks = codec.decode_mask(minfo, mstreams, out * nb)
+            full = np.repeat(blocks.reshape(out, nb), bs, axis=1)[:, :numel // out]
+            mask = full.ravel()
+        else:
+            mask = codec.decode_mask(minfo, mstreams, numel)
+    count = numel if mask is None else int(mask.sum())
+    if bits <= 8:
+        kept = codec.unpack_uint(chunks[-1], count, bits)
+        codes = np.repeat(zp.numpy().astype(np.int64).ravel(), numel // out) if not sym else \
+            np.full(numel, quantize.code_offset(bits, sym), dtype=np.int64)
+        if mask is None:
+            codes = kept
+        else:
+            codes[mask] = kept
+        if bits == 1:
+            q = codes * 2 - 1
+        else:
+            q = codes - quantize.code_offset(bits, sym)
+        w2 = quantize.dequantize(torch.from_numpy(q.astype(np.float32)).view(out, -1), s, zp)
+    else:
+        vals = np.frombuffer(chunks[-1], dtype=_FLOAT_DTYPE[bits]).astype(np.float32)
+        full = vals if mask is None else np.zeros(numel, dtype=np.float32)
+        if mask is not None:
+            full[mask] = vals
+        w2 = torch.from_numpy(full.copy()).view(out, -1)
+    if mask is not None:
+        w2 = w2 * torch.from_numpy(mask.astype(np.float32)).view(out, -1)
+    return w2.reshape(shape)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the deployable model (plain layers, dequantised weights, eval mode) from an artifact."""
+    header, payload = _read(path)
+    rec = header["record"]
+    try:
+        spec = ModelSpec(**header["spec"])
+    except TypeError:
+        raise UserError(f"{path}: artifact header has a malformed model spec") from None
+    model = build_model(spec) if model is None else copy.deepcopy(model)
+    model.eval()
+    try:
+        channel.replay_channels(model, torch.zeros(1, *rec["input_shape"]), rec["channel_replay"])
+        for name, rank in rec["ranks"].items():
+            _set_module(model, name, lowrank.skeleton(model.get_submodule(name), rank))
+    except Exception as e:
+        raise UserError(f"{path}: the artifact does not fit model {spec.spec!r} ({type(e).__name__}: {e})"
+                        .splitlines()[0]) from None
+    state: dict[str, torch.Tensor] = {}
+    acts: dict[str, tuple[int, float, int]] = {}
+    pos = 0
+    try:
+        for e in header["entries"]:
+            if e["t"] == "q":
+                chunks = []
+                for n in e["sizes"]:
+                    chunks.append(bytes(payload[pos:pos + n]))
+                    pos += n
+                state[e["name"]] = _decode_quantized(e, chunks)
+            elif e["t"] == "f":
+                n = int(np.prod(e["shape"])) * e["bits"] // 8
+                vals = np.frombuffer(payload[pos:pos + n], dtype=_FLOAT_DTYPE[e["bits"]]).astype(np.float32)
+                state[e["name"]] = torch.from_numpy(vals.copy()).reshape(e["shape"])
+                pos += n
+            else:
+                scale, zp = struct.unpack_from("<fB", payload, pos)
+                acts[e["module"]] = (e["bits"], scale, zp)
+                pos += 5
+    except (ValueError, KeyError, IndexError) as ex:
+        raise UserError(f"{path}: artifact payload is corrupt ({ex})".splitlines()[0]) from None
+    expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    missing, extra = set(expected) - set(state), set(state) - set(expected)
+    bad = [k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)]
+    if missing or extra or bad:
+        what = sorted(missing)[:3] + sorted(extra)[:3] + sorted(bad)[:3]
+        raise UserError(f"{path}: the artifact does not fit model {spec.spec!r} (mismatched: {', '.join(what)})")
+    model.load_state_dict(state, strict=False)
+    for name, (bits, scale, zp) in acts.items():
+        quantize.attach_act_quant(model.get_submodule(name), bits, scale, zp)
+    return model.eval()
