@@ -65,7 +65,7 @@ def _quantized_entry(name: str, mod: nn.Module, lp: dict) -> tuple[dict, list[by
     mask = None if comp.mask is None else comp.mask.detach().numpy().astype(bool).ravel()
     streams: list[bytes] = []
     if bits <= 8:
-        q, s, zp = quantize.quantize_weight(w, bits, sym)
+        q, s, zp = comp.quantize(w)
         codes = (q.flatten().numpy() + quantize.code_offset(bits, sym)).astype(np.int64)
         if bits == 1:
             codes = (codes + 1) // 2

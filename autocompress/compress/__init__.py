@@ -20,7 +20,7 @@ from ..plan import CompressionPlan, LayerPlan, PlanError
 from . import channel, lowrank, prune, quantize
 from .quantize import HalfRound, WeightCompressor
 
-__all__ = ["compress", "compressed_layers", "kept_weights", "sparsity_report", "RECORD_ATTR"]
+__all__ = ["compress", "compressed_layers", "kept_weights", "sparsity_report", "refresh_clipping", "RECORD_ATTR"]
 
 RECORD_ATTR = "autocompress_record"
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -147,7 +147,9 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
     for name, lp in targets.items():
         mod = model.get_submodule(name)
         mask = _mask(mod.weight, scores.get(name), lp)
-        parametrize.register_parametrization(mod, "weight", WeightCompressor(mask, lp.bits, lp.symmetric))
+        comp = WeightCompressor(mask, lp.bits, lp.symmetric)
+        comp.choose_clip(mod.weight)
+        parametrize.register_parametrization(mod, "weight", comp)
     if plan.float_bits == 16:
         _round_floats(model, set(targets))
 
@@ -188,6 +190,17 @@ def compressor(module: nn.Module) -> WeightCompressor:
 def kept_weights(model: nn.Module) -> list[torch.Tensor]:
     """The masked float weights (differentiable w.r.t. the trained params), e.g. for an L1 penalty."""
     return [compressor(m).masked(m.parametrizations.weight.original) for _, m in compressed_layers(model)]
+
+
+def refresh_clipping(model: nn.Module) -> None:
+    """Re-run the per-channel clipping search on the current weights (e.g. once per epoch).
+
+    Optional: clipping ratios are chosen at compress time; the scales always follow the weights.
+    Sizes do not change.
+    """
+    with torch.no_grad():
+        for _, m in compressed_layers(model):
+            compressor(m).choose_clip(m.parametrizations.weight.original)
 
 
 def sparsity_report(model: nn.Module) -> dict[str, float]:

@@ -29,7 +29,12 @@ def factorise(layer: nn.Module, rank: int) -> nn.Sequential:
     """Replace W (out x in*k*k) by B @ A with A = sqrt(S) V^T (rank rows), B = U sqrt(S)."""
     seq = skeleton(layer, rank)
     w = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # threaded LAPACK SVD stalls badly on busy small machines; one thread is fast
+    try:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    finally:
+        torch.set_num_threads(threads)
     root = s[:rank].sqrt()
     a = (root[:, None] * vh[:rank]).float()
     b = (u[:, :rank] * root[None, :]).float()

@@ -22,9 +22,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
     return (q - zero_point) * scale
 
 
-def _candidates(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes, scales, zero-points for every clip ratio: shapes (R, out, K), (R, out, 1), (R, out, 1)."""
-    r = torch.tensor(CLIP_RATIOS, dtype=w.dtype).view(-1, 1, 1)
+def _quant(w: torch.Tensor, bits: int, symmetric: bool, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes, scales, zero-points of a (out, K) weight clipped at ratio r of its range.
+
+    r is (out, 1) for one ratio per channel, or (R, 1, 1) to try R ratios at once.
+    """
     if symmetric:
         qmax, qmin = 2 ** (bits - 1) - 1, -(2 ** (bits - 1))
         amax = w.abs().amax(dim=1, keepdim=True)
@@ -41,11 +43,29 @@ def _candidates(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tens
     return q, s, zp
 
 
-def quantize_weight(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def search_clip(w: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Per output channel, the ratio of CLIP_RATIOS with the smallest squared error: shape (out, 1)."""
+    w2 = w.detach().reshape(w.shape[0], -1)
+    if bits > 8:
+        return torch.ones(w2.shape[0], 1)
+    ratios = torch.tensor(CLIP_RATIOS, dtype=w2.dtype)
+    best_err = torch.full((w2.shape[0],), float("inf"))
+    best = torch.ones(w2.shape[0], 1)
+    for r in ratios:
+        q, s, zp = _quant(w2, bits, symmetric, r.view(1, 1))
+        err = ((dequantize(q, s, zp) - w2) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best[better] = r
+    return best
+
+
+def quantize_weight(w: torch.Tensor, bits: int, symmetric: bool,
+                    clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-output-channel codes (float tensor, shape of w), scale and zero-point (shape (out, 1)).
 
-    The clipping range of each channel is the one, among CLIP_RATIOS of the full range, that
-    gives the smallest squared error. 1 bit is sign * mean |w| (its MSE-optimal scale).
+    clip is the per-channel clipping ratio (from search_clip, fixed at compress time). 1 bit is
+    sign * mean |w| over the non-zero weights (its MSE-optimal scale).
     """
     w2 = w.detach().reshape(w.shape[0], -1)
     if bits == 1:
@@ -53,11 +73,8 @@ def quantize_weight(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.
         s = round_scale(w2.abs().sum(dim=1, keepdim=True) / count)
         q = torch.where(w2 >= 0, 1.0, -1.0).to(w2.dtype)
         return q.view_as(w), s, torch.zeros_like(s)
-    q, s, zp = _candidates(w2, bits, symmetric)
-    err = ((dequantize(q, s, zp) - w2) ** 2).sum(dim=2)  # (R, out)
-    best = err.argmin(dim=0)  # (out,)
-    rows = torch.arange(w2.shape[0])
-    return q[best, rows].view_as(w), s[best, rows], zp[best, rows]
+    q, s, zp = _quant(w2, bits, symmetric, clip)
+    return q.view_as(w), s, zp
 
 
 def code_offset(bits: int, symmetric: bool) -> int:
@@ -73,6 +90,15 @@ class WeightCompressor(nn.Module):
         self.bits = bits
         self.symmetric = symmetric
         self.register_buffer("mask", mask)
+        self.register_buffer("clip", None)
+
+    def choose_clip(self, w: torch.Tensor) -> None:
+        """(Re)choose the per-channel clipping ratios for the current weight (MSE search)."""
+        self.clip = search_clip(self.masked(w.detach()), self.bits, self.symmetric)
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Codes, scale, zero-point of an already masked weight."""
+        return quantize_weight(w, self.bits, self.symmetric, self.clip)
 
     def masked(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.mask is None else w * self.mask
@@ -84,7 +110,7 @@ class WeightCompressor(nn.Module):
             return w
         if self.bits == 16:
             return w.half().float()
-        q, s, zp = quantize_weight(w, self.bits, self.symmetric)
+        q, s, zp = self.quantize(w)
         shape = (-1,) + (1,) * (w.dim() - 1)
         deq = dequantize(q, s.view(shape), zp.view(shape))
         return deq if self.mask is None else deq * self.mask
