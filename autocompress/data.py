@@ -1,0 +1,388 @@
+"""Datasets as in-memory tensors: built-in Fashion-MNIST and digits, and user data specs.
+
+Every spec is materialised as float32 tensors (N x C x H x W) so that training slices tensors
+directly instead of going through a DataLoader: image-folder data must therefore fit in RAM.
+The validation split is always carved from the training data (stratified, seeded); the test
+split is kept apart for the final report. Images are normalised per channel with the mean and
+std of the training split only.
+
+Specs: `fashion-mnist`, `digits`, `imagefolder:DIR`, `torchvision:NAME`, `module:callable`
+(or `path/file.py:callable`).
+"""
+from __future__ import annotations
+
+import gzip
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import UserError
+
+SPEC_FORMS = "fashion-mnist, digits, imagefolder:DIR, torchvision:NAME, module:callable or path/file.py:callable"
+CACHE_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "autocompress")
+SYSTEM_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_FILES = {
+    "train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass
+class TensorData:
+    """Images `x` (float32, N x C x H x W) and labels `y` (int64) held as whole tensors."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __repr__(self) -> str:
+        return f"TensorData(x={tuple(self.x.shape)} {self.x.dtype}, y={tuple(self.y.shape)}, device={self.x.device})"
+
+    def to(self, device: str | torch.device) -> TensorData:
+        """The same data on `device` (no copy when already there)."""
+        return TensorData(self.x.to(device), self.y.to(device))
+
+    def subset(self, n: int, seed: int = 0) -> TensorData:
+        """At most n samples, drawn stratified by class with `seed` (for quick trials and tests)."""
+        if n >= len(self):
+            return self
+        idx = torch.as_tensor(_pick(self.y.cpu().numpy(), n, seed), device=self.y.device)
+        return TensorData(self.x[idx], self.y[idx])
+
+    def batches(self, batch_size: int, shuffle: bool, seed: int | None = None,
+                limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (x, y) mini-batches by slicing; `limit` caps the number of batches."""
+        n = len(self)
+        order = None
+        if shuffle:
+            gen = torch.Generator()
+            if seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(seed)
+            order = torch.randperm(n, generator=gen).to(self.y.device)
+        for i, start in enumerate(range(0, n, batch_size)):
+            if limit is not None and i >= limit:
+                return
+            if order is None:
+                yield self.x[start:start + batch_size], self.y[start:start + batch_size]
+            else:
+                idx = order[start:start + batch_size]
+                yield self.x[idx], self.y[idx]
+
+
+@dataclass
+class DataBundle:
+    """Train / validation / test splits plus the shape facts a model needs."""
+
+    train: TensorData
+    val: TensorData
+    test: TensorData
+    num_classes: int
+    in_channels: int
+    image_size: int
+    name: str
+    notice: str | None = None
+
+
+def _pick(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of n samples, stratified by label when every class can be represented."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    if n >= len(y):
+        return idx
+    _, counts = np.unique(y, return_counts=True)
+    strat = y if counts.min() >= 2 and len(counts) <= n <= len(y) - len(counts) else None
+    chosen, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=strat)
+    return np.sort(chosen)
+
+
+def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, carved) index arrays: carve round(fraction * N) samples, stratified, seeded."""
+    n_carve = int(round(fraction * len(y)))
+    if n_carve <= 0:
+        return np.arange(len(y)), np.arange(0)
+    carved = _pick(y, n_carve, seed)
+    kept = np.setdiff1d(np.arange(len(y)), carved)
+    return kept, carved
+
+
+def _finish(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, name: str, *,
+            val_fraction: float, seed: int, limit: int | None, num_classes: int | None = None) -> DataBundle:
+    """Cap the training pool, carve validation from it, normalise with train statistics."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if len(train_y) == 0 or len(test_y) == 0:
+        raise UserError(f"data {name!r} has an empty training or test split")
+    if train_x.dim() == 3:
+        train_x, test_x = train_x.unsqueeze(1), test_x.unsqueeze(1)
+    if train_x.dim() != 4 or train_x.shape[1:] != test_x.shape[1:]:
+        raise UserError(f"data {name!r}: images must be C x H x W and alike in train and test, "
+                        f"got {tuple(train_x.shape[1:])} and {tuple(test_x.shape[1:])}")
+    train_x, test_x = train_x.float(), test_x.float()
+    train_y, test_y = train_y.long(), test_y.long()
+    if limit is not None and limit < len(train_y):
+        keep = torch.as_tensor(_pick(train_y.numpy(), limit, seed))
+        train_x, train_y = train_x[keep], train_y[keep]
+    kept, carved = (torch.as_tensor(i) for i in _split(train_y.numpy(), val_fraction, seed))
+    tx, ty, vx, vy = train_x[kept], train_y[kept], train_x[carved], train_y[carved]
+    mean = tx.mean(dim=(0, 2, 3), keepdim=True)
+    std = tx.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    norm = lambda x: ((x - mean) / std).contiguous()  # noqa: E731
+    classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
+    return DataBundle(TensorData(norm(tx), ty), TensorData(norm(vx), vy), TensorData(norm(test_x), test_y),
+                      num_classes=classes, in_channels=int(tx.shape[1]), image_size=int(tx.shape[-1]), name=name)
+
+
+# ---- Fashion-MNIST -------------------------------------------------------------------------
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file (gzip or plain) as used by MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        ndim = raw[3]
+        dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, ValueError, IndexError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _find_idx(folder: str, stem: str) -> str | None:
+    for candidate in (stem + ".gz", stem):
+        path = os.path.join(folder, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def fashion_dirs(data_dir: str | None = None) -> list[str]:
+    """Folders searched for the four Fashion-MNIST files, in order."""
+    dirs = [data_dir, os.environ.get("AUTOCOMPRESS_DATA"), os.path.join(CACHE_ROOT, "fashion-mnist"),
+            os.path.join(CACHE_ROOT, "FashionMNIST", "raw"), SYSTEM_FASHION_DIR]
+    out = []
+    for d in dirs:
+        if d:
+            out.append(d)
+            out.append(os.path.join(d, "fashion-mnist"))
+    return out
+
+
+def _download_fashion() -> None:
+    """Let torchvision fetch Fashion-MNIST into the cache (CACHE_ROOT/FashionMNIST/raw)."""
+    import torchvision
+
+    torchvision.datasets.FashionMNIST(CACHE_ROOT, train=True, download=True)
+    torchvision.datasets.FashionMNIST(CACHE_ROOT, train=False, download=True)
+
+
+def _fashion_arrays(data_dir: str | None) -> dict[str, np.ndarray]:
+    for attempt in range(2):
+        for folder in fashion_dirs(data_dir):
+            paths = {k: _find_idx(folder, stem) for k, stem in FASHION_FILES.items()}
+            if all(paths.values()):
+                return {k: read_idx(p) for k, p in paths.items()}  # type: ignore[arg-type]
+        if attempt == 0:
+            try:
+                _download_fashion()
+            except Exception as e:  # no network, no torchvision mirror, disk full...
+                reason = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                looked = ", ".join(d for d in fashion_dirs(data_dir)[::2])
+                raise UserError(f"Fashion-MNIST not found (looked in {looked}) and download failed ({reason}); "
+                                "run `apt-get install dataset-fashion-mnist` or pass --data-dir") from None
+    raise UserError("Fashion-MNIST download finished but its files were not found in " + CACHE_ROOT)
+
+
+def _load_fashion(data_dir: str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    a = _fashion_arrays(data_dir)
+    x = lambda k: torch.from_numpy(a[k].astype(np.float32) / 255.0)  # noqa: E731
+    y = lambda k: torch.from_numpy(a[k].astype(np.int64))  # noqa: E731
+    return x("train_x"), y("train_y"), x("test_x"), y("test_y")
+
+
+# ---- digits --------------------------------------------------------------------------------
+
+def _load_digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """sklearn's 8x8 digits (offline); 20% carved off as a stratified test split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    kept, test = (torch.as_tensor(i) for i in _split(d.target, 0.2, seed))
+    return x[kept], y[kept], x[test], y[test]
+
+
+# ---- image folders, torchvision and user datasets ------------------------------------------
+
+def _to_tensor(item: Any) -> Tensor:
+    """One image (PIL, numpy array or tensor) as a float tensor scaled like ToTensor."""
+    if isinstance(item, Tensor):
+        return item.float() if item.is_floating_point() else item.float() / 255.0
+    if isinstance(item, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(item))
+        if t.dim() == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3, 4):
+            t = t.permute(2, 0, 1)  # H x W x C -> C x H x W
+        return t.float() if t.is_floating_point() else t.float() / 255.0
+    from torchvision.transforms.functional import pil_to_tensor
+
+    return pil_to_tensor(item).float() / 255.0
+
+
+def _stack(items: Iterable[tuple[Any, Any]], what: str) -> tuple[Tensor, Tensor]:
+    xs, ys = [], []
+    for x, y in items:
+        xs.append(_to_tensor(x))
+        ys.append(int(y))
+    if not xs:
+        raise UserError(f"{what} is empty")
+    shapes = {tuple(t.shape) for t in xs}
+    if len(shapes) > 1:
+        raise UserError(f"{what} has images of different sizes {sorted(shapes)[:3]}; pass --image-size")
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+
+def _load_imagefolder(root: str, image_size: int | None, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    from torchvision import datasets, transforms
+
+    if not os.path.isdir(root):
+        raise UserError(f"image folder not found: {root} (from --data imagefolder:{root})")
+    tf = transforms.Resize((image_size, image_size)) if image_size else None
+
+    def folder(path: str) -> Any:
+        try:
+            return datasets.ImageFolder(path, transform=tf)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UserError(f"bad image folder {path}: {e}".splitlines()[0]) from None
+
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+        train, test = folder(os.path.join(root, "train")), folder(os.path.join(root, "test"))
+        if train.classes != test.classes:
+            raise UserError(f"{root}: train and test have different class folders "
+                            f"({train.classes} vs {test.classes})")
+        tx, ty = _stack(train, f"{root}/train")
+        vx, vy = _stack(test, f"{root}/test")
+        n_classes = len(train.classes)
+    else:
+        whole = folder(root)
+        x, y = _stack(whole, root)
+        kept, test_idx = (torch.as_tensor(i) for i in _split(y.numpy(), 0.2, seed))
+        tx, ty, vx, vy = x[kept], y[kept], x[test_idx], y[test_idx]
+        n_classes = len(whole.classes)
+    if tx.shape[1] == 3 and torch.equal(tx[:, 0], tx[:, 1]) and torch.equal(tx[:, 0], tx[:, 2]) \
+            and torch.equal(vx[:, 0], vx[:, 1]) and torch.equal(vx[:, 0], vx[:, 2]):
+        tx, vx = tx[:, :1], vx[:, :1]  # grey images loaded as RGB: keep one channel
+    return tx, ty, vx, vy, n_classes
+
+
+def _fast_arrays(ds: Any) -> tuple[Tensor, Tensor] | None:
+    """Use a torchvision dataset's `.data`/`.targets` directly when it has no transform."""
+    data, targets = getattr(ds, "data", None), getattr(ds, "targets", None)
+    if data is None or targets is None or getattr(ds, "transform", None) is not None:
+        return None
+    if not isinstance(data, (Tensor, np.ndarray)) or len(data) != len(targets):
+        return None
+    x = torch.as_tensor(np.asarray(data))
+    if x.dim() == 4 and x.shape[-1] in (1, 3):
+        x = x.permute(0, 3, 1, 2)
+    x = x.float() / 255.0 if not x.is_floating_point() else x.float()
+    return x.contiguous(), torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+
+
+def _load_torchvision(name: str, data_dir: str | None, image_size: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    import torchvision
+    from torchvision import transforms
+
+    cls = getattr(torchvision.datasets, name, None)
+    if cls is None:
+        raise UserError(f"torchvision has no dataset {name!r} (see torchvision.datasets)")
+    root = data_dir or os.path.join(CACHE_ROOT, "torchvision")
+    tf = transforms.Resize((image_size, image_size)) if image_size else None
+
+    def split(train: bool) -> tuple[Tensor, Tensor]:
+        kw: dict[str, Any] = {"transform": tf}
+        last: Exception | None = None
+        for download in (False, True):
+            for split_kw in ({"train": train}, {"split": "train" if train else "test"}):
+                try:
+                    ds = cls(root, download=download, **split_kw, **kw)
+                except TypeError as e:
+                    last = e
+                    continue
+                except Exception as e:  # not on disk yet, or download failed
+                    last = e
+                    break
+                return _fast_arrays(ds) or _stack(ds, f"torchvision:{name}")
+        reason = f"{type(last).__name__}: {last}".splitlines()[0][:200]
+        raise UserError(f"cannot load torchvision:{name} under {root} ({reason}); pass --data-dir")
+
+    return (*split(True), *split(False))
+
+
+def _load_callable(spec: str) -> Any:
+    target, _, attr = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            if not os.path.isfile(target):
+                raise UserError(f"data file not found: {target} (from --data {spec})")
+            mod_spec = importlib.util.spec_from_file_location(os.path.basename(target)[:-3], target)
+            assert mod_spec and mod_spec.loader
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ImportError as e:
+        raise UserError(f"cannot import {target!r} for --data {spec}: {e}") from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise UserError(f"{target} has no callable {attr!r} (from --data {spec})")
+    return fn()
+
+
+def load_data(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
+              limit: int | None = None, image_size: int | None = None) -> DataBundle:
+    """Load a data spec into memory with train / val (carved from train) / test splits."""
+    opts = dict(val_fraction=val_fraction, seed=seed, limit=limit)
+    if spec == "fashion-mnist":
+        return _finish(*_load_fashion(data_dir), "fashion-mnist", **opts, num_classes=10)
+    if spec == "digits":
+        return _finish(*_load_digits(seed), "digits", **opts, num_classes=10)
+    kind, _, rest = spec.partition(":")
+    if kind == "imagefolder" and rest:
+        *tensors, n_classes = _load_imagefolder(rest, image_size, seed)
+        return _finish(*tensors, f"imagefolder:{os.path.abspath(rest)}", **opts, num_classes=n_classes)
+    if kind == "torchvision" and rest:
+        return _finish(*_load_torchvision(rest, data_dir, image_size), spec, **opts)
+    if rest and kind not in ("imagefolder", "torchvision"):
+        result = _load_callable(spec)
+        if isinstance(result, DataBundle):
+            return result
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise UserError(f"--data {spec} must return (train_dataset, test_dataset) or a DataBundle, "
+                            f"got {type(result).__name__}")
+        tx, ty = _stack(result[0], f"{spec} train dataset")
+        vx, vy = _stack(result[1], f"{spec} test dataset")
+        return _finish(tx, ty, vx, vy, spec, **opts)
+    raise UserError(f"unknown data spec {spec!r}: use one of {SPEC_FORMS}")
+
+
+def default_data(seed: int = 0) -> DataBundle:
+    """Fashion-MNIST, or the bundled digits (with a notice) when it cannot be found or fetched."""
+    try:
+        return load_data("fashion-mnist", seed=seed)
+    except UserError as e:
+        bundle = load_data("digits", seed=seed)
+        bundle.notice = f"using sklearn digits instead of Fashion-MNIST: {e}"
+        return bundle

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from autocompress import train as train_mod
+from autocompress.data import load_data
+from autocompress.errors import UserError
+from autocompress.models import ModelSpec, build_model
+from autocompress.train import baseline, evaluate, train_model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits", seed=0)
+
+
+def spec_for(data, name: str = "mlp") -> ModelSpec:
+    return ModelSpec(name, data.num_classes, data.in_channels, data.image_size)
+
+
+def test_train_model_learns(digits):
+    torch.manual_seed(0)
+    model = build_model(spec_for(digits))
+    before = evaluate(model, digits.val)
+    losses = train_model(model, digits.train, epochs=5, lr=0.05, progress=False)
+    assert len(losses) == 5 and losses[-1] < losses[0]
+    after = evaluate(model, digits.val)
+    assert 0.0 <= before <= 1.0 and after > 0.85 and after > before
+
+
+def test_evaluate_restores_mode(digits):
+    model = build_model(spec_for(digits))
+    model.train()
+    evaluate(model, digits.val)
+    assert model.training
+
+
+def test_baseline_is_cached(digits, tmp_path, monkeypatch, capsys):
+    spec = spec_for(digits)
+    t0 = time.perf_counter()
+    first, acc1 = baseline(spec, digits, epochs=4, cache_dir=str(tmp_path), progress=False)
+    t1 = time.perf_counter()
+    assert "training" in capsys.readouterr().err
+    assert len(list(tmp_path.glob("*.pt"))) == 1 and not list(tmp_path.glob("*.tmp"))
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("trained again despite the cache")
+
+    monkeypatch.setattr(train_mod, "train_model", must_not_train)
+    second, acc2 = baseline(spec, digits, epochs=4, cache_dir=str(tmp_path), progress=False)
+    t2 = time.perf_counter()
+    assert "cached" in capsys.readouterr().err
+    assert t2 - t1 < t1 - t0
+    assert acc1 == acc2 and acc1 > 0.85 and not second.training
+    for (k, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_cache_key_depends_on_epochs_and_seed(digits):
+    spec = spec_for(digits)
+    keys = {train_mod.cache_key(spec, digits, e, s, 0.05) for e, s in ((1, 0), (2, 0), (1, 1))}
+    assert len(keys) == 3
+
+
+def test_unreadable_cache_entry_is_retrained(digits, tmp_path):
+    spec = spec_for(digits)
+    baseline(spec, digits, epochs=1, cache_dir=str(tmp_path), progress=False)
+    (entry,) = tmp_path.glob("*.pt")
+    entry.write_bytes(b"garbage")
+    model, acc = baseline(spec, digits, epochs=1, cache_dir=str(tmp_path), progress=False)
+    assert acc > 0.5 and entry.stat().st_size > 100
+
+
+def test_weights_are_loaded_without_training(digits, tmp_path, monkeypatch):
+    spec = spec_for(digits)
+    source = build_model(spec)
+    train_model(source, digits.train, epochs=1, lr=0.05, progress=False)
+    path = tmp_path / "w.pt"
+    torch.save(source.state_dict(), path)
+    monkeypatch.setattr(train_mod, "train_model", lambda *a, **k: pytest.fail("trained"))
+    model, acc = baseline(spec, digits, epochs=5, weights=str(path), cache_dir=str(tmp_path / "c"))
+    assert acc == evaluate(source, digits.val)
+    assert not (tmp_path / "c").exists()
+
+
+def test_corrupt_checkpoint_is_a_user_error(digits, tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="corrupt"):
+        baseline(spec_for(digits), digits, epochs=1, weights=str(path), cache_dir=str(tmp_path))
