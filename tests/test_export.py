@@ -1,0 +1,190 @@
+"""The artifact: its size is known before fine-tuning, and load() reproduces the compressed model."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest_models import TinyResNet, warm_bn
+from torch import nn
+
+from autocompress.compress import compress
+from autocompress.cost import artifact_size, size_breakdown
+from autocompress.errors import UserError
+from autocompress.export import export, load, read_header
+from autocompress.models import LeNet5, ModelSpec, param_bytes
+from autocompress.plan import CompressionPlan, LayerPlan
+
+SPEC = ModelSpec("lenet5", 10, 1, 28)
+LENET_FP32 = 1_724_320
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    torch.manual_seed(0)
+    return LeNet5().eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (32,), generator=g)
+    return x, [(x[:16], y[:16]), (x[16:], y[16:])]
+
+
+def _granularity_plan(kind: str, bits: int) -> CompressionPlan:
+    """One granularity on every LeNet-5 layer it fits (conv1 has 25 inputs; fc2 is the output layer)."""
+    lp = {"none": dict(), "unstructured": dict(prune="unstructured", amount=0.8),
+          "nm": dict(prune="nm", n=2, m=4), "channel": dict(prune="channel", amount=0.5),
+          "block": dict(prune="block", amount=0.6, block_size=4)}[kind]
+    layers = {n: LayerPlan(bits=bits, **lp) for n in ("conv1", "conv2", "fc1", "fc2")}
+    if kind == "nm":
+        layers["conv1"] = LayerPlan(bits=bits, prune="unstructured", amount=0.3)
+    if kind == "channel":
+        layers["fc2"] = LayerPlan(bits=bits, prune="unstructured", amount=0.5)
+    return CompressionPlan(layers=layers)
+
+
+def _sgd(model: nn.Module, batches, steps: int = 2) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        for x, y in batches:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    model.eval()
+
+
+def _same_outputs(model: nn.Module, loaded: nn.Module, x: torch.Tensor, tol: float = 1e-4) -> None:
+    with torch.no_grad():
+        a, b = model.eval()(x), loaded(x)
+    assert (a - b).abs().max().item() < tol
+    assert a.argmax(1).equal(b.argmax(1))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8, 32])
+@pytest.mark.parametrize("kind", ["none", "unstructured", "nm", "channel", "block"])
+def test_size_is_exact_before_and_after_training(lenet, data, tmp_path, kind, bits):
+    c = compress(lenet, _granularity_plan(kind, bits), data[0][:1], data[1][:1])
+    before = artifact_size(c, SPEC)
+    _sgd(c, data[1][:1], steps=1)
+    path = tmp_path / "m.acz"
+    written = export(c, path, SPEC)
+    assert before == written == os.path.getsize(path) == artifact_size(c, SPEC)
+    _same_outputs(c, load(path), data[0])
+
+
+@pytest.mark.parametrize("name,plan", [
+    ("act quant 8/4", CompressionPlan(layers={"conv2": LayerPlan(bits=4, act_bits=8),
+                                              "fc1": LayerPlan(bits=4, act_bits=4, prune="unstructured", amount=0.9)})),
+    ("float16", CompressionPlan(layers={"fc1": LayerPlan(bits=16, prune="unstructured", amount=0.5),
+                                        "conv2": LayerPlan(bits=3)}, float_bits=16)),
+    ("taylor", CompressionPlan(layers={n: LayerPlan(bits=4, prune="unstructured", amount=0.9, importance="taylor")
+                                       for n in ("conv2", "fc1")})),
+    ("asymmetric", CompressionPlan(layers={n: LayerPlan(bits=b, symmetric=False, prune="unstructured", amount=0.5)
+                                           for n, b in (("conv1", 2), ("conv2", 3), ("fc1", 5), ("fc2", 8))})),
+    ("1 bit", CompressionPlan(layers={"fc1": LayerPlan(bits=1, prune="unstructured", amount=0.9),
+                                      "conv2": LayerPlan(bits=1)})),
+    ("low rank", CompressionPlan(layers={"fc1": LayerPlan(bits=4, rank_ratio=0.2, prune="nm", n=1, m=4),
+                                         "conv2": LayerPlan(bits=6, rank_ratio=0.5, act_bits=8)})),
+    ("taylor channel", CompressionPlan(layers={"conv1": LayerPlan(prune="channel", amount=0.4, importance="taylor",
+                                                                  bits=8), "fc1": LayerPlan(bits=4)})),
+])
+def test_every_technique_round_trips(lenet, data, tmp_path, name, plan):
+    c = compress(lenet, plan, data[0][:1], data[1])
+    before = artifact_size(c, SPEC)
+    _sgd(c, data[1], steps=1)
+    path = tmp_path / "m.acz"
+    assert export(c, path, SPEC) == before
+    loaded = load(path)
+    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in loaded.modules() if hasattr(m, "weight"))
+    _same_outputs(c, loaded, data[0])
+    _same_outputs(c, load(path, LeNet5()), data[0])  # onto a given skeleton
+
+
+def test_residual_bn_net_round_trips(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    net = warm_bn(TinyResNet(), x)
+    plan = CompressionPlan(layers={
+        "stem": LayerPlan(prune="channel", amount=0.5, bits=8),
+        "layer1.conv1": LayerPlan(prune="unstructured", amount=0.5, bits=4, act_bits=8),
+        "layer2.conv1": LayerPlan(prune="channel", amount=0.25, bits=4, symmetric=False),
+        "layer2.conv2": LayerPlan(prune="nm", n=2, m=4, bits=3, rank_ratio=0.5),
+        "fc": LayerPlan(bits=8)}, float_bits=16)
+    c = compress(net, plan, x[:1], [(x, y)])
+    spec = ModelSpec("tests/conftest_models.py:TinyResNet", 10, 1, 8)
+    before = artifact_size(c, spec)
+    _sgd(c, [(x, y)], steps=2)
+    path = tmp_path / "r.acz"
+    assert export(c, path, spec) == before == os.path.getsize(path)
+    _same_outputs(c, load(path, TinyResNet()), x)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_b_bit_tensors_take_b_bits(lenet, data, symmetric):
+    """Dense b-bit codes: 2 bytes of float16 scale per row, b-bit zero-points, ceil(numel*b/8) bytes of codes."""
+    for bits in (1, 2, 3, 4, 5, 6, 7, 8):
+        if bits == 1 and not symmetric:
+            continue
+        plan = CompressionPlan.uniform(["conv1", "conv2", "fc1", "fc2"], bits=bits, symmetric=symmetric)
+        sizes = size_breakdown(compress(lenet, plan, data[0][:1]), SPEC)
+        for n in ("conv1", "conv2", "fc1", "fc2"):
+            w = lenet.get_submodule(n).weight
+            zp = 0 if symmetric or bits == 1 else -(-w.shape[0] * bits // 8)
+            assert sizes[f"{n}.weight"] == 2 * w.shape[0] + zp + -(-w.numel() * bits // 8)
+        assert sizes["fc1.bias"] == 500 * 4
+    p4 = size_breakdown(compress(lenet, CompressionPlan.uniform(["fc1"], bits=4), data[0][:1]), SPEC)
+    p6 = size_breakdown(compress(lenet, CompressionPlan.uniform(["fc1"], bits=6), data[0][:1]), SPEC)
+    assert (p6["total"] - p6["header"]) - (p4["total"] - p4["header"]) == 400_000 * 2 // 8
+
+
+def test_sparse_coding_beats_a_bitmap_at_100x(lenet, data, tmp_path):
+    plan = CompressionPlan(layers={
+        "conv1": LayerPlan(bits=6),
+        "conv2": LayerPlan(prune="unstructured", amount=0.8, bits=4),
+        "fc1": LayerPlan(prune="unstructured", amount=0.985, bits=3),
+        "fc2": LayerPlan(prune="unstructured", amount=0.5, bits=4)}, float_bits=16)
+    c = compress(lenet, plan, data[0][:1])
+    size = export(c, tmp_path / "m.acz", SPEC)
+    assert param_bytes(lenet) == LENET_FP32
+    assert size < LENET_FP32 / 40
+    fc1 = size_breakdown(c, SPEC)["fc1.weight"]
+    bitmap = 400_000 // 8 + -(-6000 * 3 // 8) + 1000
+    assert fc1 < bitmap / 2
+
+
+def test_header_holds_plan_and_spec(lenet, data, tmp_path):
+    plan = CompressionPlan(layers={"fc1": LayerPlan(bits=4, prune="unstructured", amount=0.5)})
+    path = tmp_path / "m.acz"
+    export(compress(lenet, plan, data[0][:1]), path, SPEC)
+    h = read_header(path)
+    assert h["format"] == 1 and h["spec"] == SPEC.to_dict()
+    assert CompressionPlan.from_dict(h["plan"]) == plan
+
+
+def test_bad_files_raise_user_error(lenet, data, tmp_path):
+    path = tmp_path / "m.acz"
+    export(compress(lenet, CompressionPlan(layers={"fc1": LayerPlan(bits=4)}), data[0][:1]), path, SPEC)
+    raw = path.read_bytes()
+    cases = {"truncated": raw[: len(raw) // 2], "header cut": raw[:20], "tiny": raw[:3], "magic": b"XXXX" + raw[4:],
+             "flipped": raw[:-100] + bytes([raw[-100] ^ 0xFF]) + raw[-99:], "trailing": raw + b"\0"}
+    for what, blob in cases.items():
+        bad = tmp_path / f"{what}.acz"
+        bad.write_bytes(blob)
+        with pytest.raises(UserError) as e:
+            load(bad)
+        assert len(str(e.value).splitlines()) == 1, what
+    with pytest.raises(UserError, match="cannot read"):
+        load(tmp_path / "missing.acz")
+
+
+def test_failed_export_leaves_nothing(lenet, data, tmp_path):
+    path = tmp_path / "m.acz"
+    path.write_bytes(b"old")
+    with pytest.raises(UserError):
+        export(LeNet5(), path, SPEC)  # not a compressed model
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["m.acz"]
