@@ -45,7 +45,8 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class FinetuneResult:
-    """Validation accuracy per reported step, mean train loss per epoch, and the time spent."""
+    """Validation accuracy per reported step, mean train loss per epoch; `seconds` is the time spent
+    training (evaluation excluded), `eval_seconds` the time spent evaluating."""
 
     val_acc: list[float]
     train_loss: list[float]
@@ -103,7 +104,7 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
     model.to(device)
     if config.epochs <= 0:
         check(0)
-        return FinetuneResult(val_acc, losses, time.perf_counter() - start, eval_seconds)
+        return FinetuneResult(val_acc, losses, time.perf_counter() - start - eval_seconds, eval_seconds)
     torch.manual_seed(config.seed)
     if teacher is not None and config.distill > 0:
         teacher.to(device).eval()
@@ -143,4 +144,4 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
             count += len(y)
         losses.append(total / max(count, 1))
         check(epoch)
-    return FinetuneResult(val_acc, losses, time.perf_counter() - start, eval_seconds)
+    return FinetuneResult(val_acc, losses, time.perf_counter() - start - eval_seconds, eval_seconds)

@@ -103,7 +103,8 @@ def baseline(spec: ModelSpec, data: DataBundle, *, epochs: int, seed: int = 0, d
     """The trained uncompressed model (eval mode) and its validation accuracy.
 
     With `weights` the checkpoint is loaded and nothing is trained; otherwise the cached
-    weights for this (spec, data, epochs, seed, lr) are used, or trained and cached.
+    weights for this (spec, data, epochs, seed, lr) are used, or trained and cached. With
+    epochs == 0 the model is used as built (e.g. a saved, already trained module).
     """
     model = build_model(spec)
     if weights:
