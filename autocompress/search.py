@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +27,11 @@ from .errors import UserError
 from .export import export
 from .finetune import FinetuneConfig, finetune
 from .models import ModelSpec
-from .plan import Budget, CompressionPlan, PlanError, format_bytes
+from .plan import Budget, CompressionPlan, format_bytes
 from .space import BoundSpace
 from .tracking import Tracker
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
@@ -108,10 +111,6 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(ok, key=lambda t: (t.value, -t.user_attrs.get("size_bytes", 0))) if ok else None
 
 
-def _constraints(t: optuna.trial.FrozenTrial) -> list[float]:
-    return [float(t.user_attrs.get("constraint", 0.0))]
-
-
 def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
     """Create or resume the study in its RDB storage (heartbeats let a dead worker's trial be failed)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -120,11 +119,10 @@ def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
     try:
         storage = optuna.storages.RDBStorage(
             settings.storage_url, heartbeat_interval=30, grace_period=90,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
     except Exception as e:  # unreachable server, bad URL
         raise UserError(f"cannot open study storage {settings.storage_url}: {str(e).splitlines()[0]}") from None
-    sampler = optuna.samplers.TPESampler(seed=settings.seed, constraints_func=_constraints,
-                                         n_startup_trials=min(8, max(settings.trials // 3, 2)))
+    sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(8, max(settings.trials // 3, 2)))
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=4) if settings.early_stopping
               else optuna.pruners.NopPruner())
     if not create:
@@ -159,6 +157,7 @@ class Objective:
             trial.set_user_attr("size_bytes", size)
             trial.set_user_attr("ratio", ratio)
             trial.set_user_attr("constraint", float(size - self.limit))
+            trial.set_constraint("size_over_budget", float(size - self.limit))
             self.tracker.log_metrics(run_id, {"size_bytes": size, "compression_ratio": ratio})
             if size > self.limit:
                 state = "infeasible"
