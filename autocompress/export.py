@@ -61,11 +61,12 @@ def _layer_plan(record: dict, module: str) -> dict:
 def _quantized_entry(name: str, mod: nn.Module, lp: dict) -> tuple[dict, list[bytes]]:
     comp = compressor(mod)
     bits, sym = comp.bits, comp.symmetric
-    w = comp.masked(mod.parametrizations.weight.original.detach())
-    mask = None if comp.mask is None else comp.mask.detach().numpy().astype(bool).ravel()
+    w_dev = comp.masked(mod.parametrizations.weight.original.detach())
+    w = w_dev.cpu()
+    mask = None if comp.mask is None else comp.mask.detach().cpu().numpy().astype(bool).ravel()
     streams: list[bytes] = []
     if bits <= 8:
-        q, s, zp = comp.quantize(w)
+        q, s, zp = (t.cpu() for t in comp.quantize(w_dev))
         codes = (q.flatten().numpy() + quantize.code_offset(bits, sym)).astype(np.int64)
         if bits == 1:
             codes = (codes + 1) // 2
@@ -84,7 +85,7 @@ def _quantized_entry(name: str, mod: nn.Module, lp: dict) -> tuple[dict, list[by
     if mask is not None:
         unit, nm = "w", None
         if lp["prune"] == "block":
-            unit, unit_mask = "b", blocks_of(comp.mask, lp["block_size"]).numpy().astype(bool).ravel()
+            unit, unit_mask = "b", blocks_of(comp.mask, lp["block_size"]).cpu().numpy().astype(bool).ravel()
         else:
             unit_mask = mask
             if lp["prune"] == "nm":
@@ -119,7 +120,7 @@ def _entries(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[bytes]]:
         if key in qnames:
             continue
         entries.append({"t": "f", "name": key, "shape": list(t.shape), "bits": plan_fb})
-        streams.append(t.float().numpy().astype(_FLOAT_DTYPE[plan_fb]).tobytes())
+        streams.append(t.float().cpu().numpy().astype(_FLOAT_DTYPE[plan_fb]).tobytes())
     for name in record["acts"]:
         mod = model.get_submodule(name)
         entries.append({"t": "act", "module": name, "bits": mod.act_bits})

@@ -47,7 +47,7 @@ def _check_static(model: nn.Module, plan: CompressionPlan, batches: Batches | No
                             "factorised or N:M/block pruned")
         if lp.prune == "channel" and name == output:
             raise PlanError(f"layer {name}: the output layer cannot be channel pruned (it would change the outputs)")
-        if not batches and lp.prune not in ("none", "nm") and lp.importance == "taylor" and lp.amount > 0:
+        if not batches and lp.importance == "taylor" and lp.sparsity > 0:
             raise PlanError(f"layer {name}: taylor importance needs calibration batches")
         if not batches and lp.act_bits < 32:
             raise PlanError(f"layer {name}: act_bits {lp.act_bits} needs calibration batches")

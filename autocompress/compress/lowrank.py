@@ -43,4 +43,4 @@ def factorise(layer: nn.Module, rank: int) -> nn.Sequential:
         seq[1].weight.copy_(b.reshape(seq[1].weight.shape))
         if layer.bias is not None:
             seq[1].bias.copy_(layer.bias.detach())
-    return seq.train(layer.training)
+    return seq.to(layer.weight.device).train(layer.training)

@@ -36,7 +36,7 @@ def _keep_top(score: torch.Tensor, amount: float) -> torch.Tensor:
     flat = score.flatten()
     remove = min(int(round(amount * flat.numel())), flat.numel())
     order = torch.argsort(flat, stable=True)
-    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     keep[order[:remove]] = False
     return keep.view_as(score)
 

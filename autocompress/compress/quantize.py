@@ -47,10 +47,10 @@ def search_clip(w: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     """Per output channel, the ratio of CLIP_RATIOS with the smallest squared error: shape (out, 1)."""
     w2 = w.detach().reshape(w.shape[0], -1)
     if bits > 8:
-        return torch.ones(w2.shape[0], 1)
-    ratios = torch.tensor(CLIP_RATIOS, dtype=w2.dtype)
-    best_err = torch.full((w2.shape[0],), float("inf"))
-    best = torch.ones(w2.shape[0], 1)
+        return torch.ones(w2.shape[0], 1, device=w2.device)
+    ratios = torch.tensor(CLIP_RATIOS, dtype=w2.dtype, device=w2.device)
+    best_err = torch.full((w2.shape[0],), float("inf"), device=w2.device)
+    best = torch.ones(w2.shape[0], 1, device=w2.device)
     for r in ratios:
         q, s, zp = _quant(w2, bits, symmetric, r.view(1, 1))
         err = ((dequantize(q, s, zp) - w2) ** 2).sum(dim=1)
@@ -158,9 +158,10 @@ def act_quant_hook(module: nn.Module, args: tuple) -> tuple | None:
 
 def attach_act_quant(module: nn.Module, bits: int, scale: float = 1.0, zero_point: float = 0.0) -> None:
     """Give a module an input fake-quantiser: buffers act_scale/act_zero_point plus the pre-hook."""
+    device = next(module.parameters()).device
     module.act_bits = bits
-    module.register_buffer("act_scale", torch.tensor(scale, dtype=torch.float32))
-    module.register_buffer("act_zero_point", torch.tensor(zero_point, dtype=torch.float32))
+    module.register_buffer("act_scale", torch.tensor(scale, dtype=torch.float32, device=device))
+    module.register_buffer("act_zero_point", torch.tensor(zero_point, dtype=torch.float32, device=device))
     module.register_forward_pre_hook(act_quant_hook)
 
 
