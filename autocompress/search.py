@@ -203,7 +203,7 @@ class Objective:
                               temperature=plan.temperature, l1=plan.l1, seed=self.s.seed)
 
     def _reporter(self, trial: optuna.Trial, run_id: str) -> Any:
-        last_epoch = self.s.epochs - 1
+        last_epoch = self.s.epochs  # finetune reports epochs 1..E (or 0 when E == 0)
 
         def report(acc: float, epoch: int) -> None:
             self.tracker.log_metrics(run_id, {"val_accuracy": acc}, step=epoch)
