@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .compress import RECORD_ATTR, channel, codec, compressed_layers, compressor, lowrank, quantize
-from .compress.prune import block_view, blocks_of
+from .compress.prune import blocks_of
 from .errors import UserError
 from .models import ModelSpec, build_model
 
@@ -247,10 +247,10 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the deployable model (plain layers, dequantised weights, eval mode) from an artifact."""
     header, payload = _read(path)
-    rec = header["record"]
     try:
+        rec = header["record"]
         spec = ModelSpec(**header["spec"])
-    except TypeError:
+    except (KeyError, TypeError):
         raise UserError(f"{path}: artifact header has a malformed model spec") from None
     model = build_model(spec) if model is None else copy.deepcopy(model)
     model.eval()
@@ -281,7 +281,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
                 scale, zp = struct.unpack_from("<fB", payload, pos)
                 acts[e["module"]] = (e["bits"], scale, zp)
                 pos += 5
-    except (ValueError, KeyError, IndexError) as ex:
+    except Exception as ex:  # the checksum passed, so this is a malformed (not a damaged) file
         raise UserError(f"{path}: artifact payload is corrupt ({ex})".splitlines()[0]) from None
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     missing, extra = set(expected) - set(state), set(state) - set(expected)

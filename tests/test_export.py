@@ -8,7 +8,9 @@ import torch
 from conftest_models import TinyResNet, warm_bn
 from torch import nn
 
-from autocompress.compress import compress
+import numpy as np
+
+from autocompress.compress import codec, compress, refresh_clipping
 from autocompress.cost import artifact_size, size_breakdown
 from autocompress.errors import UserError
 from autocompress.export import export, load, read_header
@@ -96,6 +98,7 @@ def test_every_technique_round_trips(lenet, data, tmp_path, name, plan):
     c = compress(lenet, plan, data[0][:1], data[1])
     before = artifact_size(c, SPEC)
     _sgd(c, data[1], steps=1)
+    refresh_clipping(c)  # re-choosing clipping ratios changes values, never sizes
     path = tmp_path / "m.acz"
     assert export(c, path, SPEC) == before
     loaded = load(path)
@@ -188,3 +191,25 @@ def test_failed_export_leaves_nothing(lenet, data, tmp_path):
         export(LeNet5(), path, SPEC)  # not a compressed model
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["m.acz"]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.003, 0.05, 0.5, 0.97, 1.0])
+def test_mask_codecs_round_trip_and_pick_the_cheapest(density):
+    rng = np.random.default_rng(0)
+    mask = rng.random(50_000) < density
+    info, streams = codec.encode_mask(mask)
+    assert codec.decode_mask(info, streams, mask.size).tolist() == mask.tolist()
+    assert sum(map(len, streams)) <= -(-mask.size // 8)
+    if 0 < density < 0.06 or density > 0.94:
+        assert info["kind"] == "rice"
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 8), (5, 16), (16, 32)])
+def test_nm_combination_index_round_trips(n, m):
+    rng = np.random.default_rng(1)
+    idx = np.argsort(rng.random((300, m)), axis=1)[:, :n]
+    mask = np.zeros((300, m), dtype=bool)
+    np.put_along_axis(mask, idx, True, axis=1)
+    info, streams = codec.encode_mask(mask.ravel(), (n, m))
+    assert info["kind"] == "nm" and len(streams[0]) == -(-300 * codec.nm_width(n, m) // 8)
+    assert codec.decode_mask(info, streams, mask.size).tolist() == mask.ravel().tolist()

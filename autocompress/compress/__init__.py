@@ -20,7 +20,8 @@ from ..plan import CompressionPlan, LayerPlan, PlanError
 from . import channel, lowrank, prune, quantize
 from .quantize import HalfRound, WeightCompressor
 
-__all__ = ["compress", "compressed_layers", "kept_weights", "sparsity_report", "refresh_clipping", "RECORD_ATTR"]
+__all__ = ["compress", "compressed_layers", "compressor", "kept_weights", "sparsity_report", "refresh_clipping",
+           "RECORD_ATTR"]
 
 RECORD_ATTR = "autocompress_record"
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
