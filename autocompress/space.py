@@ -259,6 +259,8 @@ class BoundSpace:
                 elif kind != "none" and amount > best_sparsity:
                     best, best_sparsity = {"prune": kind, "amount": amount}, amount
             v = {k: ch.extreme(largest=False) for k, ch in c.items() if k not in ("prune", "amount", "nm")}
+            v["act_bits"] = 32  # activation scales only add bytes, and need calibration data
+            v["importance"] = "magnitude"
             layer_plans[name] = _layer_plan({**v, **best})
         return CompressionPlan(layers=layer_plans)
 

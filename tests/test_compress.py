@@ -11,7 +11,9 @@ from conftest_models import GroupedNet, TinyResNet, warm_bn
 from torch import nn
 
 from autocompress.compress import compress, compressed_layers, kept_weights, sparsity_report
-from autocompress.models import LeNet5, prunable_layers
+from autocompress.cost import artifact_size
+from autocompress.export import artifact_bytes
+from autocompress.models import LeNet5, ModelSpec, prunable_layers
 from autocompress.plan import CompressionPlan, LayerPlan, PlanError
 
 LENET = ["conv1", "conv2", "fc1", "fc2"]
@@ -196,7 +198,6 @@ def test_float16_storage_rounds_biases(lenet, data):
     (_plan(fc3=dict(bits=4)), "fc3"),
     (_plan(conv2=dict(bits=9)), "conv2"),
     (_plan(conv1=dict(prune="nm", n=3, m=8)), "conv1"),          # 1*5*5 = 25 inputs
-    (_plan(fc1=dict(rank_ratio=0.1, prune="nm", n=2, m=8)), "fc1"),  # rank 50 is not a multiple of 8
     (_plan(conv2=dict(rank_ratio=0.0)), "conv2"),
     (_plan(fc2=dict(prune="channel", amount=0.5)), "fc2"),        # output layer
     (_plan(fc1=dict(prune="unstructured", amount=0.5, importance="taylor")), "fc1"),  # no batches
@@ -215,3 +216,20 @@ def test_grouped_conv_cannot_be_factorised():
 def test_prunable_layers_after_compression_keep_names(lenet, data):
     c = compress(lenet, _plan(fc1=dict(bits=4)), data[0][:1])
     assert prunable_layers(c) == LENET
+
+
+def test_nm_after_channel_pruning_keeps_n_per_group_and_a_short_tail(lenet, data):
+    """conv1 loses 13 of 20 channels, so conv2's fan-in is 7*25 = 175, not a multiple of 4:
+    every full group of 4 keeps 2, the tail group of 3 keeps 2; the low-rank factor (rank 50) too."""
+    plan = _plan(conv1=dict(prune="channel", amount=0.65), conv2=dict(prune="nm", n=2, m=4, bits=4),
+                 fc1=dict(rank_ratio=0.1, prune="nm", n=2, m=8, bits=4))
+    c = compress(lenet, plan, data[0][:1])
+    w = c.conv2.weight.detach().reshape(c.conv2.weight.shape[0], -1)
+    assert w.shape[1] == 175
+    nz = (w != 0).float()
+    assert (nz[:, :172].reshape(w.shape[0], -1, 4).sum(2) <= 2).all()
+    assert (nz[:, 172:].sum(1) <= 2).all()
+    second = c.get_submodule("fc1.1").weight.detach()
+    assert second.shape[1] == 50 and ((second != 0).float()[:, :48].reshape(second.shape[0], -1, 8).sum(2) <= 2).all()
+    spec = ModelSpec("lenet5", 10, 1, 28)
+    assert len(artifact_bytes(c, spec)) == artifact_size(c, spec)

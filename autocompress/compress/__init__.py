@@ -46,6 +46,9 @@ def _check_static(model: nn.Module, plan: CompressionPlan, batches: Batches | No
         if isinstance(mod, nn.Conv2d) and mod.groups != 1 and (lp.rank_ratio < 1 or lp.prune in ("nm", "block")):
             raise PlanError(f"layer {name}: grouped convolution (groups={mod.groups}) cannot be "
                             "factorised or N:M/block pruned")
+        if lp.prune == "nm" and mod.weight[0].numel() % lp.m:
+            raise PlanError(f"layer {name}: N:M {lp.n}:{lp.m} needs the input size {mod.weight[0].numel()} "
+                            f"to be a multiple of {lp.m}")
         if lp.prune == "channel" and name == output:
             raise PlanError(f"layer {name}: the output layer cannot be channel pruned (it would change the outputs)")
         if not batches and lp.importance == "taylor" and lp.sparsity > 0:
@@ -61,12 +64,6 @@ def _targets(model: nn.Module, plan: CompressionPlan, ranks: dict[str, int]) -> 
     for name, lp in plan.layers.items():
         names = [f"{name}.0", f"{name}.1"] if name in ranks else [name]
         for n in names:
-            k = model.get_submodule(n).weight[0].numel()
-            if lp.prune == "nm" and k % lp.m:
-                where = f" ({'first' if n.endswith('.0') else 'second'} low-rank factor, rank {ranks[name]})" \
-                    if name in ranks else ""
-                raise PlanError(f"layer {name}{where}: N:M {lp.n}:{lp.m} needs the input size {k} "
-                                f"to be a multiple of {lp.m}")
             out[n] = lp
     return out
 

@@ -122,7 +122,7 @@ def encode_mask(mask: np.ndarray, nm: tuple[int, int] | None = None) -> tuple[di
         gaps = gaps_of(mask != invert)
         k, size = best_rice_k(gaps)
         options.append((size, {"kind": "rice", "k": k, "invert": invert, "count": int(gaps.size)}, gaps))
-    if nm is not None:
+    if nm is not None and mask.size % nm[1] == 0:
         ranks = nm_rank(mask, *nm)
         if ranks is not None:
             options.append((nbytes(ranks.size * nm_width(*nm)), {"kind": "nm", "n": nm[0], "m": nm[1]}, ranks))

@@ -47,11 +47,18 @@ def unstructured_mask(score: torch.Tensor, amount: float) -> torch.Tensor:
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the n highest-scored of every m consecutive input weights of each output row."""
-    rows = score.reshape(score.shape[0], -1, m)
+    """Keep the n highest-scored of every m consecutive input weights of each output row.
+
+    A row whose length is not a multiple of m (after channel pruning of the layer before, or in
+    a low-rank factor) ends in a shorter group that keeps min(n, its length) weights.
+    """
+    flat = score.reshape(score.shape[0], -1)
+    k = flat.shape[1]
+    pad = (-k) % m
+    rows = F.pad(flat, (0, pad), value=float("-inf")).view(flat.shape[0], -1, m)
     idx = torch.topk(rows, n, dim=2).indices
     mask = torch.zeros_like(rows).scatter_(2, idx, 1.0)
-    return mask.view_as(score)
+    return mask.view(flat.shape[0], -1)[:, :k].reshape(score.shape).contiguous()
 
 
 def block_view(t: torch.Tensor, block_size: int) -> torch.Tensor:
