@@ -15,7 +15,7 @@ from torch import nn
 from .errors import UserError
 from .plan import Budget, PlanError, format_bytes, parse_budget
 
-DEFAULT_BASELINE_EPOCHS = {"lenet5": 4, "mlp": 4, "resnet18": 15}
+DEFAULT_BASELINE_EPOCHS = {"lenet5": 8, "mlp": 8, "resnet18": 15}
 
 
 def parse_duration(text: str | float | None) -> float | None:
