@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="cpu | cuda")
     s.add_argument("--no-early-stopping", action="store_true", help="never stop a trial before its last epoch")
+    s.add_argument("--no-repair", action="store_true",
+                   help="record over-budget proposals as infeasible instead of tightening them into the budget")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_common(s)
 
@@ -72,7 +74,8 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      out=a.out, study=a.study, storage=a.storage, tracking_uri=a.tracking_uri, trials=a.trials,
                      timeout=a.timeout, epochs=a.epochs, baseline_epochs=a.baseline_epochs, lr=a.lr,
                      batch_size=a.batch_size, max_batches=a.max_batches, seed=a.seed, device=a.device,
-                     limit=a.limit, early_stopping=not a.no_early_stopping, progress=not a.no_progress)
+                     limit=a.limit, early_stopping=not a.no_early_stopping, repair=not a.no_repair,
+                     progress=not a.no_progress)
     if outcome.best is not None:
         uri = outcome.study and (a.tracking_uri or f"sqlite:///{os.path.abspath(os.path.join(a.out, 'mlflow.db'))}")
         print(f"review in MLflow: mlflow ui --backend-store-uri {uri}")

@@ -22,6 +22,7 @@ from torch import nn
 
 from .compress import compress, kept_weights
 from .cost import artifact_size
+from .cost.repair import repair
 from .data import DataBundle
 from .errors import UserError
 from .export import export
@@ -60,6 +61,7 @@ class SearchSettings:
     device: str = "cpu"
     early_stopping: bool = True
     progress: bool = True
+    repair: bool = True
     calib_batches: int = 4
 
     @property
@@ -135,7 +137,7 @@ def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
 
 
 class Objective:
-    """One Optuna trial: plan -> compress -> size -> (infeasible | fine-tune -> export)."""
+    """One Optuna trial: plan -> compress -> size (-> repair) -> (infeasible | fine-tune -> export)."""
 
     def __init__(self, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, limit: int) -> None:
         self.s, self.ctx, self.tracker, self.limit = settings, ctx, tracker, limit
@@ -145,14 +147,25 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         start = time.perf_counter()
         torch.manual_seed(self.s.seed + trial.number)
-        plan = self.ctx.space.suggest(trial)
+        proposed = self.ctx.space.suggest(trial)
+        plan, compressed, size, error = proposed, None, 0, None
+        try:
+            plan, compressed, size = self._fit(proposed)
+        except Exception as e:  # recorded below, in the trial's own run
+            error = e
         run_id = self.tracker.start_trial(trial.number, _run_params(plan, self.s), plan.to_dict())
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("plan", plan.to_dict())
+        if plan is not proposed:
+            trial.set_user_attr("repaired", True)
+            trial.set_user_attr("proposed_plan", proposed.to_dict())
+            self.tracker.set_tags(run_id, {"repaired": "true"})
+            self.tracker.log_text(run_id, proposed.to_json(), "proposed_plan.json")
         state, finetune_s = "failed", 0.0
         try:
-            compressed = compress(self.ctx.model, plan, self.ctx.example_input, self.ctx.calib)
-            size = artifact_size(compressed, self.ctx.spec)
+            if error is not None:
+                raise error
+            assert compressed is not None
             ratio = self.ctx.original_bytes / size
             trial.set_user_attr("size_bytes", size)
             trial.set_user_attr("ratio", ratio)
@@ -169,7 +182,7 @@ class Objective:
                               device=self.s.device, progress=self.s.progress)
             finetune_s = result.seconds + result.eval_seconds
             for epoch, loss in enumerate(result.train_loss):
-                self.tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch)
+                self.tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch + 1)
             path = os.path.join(self.s.artifact_dir, f"trial-{trial.number}.acz")
             written = export(compressed.cpu(), path, self.ctx.spec)
             if written != size:
@@ -196,6 +209,20 @@ class Objective:
             trial.set_user_attr("overhead_seconds", seconds - finetune_s)
             self.tracker.log_metrics(run_id, {"trial_seconds": seconds, "overhead_seconds": seconds - finetune_s})
             self.tracker.end(run_id, state)
+
+    def _size(self, plan: CompressionPlan) -> tuple[nn.Module, int]:
+        compressed = compress(self.ctx.model, plan, self.ctx.example_input, self.ctx.calib)
+        return compressed, artifact_size(compressed, self.ctx.spec)
+
+    def _fit(self, proposed: CompressionPlan) -> tuple[CompressionPlan, nn.Module, int]:
+        """Compress the proposal; if it is over budget (and repair is on), tighten it into the budget."""
+        compressed, size = self._size(proposed)
+        if size <= self.limit or not self.s.repair:
+            return proposed, compressed, size
+        fixed = repair(proposed, self.ctx.space.layers, lambda p: self._size(p)[1], self.limit)
+        if fixed is None:
+            return proposed, compressed, size
+        return (fixed, *self._size(fixed))
 
     def _finetune_config(self, plan: CompressionPlan) -> FinetuneConfig:
         return FinetuneConfig(epochs=self.s.epochs, lr=self.s.lr, batch_size=self.s.batch_size,

@@ -24,9 +24,10 @@ class Tracker:
     """Logs a study to one MLflow experiment (named after the study)."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_dir: str | None = None) -> None:
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import: mlflow sets its own level
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
