@@ -53,3 +53,17 @@ def test_tighten_zero_is_identity(setup):
     assert tighten(plan, layers, 0.0, 0) == plan
     full = tighten(plan, layers, 1.0, 1)
     assert all(lp.amount == pytest.approx(0.98) and lp.bits == 3 for lp in full.layers.values())
+
+
+def test_nm_layer_is_loosened_into_unstructured_when_that_is_the_only_way(setup):
+    model, layers, size_of = setup
+    plan = CompressionPlan(layers={
+        "conv1": LayerPlan(prune="unstructured", amount=0.6, bits=8),
+        "conv2": LayerPlan(prune="nm", n=1, m=4, bits=6),
+        "fc1": LayerPlan(prune="nm", n=2, m=4, bits=3),
+        "fc2": LayerPlan(prune="block", amount=0.68, bits=2),
+    })
+    limit = 50_000
+    fixed = repair(plan, layers, size_of, limit)
+    assert fixed is not None and size_of(fixed) <= limit
+    assert fixed.layers["fc1"].prune == "unstructured" and fixed.layers["fc1"].amount >= 0.5
