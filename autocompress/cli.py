@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-early-stopping", action="store_true", help="never stop a trial before its last epoch")
     s.add_argument("--no-repair", action="store_true",
                    help="record over-budget proposals as infeasible instead of tightening them into the budget")
+    s.add_argument("--no-warm-start", action="store_true",
+                   help="skip the sensitivity analysis and the uniform/knapsack plans tried first")
+    s.add_argument("--final-top", type=int, default=3, help="plans re-fine-tuned longer at the end (default 3; 0: none)")
+    s.add_argument("--final-epochs", type=int, default=2, help="fine-tune epochs for those finalists (default 2)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_common(s)
 
@@ -75,6 +79,7 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      timeout=a.timeout, epochs=a.epochs, baseline_epochs=a.baseline_epochs, lr=a.lr,
                      batch_size=a.batch_size, max_batches=a.max_batches, seed=a.seed, device=a.device,
                      limit=a.limit, early_stopping=not a.no_early_stopping, repair=not a.no_repair,
+                     warm_start=not a.no_warm_start, final_top=a.final_top, final_epochs=a.final_epochs,
                      progress=not a.no_progress)
     if outcome.best is not None:
         uri = outcome.study and (a.tracking_uri or f"sqlite:///{os.path.abspath(os.path.join(a.out, 'mlflow.db'))}")
@@ -112,9 +117,15 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 def _cmd_export(a: argparse.Namespace) -> int:
     from .errors import UserError
+    from .refine import best_final
     from .search import best_trial
 
     study = _open(a)
+    final = best_final(study)
+    if a.trial is None and final is not None:
+        number, info = final
+        src, label = info["artifact"], f"trial {number} (refined for {info['epochs']} epochs)"
+        return _copy_artifact(src, a.to, label)
     if a.trial is None:
         t = best_trial(study)
         if t is None:
@@ -127,10 +138,18 @@ def _cmd_export(a: argparse.Namespace) -> int:
     src = t.user_attrs.get("artifact")
     if not src or not os.path.isfile(src):
         raise UserError(f"trial {t.number} has no artifact (state {t.state.name.lower()}); pick a completed trial")
-    tmp = a.to + ".tmp"
+    return _copy_artifact(src, a.to, f"trial {t.number}")
+
+
+def _copy_artifact(src: str, dst: str, label: str) -> int:
+    from .errors import UserError
+
+    if not os.path.isfile(src):
+        raise UserError(f"{label}: artifact {src} is missing")
+    tmp = dst + ".tmp"
     shutil.copyfile(src, tmp)
-    os.replace(tmp, a.to)
-    print(f"trial {t.number}: {os.path.getsize(a.to)} bytes -> {a.to}")
+    os.replace(tmp, dst)
+    print(f"{label}: {os.path.getsize(dst)} bytes -> {dst}")
     return 0
 
 

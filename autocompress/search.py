@@ -23,6 +23,7 @@ from torch import nn
 from .compress import compress, kept_weights
 from .cost import artifact_size
 from .cost.repair import repair
+from .refine import best_final, refine
 from .data import DataBundle
 from .errors import UserError
 from .export import export
@@ -62,6 +63,9 @@ class SearchSettings:
     early_stopping: bool = True
     progress: bool = True
     repair: bool = True
+    warm_start: bool = True
+    final_top: int = 3
+    final_epochs: int = 2
     calib_batches: int = 4
 
     @property
@@ -96,6 +100,7 @@ class SearchOutcome:
     baseline_test_accuracy: float | None
     limit: int
     parent_run_id: str | None
+    best_val: float | None = None
 
 
 def trial_state(t: optuna.trial.FrozenTrial) -> str:
@@ -278,6 +283,8 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
           f"({ctx.original_bytes / limit:.1f}x of {format_bytes(ctx.original_bytes)} fp32)"
           + (f"; closed {closed} run(s) left by a killed search" if closed else ""))
     objective = Objective(settings, ctx, tracker, limit)
+    if settings.warm_start and not study.get_trials(deepcopy=False) and remaining:
+        _enqueue_warm_start(study, settings, ctx, objective, tracker, parent, limit, remaining)
     bar = _progress(remaining, settings.progress)
     try:
         study.optimize(objective, n_trials=remaining, timeout=settings.timeout, catch=(TrialFailed,),
@@ -289,6 +296,8 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
     finally:
         if bar is not None:
             bar.close()
+    if settings.final_top > 0 and settings.final_epochs > 0:
+        refine(study, settings, ctx, tracker, settings.final_top, settings.final_epochs)
     best = best_trial(study)
     print_table(study, ctx.original_bytes, limit)
     outcome = SearchOutcome(study, best, None, None, None, limit, parent)
@@ -300,6 +309,32 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
     return outcome
 
 
+def _enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, objective: Objective,
+                        tracker: Tracker, parent: str, limit: int, remaining: int) -> None:
+    """Sensitivity analysis (cached per study), then the uniform and knapsack plans as first trials."""
+    from .sensitivity import Sensitivity, analyse
+    from .warmstart import to_params, warm_start_plans
+
+    cache = os.path.join(settings.out, "sensitivity", f"{settings.study}.json")
+    if os.path.exists(cache):
+        sens = Sensitivity.load(cache)
+    else:
+        t0 = time.perf_counter()
+        sens = analyse(ctx.model, ctx.data.val, ctx.example_input, device=settings.device, progress=settings.progress)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        sens.save(cache)
+        print(f"sensitivity: {len(sens.layers)} layers in {time.perf_counter() - t0:.1f}s; most fragile first: "
+              + ", ".join(sens.ranking()[:5]))
+    tracker.log_file(parent, cache)
+    plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: objective._size(p)[1], limit, sens)
+    plans = sorted(plans, key=lambda np_: np_[0] != "knapsack")[:remaining]  # never more than the trials asked
+    for name, plan in plans:
+        params = to_params(plan, ctx.space.layers)
+        if params is not None:
+            study.enqueue_trial(params, user_attrs={"warm_start": name}, skip_if_exists=True)
+    print(f"warm start: {', '.join(n for n, _ in plans) or 'no plan fits'}")
+
+
 def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchContext, tracker: Tracker) -> None:
     """Copy the best artifact to OUT/best.acz, load it back and measure test accuracy once."""
     from .export import load
@@ -307,7 +342,13 @@ def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCo
 
     best = outcome.best
     assert best is not None and outcome.parent_run_id
-    src = best.user_attrs["artifact"]
+    src, best_val = best.user_attrs["artifact"], best.value
+    final = best_final(outcome.study)
+    if final is not None:
+        number, info = final
+        best = outcome.best = next(t for t in outcome.study.trials if t.number == number)
+        src, best_val = info["artifact"], info["val_accuracy"]
+    outcome.best_val = best_val
     dst = os.path.join(settings.out, "best.acz")
     shutil.copyfile(src, dst + ".tmp")
     os.replace(dst + ".tmp", dst)
@@ -317,13 +358,13 @@ def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCo
     outcome.baseline_test_accuracy = evaluate(ctx.model, ctx.data.test, device=settings.device)
     size = os.path.getsize(dst)
     tracker.log_metrics(outcome.parent_run_id, {
-        "best_val_accuracy": best.value, "best_test_accuracy": outcome.test_accuracy,
+        "best_val_accuracy": best_val, "best_test_accuracy": outcome.test_accuracy,
         "baseline_test_accuracy": outcome.baseline_test_accuracy, "best_size_bytes": size,
         "best_compression_ratio": ctx.original_bytes / size})
     tracker.set_tags(outcome.parent_run_id, {"best_trial": best.number, "best_artifact": os.path.abspath(dst)})
     tracker.log_text(outcome.parent_run_id, CompressionPlan.from_dict(best.user_attrs["plan"]).to_json(),
                      "best_plan.json")
-    print(f"best: trial {best.number}, val {best.value:.4f}, test {outcome.test_accuracy:.4f} "
+    print(f"best: trial {best.number}, val {best_val:.4f}, test {outcome.test_accuracy:.4f} "
           f"(baseline test {outcome.baseline_test_accuracy:.4f}), {size} bytes = {format_bytes(size)}, "
           f"{ctx.original_bytes / size:.1f}x -> {dst}")
 

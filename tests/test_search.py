@@ -15,7 +15,7 @@ from autocompress.models import param_bytes
 from autocompress.train import evaluate
 
 QUICK = dict(model="lenet5", data="digits", trials=3, epochs=1, baseline_epochs=3, max_batches=4,
-             progress=False, seed=0)
+             progress=False, seed=0, final_top=0)
 
 
 @pytest.fixture(scope="module")
