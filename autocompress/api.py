@@ -49,7 +49,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
            lr: float = 0.01, batch_size: int = 128, max_batches: int | None = None, seed: int = 0,
            device: str = "cpu", limit: int | None = None, val_fraction: float = 0.1,
            early_stopping: bool = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
-           final_epochs: int = 2, progress: bool = True) -> Any:
+           final_epochs: int = 2, objectives: str = "accuracy", progress: bool = True) -> Any:
     """Search compression plans for `model` on `data` under `budget`; returns a SearchOutcome.
 
     `budget` is a size ('50KB', '1.5MiB') or a ratio of the fp32 parameter bytes ('20x').
@@ -66,6 +66,10 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
     from .train import baseline
 
     b = budget if isinstance(budget, Budget) else parse_budget(budget)
+    objs = tuple(o.strip() for o in objectives.split(",") if o.strip())
+    if not objs or objs[0] != "accuracy" or not set(objs) <= {"accuracy", "size"} or len(set(objs)) != len(objs):
+        raise UserError(f"--objectives {objectives!r}: use 'accuracy' or 'accuracy,size' "
+                        "(latency needs the latency model, not built yet)")
     seconds = parse_duration(timeout)
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
@@ -105,7 +109,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
         tracking_uri=tracking_uri, trials=trials, timeout=seconds, epochs=epochs, lr=lr,
         batch_size=batch_size, max_batches=max_batches, seed=seed, device=device,
         early_stopping=early_stopping, repair=repair, warm_start=warm_start, final_top=final_top,
-        final_epochs=final_epochs, progress=progress)
+        final_epochs=final_epochs, objectives=objs, progress=progress)
     bundle.train, bundle.val, bundle.test = (bundle.train.to(device), bundle.val.to(device),
                                              bundle.test.to(device))
     net = net.to(device)

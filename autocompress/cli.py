@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the sensitivity analysis and the uniform/knapsack plans tried first")
     s.add_argument("--final-top", type=int, default=3, help="plans re-fine-tuned longer at the end (default 3; 0: none)")
     s.add_argument("--final-epochs", type=int, default=2, help="fine-tune epochs for those finalists (default 2)")
+    s.add_argument("--objectives", default="accuracy",
+                   help="accuracy (default) or accuracy,size: a multi-objective search returning the Pareto front")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_common(s)
 
@@ -80,6 +82,7 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      batch_size=a.batch_size, max_batches=a.max_batches, seed=a.seed, device=a.device,
                      limit=a.limit, early_stopping=not a.no_early_stopping, repair=not a.no_repair,
                      warm_start=not a.no_warm_start, final_top=a.final_top, final_epochs=a.final_epochs,
+                     objectives=a.objectives,
                      progress=not a.no_progress)
     if outcome.best is not None:
         uri = outcome.study and (a.tracking_uri or f"sqlite:///{os.path.abspath(os.path.join(a.out, 'mlflow.db'))}")

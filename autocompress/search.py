@@ -63,6 +63,7 @@ class SearchSettings:
     early_stopping: bool = True
     progress: bool = True
     repair: bool = True
+    objectives: tuple[str, ...] = ("accuracy",)
     warm_start: bool = True
     final_top: int = 3
     final_epochs: int = 2
@@ -114,8 +115,23 @@ def trial_state(t: optuna.trial.FrozenTrial) -> str:
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The feasible completed trial with the highest validation accuracy (smaller size breaks ties)."""
     ok = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-          if not t.user_attrs.get("infeasible") and t.value is not None]
-    return max(ok, key=lambda t: (t.value, -t.user_attrs.get("size_bytes", 0))) if ok else None
+          if not t.user_attrs.get("infeasible") and t.values]
+    return max(ok, key=lambda t: (accuracy(t), -t.user_attrs.get("size_bytes", 0))) if ok else None
+
+
+def accuracy(t: optuna.trial.FrozenTrial) -> float:
+    """The trial's validation accuracy (its first objective, in single- and multi-objective studies)."""
+    return t.values[0]
+
+
+def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Feasible completed trials not dominated in (accuracy up, size down), by accuracy."""
+    ok = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+          if not t.user_attrs.get("infeasible") and t.values and "size_bytes" in t.user_attrs]
+    pts = [(accuracy(t), t.user_attrs["size_bytes"]) for t in ok]
+    front = [t for t, (a, s) in zip(ok, pts)
+             if not any(a2 >= a and s2 <= s and (a2 > a or s2 < s) for a2, s2 in pts)]
+    return sorted(front, key=lambda t: -accuracy(t))
 
 
 def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
@@ -132,13 +148,14 @@ def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(8, max(settings.trials // 3, 2)))
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=4) if settings.early_stopping
               else optuna.pruners.NopPruner())
+    directions = ["maximize"] + ["minimize"] * (len(settings.objectives) - 1)
     if not create:
         try:
             return optuna.load_study(study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner)
         except KeyError:
             raise UserError(f"no study named {settings.study!r} in {settings.storage_url}") from None
     return optuna.create_study(study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner,
-                               direction="maximize", load_if_exists=True)
+                               directions=directions, load_if_exists=True)
 
 
 class Objective:
@@ -149,7 +166,11 @@ class Objective:
         self.data = ctx.data
         os.makedirs(settings.artifact_dir, exist_ok=True)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        acc, size = self._run(trial)
+        return acc if len(self.s.objectives) == 1 else (acc, float(size))
+
+    def _run(self, trial: optuna.Trial) -> tuple[float, int]:
         start = time.perf_counter()
         torch.manual_seed(self.s.seed + trial.number)
         proposed = self.ctx.space.suggest(trial)
@@ -180,7 +201,7 @@ class Objective:
             if size > self.limit:
                 state = "infeasible"
                 trial.set_user_attr("infeasible", True)
-                return 0.0
+                return 0.0, size
             result = finetune(compressed, self.data.train, self.data.val, self._finetune_config(plan),
                               teacher=self.ctx.model if plan.distill > 0 else None,
                               report=self._reporter(trial, run_id), l1_weights=lambda: kept_weights(compressed),
@@ -196,7 +217,7 @@ class Objective:
             acc = result.val_acc[-1]
             self.tracker.log_metrics(run_id, {"val_accuracy_final": acc})
             state = "complete"
-            return acc
+            return acc, size
         except optuna.TrialPruned:
             state = "early-stopped"
             raise
@@ -241,10 +262,27 @@ class Objective:
             self.tracker.log_metrics(run_id, {"val_accuracy": acc}, step=epoch)
             if not math.isfinite(acc):
                 raise TrialFailed("validation accuracy is not finite")
+            if len(self.s.objectives) > 1:  # Optuna's early stopping is single-objective only
+                curve = {**trial.user_attrs.get("val_by_epoch", {}), str(epoch): acc}
+                trial.set_user_attr("val_by_epoch", curve)
+                if epoch < last_epoch and self.s.early_stopping and dominated_early(trial, acc, epoch):
+                    raise optuna.TrialPruned(f"val accuracy {acc:.4f} after epoch {epoch} is dominated")
+                return
             trial.report(acc, epoch)
             if epoch < last_epoch and trial.should_prune():
-                raise optuna.TrialPruned(f"val accuracy {acc:.4f} after epoch {epoch + 1}")
+                raise optuna.TrialPruned(f"val accuracy {acc:.4f} after epoch {epoch}")
         return report
+
+
+def dominated_early(trial: optuna.Trial, acc: float, epoch: int, margin: float = 0.02) -> bool:
+    """Multi-objective early stop: some finished trial no larger than this one was already more
+    than `margin` more accurate at the same epoch, so this trial is unlikely to reach the front."""
+    size = trial.user_attrs.get("size_bytes", float("inf"))
+    for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        other = t.user_attrs.get("val_by_epoch", {}).get(str(epoch))
+        if other is not None and t.user_attrs.get("size_bytes", float("inf")) <= size and other > acc + margin:
+            return True
+    return False
 
 
 def _run_params(plan: CompressionPlan, s: SearchSettings) -> dict[str, Any]:
@@ -300,6 +338,12 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
         refine(study, settings, ctx, tracker, settings.final_top, settings.final_epochs)
     best = best_trial(study)
     print_table(study, ctx.original_bytes, limit)
+    if len(settings.objectives) > 1:
+        from .report import format_table, trial_rows
+
+        front = {t.number for t in pareto_trials(study)}
+        print(f"\nPareto front (accuracy vs size), {len(front)} trials:")
+        print(format_table([r for r in trial_rows(study, ctx.original_bytes) if r["trial"] in front], top=50))
     outcome = SearchOutcome(study, best, None, None, None, limit, parent)
     if best is not None:
         _finish_best(outcome, settings, ctx, tracker)
@@ -342,7 +386,7 @@ def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCo
 
     best = outcome.best
     assert best is not None and outcome.parent_run_id
-    src, best_val = best.user_attrs["artifact"], best.value
+    src, best_val = best.user_attrs["artifact"], accuracy(best)
     final = best_final(outcome.study)
     if final is not None:
         number, info = final
@@ -372,7 +416,7 @@ def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCo
 def _check_same_study(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, limit: int) -> None:
     """A resumed study must keep its budget, model and space: TPE assumes one fixed objective."""
     key = {"budget_bytes": limit, "model": ctx.spec.spec, "data": ctx.data.name,
-           "params": ctx.space.param_names()}
+           "params": ctx.space.param_names(), "objectives": list(settings.objectives)}
     old = study.user_attrs.get("identity")
     if old is None:
         study.set_user_attr("identity", key)
@@ -406,8 +450,8 @@ def _trial_printer(bar: Any, original_bytes: int) -> Any:
     def callback(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
         size = t.user_attrs.get("size_bytes")
         line = f"trial {t.number:3d} {trial_state(t):13s}"
-        if t.value is not None and not t.user_attrs.get("infeasible"):
-            line += f" val {t.value:.4f}"
+        if t.values and not t.user_attrs.get("infeasible"):
+            line += f" val {accuracy(t):.4f}"
         if size:
             line += f"  {format_bytes(size):>9s} {original_bytes / size:6.1f}x"
         line += f"  {t.user_attrs.get('seconds', 0):5.1f}s"
@@ -418,7 +462,7 @@ def _trial_printer(bar: Any, original_bytes: int) -> Any:
             bar.write(line)
             bar.update(1)
             if best is not None:
-                bar.set_postfix(best=f"{best.value:.4f}", size=format_bytes(best.user_attrs['size_bytes']))
+                bar.set_postfix(best=f"{accuracy(best):.4f}", size=format_bytes(best.user_attrs['size_bytes']))
         else:
             print(line)
     return callback

@@ -9,6 +9,7 @@ Both are mapped onto the search space's choices so they can be enqueued as Optun
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -135,6 +136,17 @@ def to_params(plan: CompressionPlan, space_layers: dict) -> dict[str, Any] | Non
     return params
 
 
+def snap(plan: CompressionPlan, space_layers: dict) -> CompressionPlan:
+    """The plan with every amount moved onto the space's grid (rounded up, capped at its maximum)."""
+    out = {}
+    for name, lp in plan.layers.items():
+        c = space_layers.get(name, {})
+        if "amount" in c and lp.amount > 0:
+            lp = replace(lp, amount=_on_grid(c["amount"], lp.amount))
+        out[name] = lp
+    return replace(plan, layers=out)
+
+
 def _on_grid(choice: Any, value: float) -> float:
     if choice.low is not None:
         if choice.step:
@@ -162,12 +174,13 @@ def warm_start_plans(model: nn.Module, space_layers: dict, size_of: SizeFn, limi
     layers = list(space_layers)
     shared_bits = set.intersection(*(set(c["bits"].values) for c in space_layers.values()))
     out: list[tuple[str, CompressionPlan]] = []
+    on_grid = lambda p: snap(p, space_layers)  # noqa: E731  (the plan as the space can express it)
     for b in uniform_bits:
         if b not in shared_bits:
             continue
-        fit = fit_uniform(model, b, size_of, limit, layers)
+        fit = fit_uniform(model, b, lambda p: size_of(on_grid(p)), limit, layers)
         if fit is not None and fit[0] <= 0.97:
-            out.append((f"uniform-{b}bit-{fit[0]:.3f}", fit[1]))
+            out.append((f"uniform-{b}bit-{fit[0]:.3f}", on_grid(fit[1])))
     if sens is not None and all("amount" in c for c in space_layers.values()):
         amounts = sorted(set.intersection(*(set(_grid(c["amount"])) for c in space_layers.values())))
         bits = sorted(b for b in shared_bits if b <= 8)
@@ -176,8 +189,14 @@ def warm_start_plans(model: nn.Module, space_layers: dict, size_of: SizeFn, limi
             estimated = sum(estimate_layer_bytes(model.get_submodule(n).weight.numel(),
                                                  model.get_submodule(n).weight.shape[0], lp.amount, lp.bits)
                             for n, lp in smallest.layers.items())
-            overhead = max(size_of(smallest) - estimated, 0)
-            plan = knapsack_plan(model, sens, limit - overhead, amounts, bits, layers)
-            if plan is not None:
-                out.append(("knapsack", plan))
+            target = limit - max(size_of(smallest) - estimated, 0)
+            for _ in range(4):  # the byte model is an estimate: shrink the target until the real file fits
+                plan = knapsack_plan(model, sens, target, amounts, bits, layers)
+                if plan is None:
+                    break
+                real = size_of(plan)
+                if real <= limit:
+                    out.append(("knapsack", plan))
+                    break
+                target -= (real - limit) * 1.05
     return out
