@@ -42,6 +42,26 @@ def space_floor(model: nn.Module, space: Any, spec: Any, example: torch.Tensor) 
     return artifact_size(compress(model, space.smallest(), example), spec)
 
 
+def load_inputs(model: str, data: str | None, weights: str | None, data_dir: str | None, seed: int,
+                limit: int | None, val_fraction: float) -> tuple[Any, Any, nn.Module]:
+    """The data bundle (default: Fashion-MNIST, else digits with a notice), the model spec, and the
+    model with its checkpoint loaded (untrained otherwise), in eval mode."""
+    from .data import default_data, load_data
+    from .models import ModelSpec, build_model, load_weights
+
+    if data is None:
+        bundle = default_data(seed)
+        if bundle.notice:
+            print(bundle.notice)
+    else:
+        bundle = load_data(data, data_dir=data_dir, seed=seed, limit=limit, val_fraction=val_fraction)
+    spec = ModelSpec(model, bundle.num_classes, bundle.in_channels, bundle.image_size, data=bundle.name)
+    net = build_model(spec)
+    if weights:
+        load_weights(net, weights)
+    return spec, bundle, net.eval()
+
+
 def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = None, weights: str | None = None,
            data_dir: str | None = None, space: str | None = None, out: str = "runs", study: str | None = None,
            storage: str | None = None, tracking_uri: str | None = None, trials: int = 12,
@@ -59,8 +79,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
     sensitivity-allocated (knapsack) plan are tried first. The `final_top` best plans are then
     fine-tuned for `final_epochs` and the best of those is exported.
     """
-    from .data import default_data, load_data
-    from .models import ModelSpec, build_model, load_weights, param_bytes
+    from .models import param_bytes
     from .search import SearchContext, SearchSettings, run_search
     from .space import load_space
     from .train import baseline
@@ -78,17 +97,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     bound_space_src = load_space(space)
-    if data is None:
-        bundle = default_data(seed)
-        if bundle.notice:
-            print(bundle.notice)
-    else:
-        bundle = load_data(data, data_dir=data_dir, seed=seed, limit=limit, val_fraction=val_fraction)
-    spec = ModelSpec(model, bundle.num_classes, bundle.in_channels, bundle.image_size, data=bundle.name)
-    net = build_model(spec)
-    if weights:
-        load_weights(net, weights)
-    net.eval()
+    spec, bundle, net = load_inputs(model, data, weights, data_dir, seed, limit, val_fraction)
     bound = bound_space_src.bind(net)
     example = bundle.train.x[:2]
     original = param_bytes(net)

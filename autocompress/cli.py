@@ -55,6 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_common(s)
 
+    z = sub.add_parser("sensitivity", help="per-layer accuracy drop under pruning and quantisation")
+    z.add_argument("--model", default="lenet5")
+    z.add_argument("--weights")
+    z.add_argument("--data")
+    z.add_argument("--data-dir")
+    z.add_argument("--baseline-epochs", type=int)
+    z.add_argument("--amounts", default="0.5,0.7,0.8,0.9,0.95,0.98", help="pruning amounts to test")
+    z.add_argument("--bits", default="2,3,4,5,6", help="weight bit widths to test")
+    z.add_argument("--samples", type=int, default=2000, help="validation samples used (default 2000)")
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--device", default="cpu")
+    z.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    z.add_argument("--out", default="runs", help="output folder (results cached in OUT/sensitivity/)")
+
     r = sub.add_parser("report", help="table of a study's trials")
     r.add_argument("--format", choices=("table", "json"), default="table")
     r.add_argument("--top", type=int, default=10)
@@ -87,6 +101,38 @@ def _cmd_search(a: argparse.Namespace) -> int:
     if outcome.best is not None:
         uri = outcome.study and (a.tracking_uri or f"sqlite:///{os.path.abspath(os.path.join(a.out, 'mlflow.db'))}")
         print(f"review in MLflow: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _cmd_sensitivity(a: argparse.Namespace) -> int:
+    from .api import DEFAULT_BASELINE_EPOCHS, load_inputs
+    from .errors import UserError
+    from .sensitivity import cached_analyse, format_table
+    from .tracking import Tracker, default_tracking_uri
+    from .train import baseline
+
+    try:
+        amounts = tuple(float(v) for v in a.amounts.split(","))
+        bits = tuple(int(v) for v in a.bits.split(","))
+    except ValueError:
+        raise UserError("--amounts and --bits take comma-separated numbers, e.g. --amounts 0.5,0.9 --bits 2,4") from None
+    spec, bundle, _ = load_inputs(a.model, a.data, a.weights, a.data_dir, a.seed, None, 0.1)
+    epochs = a.baseline_epochs if a.baseline_epochs is not None else DEFAULT_BASELINE_EPOCHS.get(a.model, 5)
+    net, val_acc = baseline(spec, bundle, epochs=epochs, seed=a.seed, device=a.device, weights=a.weights)
+    sens, path, cached = cached_analyse(net.to(a.device), bundle.val.to(a.device), bundle.train.x[:2].to(a.device),
+                                        os.path.join(a.out, "sensitivity"), device=a.device, progress=True,
+                                        amounts=amounts, bits=bits, samples=a.samples)
+    print(f"{a.model} on {bundle.name}: val accuracy {sens.baseline_accuracy:.4f} on "
+          f"{min(a.samples, len(bundle.val))} validation samples; "
+          f"accuracy drop in points when only that layer is compressed{' (cached)' if cached else ''}")
+    print(format_table(sens))
+    tracker = Tracker(a.tracking_uri or default_tracking_uri(a.out), "sensitivity", os.path.join(a.out, "mlartifacts"))
+    run = tracker.start_parent(f"{a.model}-{bundle.name}", {"model": a.model, "data": bundle.name,
+                                                             "amounts": a.amounts, "bits": a.bits})
+    tracker.log_file(run, path)
+    tracker.log_text(run, format_table(sens), "sensitivity.txt")
+    tracker.end(run, "complete")
+    print(f"saved {path}; logged to MLflow experiment 'sensitivity'")
     return 0
 
 
@@ -183,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .plan import PlanError
 
     args = build_parser().parse_args(argv)
-    handler = {"search": _cmd_search, "report": _cmd_report, "export": _cmd_export, "evaluate": _cmd_evaluate}
+    handler = {"search": _cmd_search, "report": _cmd_report, "export": _cmd_export, "evaluate": _cmd_evaluate,
+               "sensitivity": _cmd_sensitivity}
     try:
         return handler[args.command](args)
     except (UserError, PlanError) as e:

@@ -356,19 +356,15 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
 def _enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, objective: Objective,
                         tracker: Tracker, parent: str, limit: int, remaining: int) -> None:
     """Sensitivity analysis (cached per study), then the uniform and knapsack plans as first trials."""
-    from .sensitivity import Sensitivity, analyse
+    from .sensitivity import cached_analyse
     from .warmstart import to_params, warm_start_plans
 
-    cache = os.path.join(settings.out, "sensitivity", f"{settings.study}.json")
-    if os.path.exists(cache):
-        sens = Sensitivity.load(cache)
-    else:
-        t0 = time.perf_counter()
-        sens = analyse(ctx.model, ctx.data.val, ctx.example_input, device=settings.device, progress=settings.progress)
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        sens.save(cache)
-        print(f"sensitivity: {len(sens.layers)} layers in {time.perf_counter() - t0:.1f}s; most fragile first: "
-              + ", ".join(sens.ranking()[:5]))
+    t0 = time.perf_counter()
+    sens, cache, cached = cached_analyse(ctx.model, ctx.data.val, ctx.example_input,
+                                         os.path.join(settings.out, "sensitivity"), device=settings.device,
+                                         progress=settings.progress)
+    print(f"sensitivity ({'cached' if cached else f'{time.perf_counter() - t0:.1f}s'}): most fragile first: "
+          + ", ".join(sens.ranking()[:5]))
     tracker.log_file(parent, cache)
     plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: objective._size(p)[1], limit, sens)
     plans = sorted(plans, key=lambda np_: np_[0] != "knapsack")[:remaining]  # never more than the trials asked

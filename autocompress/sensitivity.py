@@ -7,6 +7,7 @@ the sensitivity-allocated warm-start plan; the table and heat map go to MLflow.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -120,3 +121,37 @@ def analyse(model: nn.Module, val: TensorData, example: torch.Tensor, *, amounts
     with torch.enable_grad():
         result.hessian_trace = hutchinson_trace(model, layers, sub, samples=hessian_samples)
     return result
+
+
+def model_key(model: nn.Module, data: TensorData) -> str:
+    """A short hash of the weights and the validation split: what a sensitivity result depends on."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(data.y.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_analyse(model: nn.Module, val: TensorData, example: torch.Tensor, cache_dir: str, *,
+                   device: str = "cpu", progress: bool = False, **kwargs) -> tuple[Sensitivity, str, bool]:
+    """analyse() once per (weights, validation split); returns (result, json path, was cached)."""
+    path = os.path.join(cache_dir, f"{model_key(model, val)}.json")
+    if os.path.exists(path):
+        return Sensitivity.load(path), path, True
+    result = analyse(model, val, example, device=device, progress=progress, **kwargs)
+    os.makedirs(cache_dir, exist_ok=True)
+    result.save(path)
+    return result, path, False
+
+
+def format_table(sens: Sensitivity) -> str:
+    """Accuracy drop (points) per layer and setting, with the Hessian trace; most fragile first."""
+    cols = list(next(iter(sens.table().values())).keys()) if sens.layers else []
+    head = f"{'layer':24s}" + "".join(f"{c:>11s}" for c in cols) + f"{'tr(H)/n':>11s}"
+    lines = [head, "-" * len(head)]
+    table = sens.table()
+    for n in sens.ranking():
+        lines.append(f"{n:24s}" + "".join(f"{table[n][c] * 100:11.2f}" for c in cols)
+                     + f"{sens.hessian_trace.get(n, float('nan')):11.2e}")
+    return "\n".join(lines)
