@@ -68,7 +68,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
            timeout: str | float | None = None, epochs: int = 1, baseline_epochs: int | None = None,
            lr: float = 0.01, batch_size: int = 128, max_batches: int | None = None, seed: int = 0,
            device: str = "cpu", limit: int | None = None, val_fraction: float = 0.1,
-           early_stopping: bool = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
+           early_stopping: bool | str = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
            final_epochs: int = 2, objectives: str = "accuracy", progress: bool = True) -> Any:
     """Search compression plans for `model` on `data` under `budget`; returns a SearchOutcome.
 
@@ -90,6 +90,8 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
         raise UserError(f"--objectives {objectives!r}: use 'accuracy' or 'accuracy,size' "
                         "(latency needs the latency model, not built yet)")
     seconds = parse_duration(timeout)
+    if early_stopping not in (True, False, "median", "hyperband", "none"):
+        raise UserError(f"--early-stopping {early_stopping!r}: use median, hyperband or none")
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
     if epochs < 0:

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="cpu | cuda")
-    s.add_argument("--no-early-stopping", action="store_true", help="never stop a trial before its last epoch")
+    s.add_argument("--early-stopping", default="median", choices=("median", "hyperband", "none"),
+                   help="stop hopeless trials on their per-epoch val accuracy (with --epochs > 1; default median)")
     s.add_argument("--no-repair", action="store_true",
                    help="record over-budget proposals as infeasible instead of tightening them into the budget")
     s.add_argument("--no-warm-start", action="store_true",
@@ -94,7 +95,7 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      out=a.out, study=a.study, storage=a.storage, tracking_uri=a.tracking_uri, trials=a.trials,
                      timeout=a.timeout, epochs=a.epochs, baseline_epochs=a.baseline_epochs, lr=a.lr,
                      batch_size=a.batch_size, max_batches=a.max_batches, seed=a.seed, device=a.device,
-                     limit=a.limit, early_stopping=not a.no_early_stopping, repair=not a.no_repair,
+                     limit=a.limit, early_stopping=a.early_stopping, repair=not a.no_repair,
                      warm_start=not a.no_warm_start, final_top=a.final_top, final_epochs=a.final_epochs,
                      objectives=a.objectives,
                      progress=not a.no_progress)

@@ -60,7 +60,7 @@ class SearchSettings:
     max_batches: int | None = None
     seed: int = 0
     device: str = "cpu"
-    early_stopping: bool = True
+    early_stopping: bool | str = True  # True/"median", "hyperband", or False/"none"
     progress: bool = True
     repair: bool = True
     objectives: tuple[str, ...] = ("accuracy",)
@@ -146,8 +146,7 @@ def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
     except Exception as e:  # unreachable server, bad URL
         raise UserError(f"cannot open study storage {settings.storage_url}: {str(e).splitlines()[0]}") from None
     sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(8, max(settings.trials // 3, 2)))
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=4) if settings.early_stopping
-              else optuna.pruners.NopPruner())
+    pruner = early_stopper(settings.early_stopping, settings.epochs)
     directions = ["maximize"] + ["minimize"] * (len(settings.objectives) - 1)
     if not create:
         try:
@@ -156,6 +155,17 @@ def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
             raise UserError(f"no study named {settings.study!r} in {settings.storage_url}") from None
     return optuna.create_study(study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner,
                                directions=directions, load_if_exists=True)
+
+
+def early_stopper(kind: bool | str, epochs: int) -> optuna.pruners.BasePruner:
+    """Optuna's early stopping of hopeless trials on their per-epoch validation accuracy."""
+    if kind in (True, "median"):
+        return optuna.pruners.MedianPruner(n_startup_trials=4)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1))
+    if kind in (False, "none"):
+        return optuna.pruners.NopPruner()
+    raise UserError(f"unknown early stopping {kind!r}: use median, hyperband or none")
 
 
 class Objective:
@@ -265,7 +275,7 @@ class Objective:
             if len(self.s.objectives) > 1:  # Optuna's early stopping is single-objective only
                 curve = {**trial.user_attrs.get("val_by_epoch", {}), str(epoch): acc}
                 trial.set_user_attr("val_by_epoch", curve)
-                if epoch < last_epoch and self.s.early_stopping and dominated_early(trial, acc, epoch):
+                if epoch < last_epoch and self.s.early_stopping not in (False, "none") and dominated_early(trial, acc, epoch):
                     raise optuna.TrialPruned(f"val accuracy {acc:.4f} after epoch {epoch} is dominated")
                 return
             trial.report(acc, epoch)
