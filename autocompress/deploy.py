@@ -38,19 +38,36 @@ def _as_artifact(source: Any) -> tuple[nn.Module, dict]:
         if record is None:
             raise ValueError("deployable() needs an artifact path or a model from autocompress.compress()")
         return _from_compressed(source), {"record": record}
-    return load(source), read_header(source)
+    with torch.enable_grad():  # the channel replay traces the model with autograd
+        return load(source), read_header(source)
 
 
 def _from_compressed(model: nn.Module) -> nn.Module:
-    """A plain float copy of a compressed model: parametrizations evaluated and removed."""
-    from torch.nn.utils import parametrize
+    """A float copy of a compressed model whose compressed layers are plain layers holding the
+    evaluated (masked, dequantised) weights. Parametrized modules are replaced, not unparametrized:
+    a deep copy shares their generated class with the original, which removal would break."""
+    from .export import _set_module
 
     plain = copy.deepcopy(model).cpu().eval()
-    for _, mod in list(plain.named_modules()):
-        if parametrize.is_parametrized(mod):
-            for pname in list(mod.parametrizations.keys()):
-                parametrize.remove_parametrizations(mod, pname, leave_parametrized=True)
-    return plain
+    for name, mod in compressed_layers(plain):
+        w = mod.weight.detach().clone()
+        if isinstance(mod, nn.Conv2d):
+            new: nn.Module = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                                       mod.dilation, mod.groups, mod.bias is not None, mod.padding_mode)
+        else:
+            new = nn.Linear(mod.in_features, mod.out_features, mod.bias is not None)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if mod.bias is not None:
+                new.bias.copy_(mod.bias.detach())
+        new._forward_pre_hooks.update(mod._forward_pre_hooks)
+        for key in ("act_scale", "act_zero_point"):
+            if hasattr(mod, key):
+                new.register_buffer(key, getattr(mod, key).clone())
+        if hasattr(mod, "act_bits"):
+            new.act_bits = mod.act_bits
+        _set_module(plain, name, new)
+    return plain.eval()
 
 
 def _strip_act_quant(model: nn.Module) -> None:
@@ -164,6 +181,12 @@ def to_int8_cpu(model: nn.Module, int8: list[str], example: torch.Tensor, calib:
     if not int8:
         return model
     mapping: QConfigMapping = get_default_qconfig_mapping(backend)
+    if backend in ("x86", "onednn") and _has_vnni():  # full 8-bit activations cannot overflow with VNNI
+        from torch.ao.quantization import QConfig, default_per_channel_weight_observer
+        from torch.ao.quantization.observer import HistogramObserver
+
+        mapping.set_global(QConfig(activation=HistogramObserver.with_args(reduce_range=False),
+                                   weight=default_per_channel_weight_observer))
     for name in prunable_layers(model):
         if name not in int8:
             mapping.set_module_name(name, None)
@@ -178,6 +201,15 @@ def to_int8_cpu(model: nn.Module, int8: list[str], example: torch.Tensor, calib:
     if codes:
         _exact_weights(qmodel, fused, model, {k: v for k, v in codes.items() if k in int8})
     return qmodel.eval()
+
+
+def _has_vnni() -> bool:
+    """Whether the CPU has int8 dot-product instructions (Linux /proc/cpuinfo; False if unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "vnni" in f.read()
+    except OSError:
+        return False
 
 
 class _Cast(nn.Module):
