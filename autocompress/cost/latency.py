@@ -46,14 +46,19 @@ def _sync(device: str) -> None:
 
 
 def measure_latency(model: nn.Module, example_input: torch.Tensor, *, device: str = "cpu", batch_size: int = 1,
-                    warmup: int = 10, repeats: int = 50, threads: int | None = None) -> LatencyResult:
-    """Time `model` on one batch of `batch_size` copies of `example_input[0]` on `device`."""
+                    warmup: int = 10, repeats: int = 50, threads: int | None = None,
+                    flush_denormal: bool = True) -> LatencyResult:
+    """Time `model` on one batch of `batch_size` copies of `example_input[0]` on `device`.
+
+    `flush_denormal`: CPU denormals flushed to zero while timing, as deployments do (a trained
+    fp32 net can otherwise run 100x slower on denormal activations, which would flatter int8)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     x = example_input[:1].expand(batch_size, *example_input.shape[1:]).contiguous().to(device)
     old = torch.get_num_threads()
     used = threads or old
     torch.set_num_threads(used)
+    ftz = flush_denormal and torch.set_flush_denormal(True)
     timings: list[float] = []
     try:
         with torch.inference_mode():
@@ -67,6 +72,8 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, *, device: st
                 timings.append((time.perf_counter() - start) * 1e3)
     finally:
         torch.set_num_threads(old)
+        if ftz:
+            torch.set_flush_denormal(False)
     ordered = sorted(timings)
     p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
     return LatencyResult(statistics.median(timings), p90, timings, used, str(device), batch_size)
