@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row))
             with open(os.path.join(RESULTS, f"{a.tag}.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
-    write_table(rows, a, base_test, original)
+    with open(os.path.join(RESULTS, f"{a.tag}.jsonl")) as f:  # the table covers every recorded run of this tag
+        write_table([json.loads(line) for line in f if line.strip()], a, base_test, original)
 
 
 def write_table(rows: list[dict], a: argparse.Namespace, base_test: float, original: int) -> None:
