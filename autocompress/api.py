@@ -48,11 +48,12 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
            timeout: str | float | None = None, epochs: int = 1, baseline_epochs: int | None = None,
            lr: float = 0.01, batch_size: int = 128, max_batches: int | None = None, seed: int = 0,
            device: str = "cpu", limit: int | None = None, val_fraction: float = 0.1,
-           early_stopping: bool = True, progress: bool = True) -> Any:
+           early_stopping: bool = True, progress: bool = True, register: str | None = None) -> Any:
     """Search compression plans for `model` on `data` under `budget`; returns a SearchOutcome.
 
     `budget` is a size ('50KB', '1.5MiB') or a ratio of the fp32 parameter bytes ('20x').
-    With no `weights`, the baseline is trained once and cached.
+    With no `weights`, the baseline is trained once and cached. `register` names an MLflow
+    registered model to add the best model to.
     """
     from .data import default_data, load_data
     from .models import ModelSpec, build_model, load_weights, param_bytes
@@ -99,7 +100,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
         budget=b, out=out, study=study or default_study_name(model, bundle.name, b), storage=storage,
         tracking_uri=tracking_uri, trials=trials, timeout=seconds, epochs=epochs, lr=lr,
         batch_size=batch_size, max_batches=max_batches, seed=seed, device=device,
-        early_stopping=early_stopping, progress=progress)
+        early_stopping=early_stopping, progress=progress, register=register)
     bundle.train, bundle.val, bundle.test = (bundle.train.to(device), bundle.val.to(device),
                                              bundle.test.to(device))
     net = net.to(device)

@@ -1,4 +1,4 @@
-"""Command line: search, report, export, evaluate. torch and friends are imported inside handlers
+"""Command line: search, report, export, evaluate, ui. torch and friends are imported inside handlers
 so `--help` and input errors answer at once."""
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batches", type=int, help="cap on fine-tune batches per epoch (faster, noisier trials)")
     s.add_argument("--limit", type=int, help="use at most this many training samples (quick runs)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    s.add_argument("--register", metavar="NAME", help="also register the best model in MLflow's model registry")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="cpu | cuda")
     s.add_argument("--no-early-stopping", action="store_true", help="never stop a trial before its last epoch")
@@ -50,7 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="table of a study's trials")
     r.add_argument("--format", choices=("table", "json"), default="table")
     r.add_argument("--top", type=int, default=10)
+    r.add_argument("--plots", metavar="DIR", help="folder for the PNG plots (default: OUT/plots/STUDY)")
+    r.add_argument("--no-plots", action="store_true", help="print the table only")
     _add_common(r)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on a search's tracking store")
+    u.add_argument("--out", default="runs", help="output folder of the search, holding mlflow.db (default: runs)")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
 
     e = sub.add_parser("export", help="write a trial's compressed artifact (default: the best)")
     e.add_argument("--trial", type=int, help="trial number (default: the best feasible trial)")
@@ -72,10 +80,15 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      out=a.out, study=a.study, storage=a.storage, tracking_uri=a.tracking_uri, trials=a.trials,
                      timeout=a.timeout, epochs=a.epochs, baseline_epochs=a.baseline_epochs, lr=a.lr,
                      batch_size=a.batch_size, max_batches=a.max_batches, seed=a.seed, device=a.device,
-                     limit=a.limit, early_stopping=not a.no_early_stopping, progress=not a.no_progress)
+                     limit=a.limit, early_stopping=not a.no_early_stopping, progress=not a.no_progress,
+                     register=a.register)
     if outcome.best is not None:
-        uri = outcome.study and (a.tracking_uri or f"sqlite:///{os.path.abspath(os.path.join(a.out, 'mlflow.db'))}")
-        print(f"review in MLflow: mlflow ui --backend-store-uri {uri}")
+        if a.tracking_uri is None:
+            print(f"review in MLflow: autocompress ui --out {a.out}")
+        elif a.tracking_uri.startswith(("http:", "https:")):
+            print(f"review in MLflow: {a.tracking_uri}")
+        else:
+            print(f"review in MLflow: mlflow ui --backend-store-uri {a.tracking_uri}")
     return 0
 
 
@@ -104,7 +117,26 @@ def _cmd_report(a: argparse.Namespace) -> int:
     study = _open(a)
     rows = trial_rows(study)
     print(rows_json(rows) if a.format == "json" else f"study {study.study_name}\n{format_table(rows, a.top)}")
+    if not a.no_plots:
+        from .review import write_plots
+
+        paths = write_plots(study, a.plots or os.path.join(a.out, "plots", study.study_name))
+        print(f"plots: {', '.join(paths)}", file=sys.stderr if a.format == "json" else sys.stdout)
     return 0
+
+
+def _cmd_ui(a: argparse.Namespace) -> int:
+    import subprocess
+
+    from .errors import UserError
+
+    db = os.path.abspath(os.path.join(a.out, "mlflow.db"))
+    if not os.path.isfile(db):
+        raise UserError(f"no MLflow store in {a.out}/ (no mlflow.db): run `autocompress search` first or pass --out")
+    host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
+    print(f"MLflow UI on {db}: http://{host}:{a.port}  (Ctrl-C stops it)", flush=True)
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
+                            "--host", a.host, "--port", str(a.port)])
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
@@ -158,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .plan import PlanError
 
     args = build_parser().parse_args(argv)
-    handler = {"search": _cmd_search, "report": _cmd_report, "export": _cmd_export, "evaluate": _cmd_evaluate}
+    handler = {"search": _cmd_search, "report": _cmd_report, "export": _cmd_export, "evaluate": _cmd_evaluate,
+               "ui": _cmd_ui}
     try:
         return handler[args.command](args)
     except (UserError, PlanError) as e:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
-from .plan import format_bytes
+from .plan import LayerPlan, format_bytes
 
 _GREY, _FRONT, _BUDGET = "#999999", "#d62728", "#2ca02c"
 
@@ -39,7 +39,7 @@ def _scored(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("val_accuracy") is not None and r.get("size_bytes")]
 
 
-def accuracy_size_figure(rows: Sequence[dict[str, Any]], limit: int,
+def accuracy_size_figure(rows: Sequence[dict[str, Any]], limit: int | None,
                          baseline: tuple[float, float] | None = None) -> Figure:
     """Validation accuracy against artifact bytes (log scale): trials, Pareto front, budget line,
     over-budget trials as crosses on the bottom edge, and the fp32 baseline as a star."""
@@ -60,7 +60,8 @@ def accuracy_size_figure(rows: Sequence[dict[str, Any]], limit: int,
                 label="over budget (not trained)")
     if baseline is not None:
         ax.plot([baseline[0]], [baseline[1]], "*", color="black", markersize=12, label="baseline fp32")
-    ax.axvline(limit, color=_BUDGET, linestyle="--", label=f"budget {format_bytes(limit)}")
+    if limit:
+        ax.axvline(limit, color=_BUDGET, linestyle="--", label=f"budget {format_bytes(limit)}")
     ax.set_xscale("log")
     ax.set_xlabel("artifact size (bytes)")
     ax.set_ylabel("validation accuracy")
@@ -124,7 +125,7 @@ def plan_figure(plan: dict[str, Any], title: str = "plan per layer") -> Figure:
         note = f"{lp.get('bits', 32)}b" + (f" r{lp['rank_ratio']:.2f}" if lp.get("rank_ratio", 1) < 1 else "")
         note += f" a{lp['act_bits']}" if lp.get("act_bits", 32) < 32 else ""
         top.annotate(note, (x, bits[x]), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
-    sparsity = [_sparsity(layers[n]) for n in names]
+    sparsity = [LayerPlan.from_dict(layers[n]).sparsity for n in names]
     bottom.bar(xs, sparsity, color="#ff7f0e")
     bottom.set_ylim(0, 1.1)
     bottom.set_ylabel("sparsity")
@@ -134,14 +135,6 @@ def plan_figure(plan: dict[str, Any], title: str = "plan per layer") -> Figure:
     bottom.set_xticks(list(xs), names, rotation=30 if len(names) > 6 else 0)
     fig.suptitle(title)
     return fig
-
-
-def _sparsity(lp: dict[str, Any]) -> float:
-    if lp.get("prune", "none") == "none":
-        return 0.0
-    if lp["prune"] == "nm":
-        return 1.0 - lp["n"] / lp["m"]
-    return float(lp.get("amount", 0.0))
 
 
 def sensitivity_figure(table: dict[str, dict[str, float]]) -> Figure:
@@ -166,7 +159,7 @@ def sensitivity_figure(table: dict[str, dict[str, float]]) -> Figure:
     return fig
 
 
-def accuracy_vs_size(rows: Sequence[dict[str, Any]], limit: int, path: str,
+def accuracy_vs_size(rows: Sequence[dict[str, Any]], limit: int | None, path: str,
                      baseline: tuple[float, float] | None = None) -> str:
     """PNG of `accuracy_size_figure`; returns `path`."""
     return save(accuracy_size_figure(rows, limit, baseline), path)

@@ -28,6 +28,7 @@ from .export import export
 from .finetune import FinetuneConfig, finetune
 from .models import ModelSpec
 from .plan import Budget, CompressionPlan, format_bytes
+from .review import log_review
 from .space import BoundSpace
 from .tracking import Tracker
 
@@ -61,6 +62,7 @@ class SearchSettings:
     early_stopping: bool = True
     progress: bool = True
     calib_batches: int = 4
+    register: str | None = None
 
     @property
     def storage_url(self) -> str:
@@ -159,6 +161,7 @@ class Objective:
             trial.set_user_attr("constraint", float(size - self.limit))
             trial.set_constraint("size_over_budget", float(size - self.limit))
             self.tracker.log_metrics(run_id, {"size_bytes": size, "compression_ratio": ratio})
+            self.tracker.set_tags(run_id, {"budget_met": str(size <= self.limit).lower()})
             if size > self.limit:
                 state = "infeasible"
                 trial.set_user_attr("infeasible", True)
@@ -168,7 +171,7 @@ class Objective:
                               report=self._reporter(trial, run_id), l1_weights=lambda: kept_weights(compressed),
                               device=self.s.device, progress=self.s.progress)
             finetune_s = result.seconds + result.eval_seconds
-            for epoch, loss in enumerate(result.train_loss):
+            for epoch, loss in enumerate(result.train_loss, start=1):  # the steps of val_accuracy
                 self.tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch)
             path = os.path.join(self.s.artifact_dir, f"trial-{trial.number}.acz")
             written = export(compressed.cpu(), path, self.ctx.spec)
@@ -234,6 +237,7 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
     limit = settings.budget.limit(ctx.original_bytes)
     study = open_study(settings)
     _check_same_study(study, settings, ctx, limit)
+    study.set_user_attr("baseline", {"val_accuracy": ctx.baseline_val_acc, "fp32_bytes": ctx.original_bytes})
     tracker = Tracker(settings.tracking_uri or _default_uri(settings), settings.study,
                       os.path.join(settings.out, "mlartifacts"))
     closed = resume_cleanup(study, tracker)
@@ -269,6 +273,7 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
         _finish_best(outcome, settings, ctx, tracker)
     else:
         print("no trial met the budget yet: run more trials (--trials) or raise --budget")
+    log_review(tracker, outcome, settings.out, settings.register)
     tracker.end(parent, "complete")
     return outcome
 
