@@ -135,7 +135,7 @@ def log_best_model(tracker: Any, run_id: str, artifact: str, register: str | Non
         signature = infer_signature(example.numpy(), model(example).numpy())
     # created here so that it belongs to the study's experiment, not the global default one
     logged = tracker.client.create_logged_model(tracker.experiment_id, name="model", source_run_id=run_id)
-    previous = mlflow.get_tracking_uri()
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None  # None unsets it again
     mlflow.set_tracking_uri(tracker.uri)
     try:
         return mlflow.pytorch.log_model(model, name="model", run_id=run_id, model_id=logged.model_id,

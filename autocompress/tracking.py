@@ -37,6 +37,8 @@ class Tracker:
             remote = tracking_uri.startswith(("http:", "https:"))
             location = Path(artifact_dir).absolute().as_uri() if artifact_dir and not remote else None
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            # the UI opens it on "Training runs" rather than the GenAI overview
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
         else:
             self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
