@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from typing import Any
 
@@ -111,7 +112,8 @@ def summary_markdown(study: Any, outcome: Any = None, top: int = 10) -> str:
                   "| " + " | ".join(CSV_COLUMNS) + " |", "|" + "---|" * len(CSV_COLUMNS)]
         for row in plan_rows(best.user_attrs["plan"]):
             lines.append("| " + " | ".join(str(row[c]) for c in CSV_COLUMNS) + " |")
-    lines += ["", "Plots: plots/accuracy_vs_size.png, plots/history.png, plots/best_plan_layers.png", ""]
+    shown = ["accuracy_vs_size", "history"] + (["best_plan_layers"] if best is not None else [])
+    lines += ["", "Plots: " + ", ".join(f"plots/{n}.png" for n in shown), ""]
     return "\n".join(lines)
 
 
@@ -137,12 +139,16 @@ def log_best_model(tracker: Any, run_id: str, artifact: str, register: str | Non
     logged = tracker.client.create_logged_model(tracker.experiment_id, name="model", source_run_id=run_id)
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None  # None unsets it again
     mlflow.set_tracking_uri(tracker.uri)
+    quiet = logging.getLogger("mlflow.pytorch")  # its warning about pickle: chosen on purpose, see above
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         return mlflow.pytorch.log_model(model, name="model", run_id=run_id, model_id=logged.model_id,
                                         signature=signature,
                                         registered_model_name=register, serialization_format="pickle",
                                         pip_requirements=mlflow.pytorch.get_default_pip_requirements())
     finally:
+        quiet.setLevel(level)
         mlflow.set_tracking_uri(previous)
 
 
