@@ -48,12 +48,22 @@ def plan_csv(plan: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+def _best(study: Any) -> Any:
+    """The trial whose plan was exported: the best refined finalist if any, else the best trial."""
+    from .refine import best_final
+    from .search import best_trial
+
+    final = best_final(study)
+    if final is not None:
+        return next(t for t in study.get_trials(deepcopy=False) if t.number == final[0])
+    return best_trial(study)
+
+
 def write_plots(study: Any, folder: str) -> list[str]:
     """Write the study's PNGs into `folder`: accuracy vs size, history, the best plan per layer, and
     the sensitivity heat map when the study holds one (user attr 'sensitivity')."""
     from . import plots
     from .report import trial_rows
-    from .search import best_trial
 
     rows = trial_rows(study)
     limit = study.user_attrs.get("identity", {}).get("budget_bytes")
@@ -61,7 +71,7 @@ def write_plots(study: Any, folder: str) -> list[str]:
     point = (base["fp32_bytes"], base["val_accuracy"]) if base else None
     paths = [plots.accuracy_vs_size(rows, limit, os.path.join(folder, "accuracy_vs_size.png"), point),
              plots.history(rows, os.path.join(folder, "history.png"))]
-    best = best_trial(study)
+    best = _best(study)
     if best is not None:
         paths.append(plots.plan_layers(best.user_attrs["plan"], os.path.join(folder, "best_plan_layers.png"),
                                        f"best plan: trial {best.number}"))
@@ -77,7 +87,7 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 def summary_markdown(study: Any, outcome: Any = None, top: int = 10) -> str:
     """A Markdown page: budget, baseline, best trial, top trials, and the best plan per layer."""
     from .report import trial_rows
-    from .search import best_trial
+    from .search import accuracy
 
     limit = study.user_attrs.get("identity", {}).get("budget_bytes")
     base = study.user_attrs.get("baseline") or {}
@@ -93,10 +103,12 @@ def summary_markdown(study: Any, outcome: Any = None, top: int = 10) -> str:
                      f"{_fmt(getattr(outcome, 'baseline_test_accuracy', None))}, fp32 parameters "
                      f"{format_bytes(base['fp32_bytes'])} ({base['fp32_bytes']} bytes)")
     lines.append("- trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    best = best_trial(study)
+    best = _best(study)
     if best is not None:
         size = best.user_attrs["size_bytes"]
-        lines.append(f"- best: trial {best.number}, val accuracy {best.value:.4f}, test accuracy "
+        val = getattr(outcome, "best_val", None)  # a refined finalist's own val accuracy
+        val = accuracy(best) if val is None else val
+        lines.append(f"- best: trial {best.number}, val accuracy {val:.4f}, test accuracy "
                      f"{_fmt(getattr(outcome, 'test_accuracy', None))}, {format_bytes(size)} ({size} bytes, "
                      f"{best.user_attrs.get('ratio', 0):.1f}x)")
     lines += ["", "## Top trials", "", "| trial | state | val accuracy | size | ratio | mean bits | mean sparsity "
@@ -112,7 +124,8 @@ def summary_markdown(study: Any, outcome: Any = None, top: int = 10) -> str:
                   "| " + " | ".join(CSV_COLUMNS) + " |", "|" + "---|" * len(CSV_COLUMNS)]
         for row in plan_rows(best.user_attrs["plan"]):
             lines.append("| " + " | ".join(str(row[c]) for c in CSV_COLUMNS) + " |")
-    shown = ["accuracy_vs_size", "history"] + (["best_plan_layers"] if best is not None else [])
+    shown = (["accuracy_vs_size", "history"] + (["best_plan_layers"] if best is not None else [])
+             + (["sensitivity"] if study.user_attrs.get("sensitivity") else []))
     lines += ["", "Plots: " + ", ".join(f"plots/{n}.png" for n in shown), ""]
     return "\n".join(lines)
 

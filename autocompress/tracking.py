@@ -26,8 +26,7 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, artifact_dir: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
-        # after the import: importing mlflow configures its logger at INFO
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import: mlflow sets its own level
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
         self.uri = tracking_uri
@@ -67,16 +66,18 @@ class Tracker:
         except Exception:
             return None
 
-    def start_trial(self, number: int, params: dict[str, Any], plan: dict[str, Any]) -> str:
-        """A child run for Optuna trial `number`, holding the plan summary, the plan as JSON and as a
-        per-layer CSV, and its granularity mix as a tag to filter on."""
+    def start_trial(self, number: int, params: dict[str, Any], plan: dict[str, Any], role: str = "trial") -> str:
+        """A child run for Optuna trial `number` (role "trial"; "final" for its longer re-fine-tune),
+        holding the plan summary, the plan as JSON and as a per-layer CSV, and its granularity mix
+        as a tag to filter on."""
         from .review import granularity_mix, plan_csv
 
-        tags = {PARENT_TAG: "trial", "optuna.trial": str(number), "state": "running",
+        tags = {PARENT_TAG: role, "optuna.trial": str(number), "state": "running",
                 "granularity": granularity_mix(plan)}
         if self.parent_id:
             tags["mlflow.parentRunId"] = self.parent_id
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags=tags)
+        name = f"trial-{number}" if role == "trial" else f"{role}-{number}"
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         run_id = run.info.run_id
         self.log_params(run_id, params)
         self.client.log_text(run_id, json.dumps(plan, indent=1, sort_keys=True), "plan.json")

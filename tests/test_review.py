@@ -30,7 +30,7 @@ from autocompress.tracking import Tracker
 
 STUDY = "review-study"
 QUICK = dict(model="lenet5", data="digits", trials=3, epochs=2, baseline_epochs=3, max_batches=3,
-             progress=False, seed=0)
+             progress=False, seed=0, final_top=0)  # with warm start: its sensitivity gives the heat map
 ARTIFACTS = os.path.join(os.path.dirname(__file__), "artifacts")  # screenshots kept by the browser test
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,34 +56,48 @@ def _wait_http(url: str, proc: subprocess.Popen, log: str, seconds: float = 240)
     pytest.fail(f"no answer from {url} after {seconds:.0f}s:\n{open(log).read()[-2000:]}")
 
 
+def _warm_caches(out: str) -> None:
+    """Train the test's baseline and its sensitivity table into their caches, exactly as `search`
+    will ask for them, so that this work overlaps the server's start (a miss only costs time)."""
+    from autocompress.api import load_inputs
+    from autocompress.sensitivity import cached_analyse
+    from autocompress.train import baseline
+
+    spec, bundle, _ = load_inputs(QUICK["model"], QUICK["data"], None, None, QUICK["seed"], None, 0.1)
+    net, _ = baseline(spec, bundle, epochs=QUICK["baseline_epochs"], seed=QUICK["seed"], progress=False)
+    cached_analyse(net, bundle.val, bundle.train.x[:2], os.path.join(out, "sensitivity"))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite store; yields (url, store folder)."""
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store; yields (url, store folder, the
+    search's output folder with warm caches)."""
     root = tmp_path_factory.mktemp("mlflow-server")
+    out = tmp_path_factory.mktemp("review-search")
     port = _free_port()
     log = str(root / "server.log")
-    with open(log, "w") as out:
+    with open(log, "w") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
              "--default-artifact-root", str(root / "art"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+             "--workers", "1"], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
+        _warm_caches(str(out))
         _wait_http(f"{url}/health", proc, log)
-        yield url, root
+        yield url, root, out
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn workers, started here
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
 @pytest.fixture(scope="module")
-def searched(server, tmp_path_factory):
-    url, _ = server
-    out = tmp_path_factory.mktemp("review-search")
+def searched(server):
+    url, _, out = server
     outcome = search("8x", out=str(out), study=STUDY, tracking_uri=url, register="review-best", **QUICK)
     return url, out, outcome
 
@@ -132,7 +146,8 @@ def test_server_parent_holds_plots_summary_and_system_metrics(searched):
     assert metrics["best_test_accuracy"] == pytest.approx(outcome.test_accuracy)
     assert parent.data.params["budget_bytes"] == str(outcome.limit)
     names = {a.path for a in client.list_artifacts(pid, "plots")}
-    assert names == {"plots/accuracy_vs_size.png", "plots/history.png", "plots/best_plan_layers.png"}
+    assert names == {"plots/accuracy_vs_size.png", "plots/history.png", "plots/best_plan_layers.png",
+                     "plots/sensitivity.png"}
     for name in names:
         data = open(client.download_artifacts(pid, name), "rb").read()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
@@ -215,7 +230,7 @@ def test_mlflow_ui_in_headless_chromium_shows_the_experiment_and_its_trial_runs(
 
 
 def test_parallel_trials_log_only_to_their_own_runs(server):
-    url, _ = server
+    url, _, _ = server
     tracker = Tracker(url, "parallel-logging")
     tracker.start_parent("parallel", {"n": 6})
     plan = {"layers": {"fc": {"prune": "nm", "n": 2, "m": 4, "bits": 4}}}
@@ -253,7 +268,7 @@ def test_report_writes_the_plots_and_prints_the_table(searched, tmp_path, capsys
     assert cli.main(["report", "--out", str(out), "--plots", str(tmp_path / "p")]) == 0
     printed = capsys.readouterr().out
     assert f"study {STUDY}" in printed and "per-layer plan" in printed
-    for name in ("accuracy_vs_size.png", "history.png", "best_plan_layers.png"):
+    for name in ("accuracy_vs_size.png", "history.png", "best_plan_layers.png", "sensitivity.png"):
         path = tmp_path / "p" / name
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
         assert str(path) in printed
