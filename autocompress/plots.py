@@ -150,10 +150,12 @@ def sensitivity_figure(table: dict[str, dict[str, float]]) -> Figure:
     image = ax.imshow(values, cmap="Reds", aspect="auto")
     ax.set_xticks(range(len(settings)), settings, rotation=30 if len(settings) > 5 else 0)
     ax.set_yticks(range(len(layers)), layers)
+    top = max((v for row in values for v in row if not math.isnan(v)), default=0.0)
     for i, row in enumerate(values):
         for j, v in enumerate(row):
             if not math.isnan(v):
-                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8)
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=8,
+                        color="white" if top > 0 and v > 0.6 * top else "black")
     fig.colorbar(image, ax=ax, label="accuracy drop")
     ax.set_title("sensitivity")
     return fig
