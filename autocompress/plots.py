@@ -39,10 +39,16 @@ def _scored(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("val_accuracy") is not None and r.get("size_bytes")]
 
 
+def _stopped(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Early-stopped trials with their last reported accuracy (row key 'last_val'): shown, never scored."""
+    return [r for r in rows if r.get("state") == "early-stopped" and r.get("last_val") is not None]
+
+
 def accuracy_size_figure(rows: Sequence[dict[str, Any]], limit: int | None,
                          baseline: tuple[float, float] | None = None) -> Figure:
     """Validation accuracy against artifact bytes (log scale): trials, Pareto front, budget line,
-    over-budget trials as crosses on the bottom edge, and the fp32 baseline as a star."""
+    early-stopped trials hollow at their last reported accuracy, over-budget trials as crosses on
+    the bottom edge, and the fp32 baseline as a star."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     ok = _scored(rows)
@@ -54,6 +60,10 @@ def accuracy_size_figure(rows: Sequence[dict[str, Any]], limit: int | None,
             if (r["size_bytes"], r["val_accuracy"]) in front:
                 ax.annotate(str(r["trial"]), (r["size_bytes"], r["val_accuracy"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=8, color=_FRONT)
+    stopped = [r for r in _stopped(rows) if r.get("size_bytes")]
+    if stopped:
+        ax.scatter([r["size_bytes"] for r in stopped], [r["last_val"] for r in stopped], s=28,
+                   facecolors="none", edgecolors=_GREY, label="early-stopped (last val)")
     over = [r["size_bytes"] for r in rows if r.get("state") == "infeasible" and r.get("size_bytes")]
     if over:
         ax.plot(over, [0.02] * len(over), "x", color=_GREY, transform=ax.get_xaxis_transform(),
@@ -72,8 +82,8 @@ def accuracy_size_figure(rows: Sequence[dict[str, Any]], limit: int | None,
 
 
 def history_figure(rows: Sequence[dict[str, Any]]) -> Figure:
-    """Validation accuracy per trial number with the best-so-far line; trials without a score
-    (infeasible, early-stopped, failed) are crosses on the bottom edge."""
+    """Validation accuracy per trial number with the best-so-far line; early-stopped trials as hollow
+    circles at their last reported accuracy; infeasible and failed ones as crosses on the bottom edge."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     ok = sorted(_scored(rows), key=lambda r: r["trial"])
@@ -86,10 +96,14 @@ def history_figure(rows: Sequence[dict[str, Any]]) -> Figure:
         last = max(r["trial"] for r in rows)
         xs, ys = zip(*(steps + [(last, steps[-1][1])]))
         ax.plot(xs, ys, color=_FRONT, drawstyle="steps-post", label="best so far")
-    rest = [r["trial"] for r in rows if r not in ok]
+    stopped = _stopped(rows)
+    if stopped:
+        ax.scatter([r["trial"] for r in stopped], [r["last_val"] for r in stopped], s=28,
+                   facecolors="none", edgecolors=_GREY, label="early-stopped (last val)")
+    rest = [r["trial"] for r in rows if r not in ok and r not in stopped]
     if rest:
         ax.plot(rest, [0.02] * len(rest), "x", color=_GREY, transform=ax.get_xaxis_transform(),
-                label="no score (infeasible / stopped / failed)")
+                label="no score (infeasible / failed)")
     ax.set_xlabel("trial")
     ax.set_ylabel("validation accuracy")
     ax.set_title("optimisation history")

@@ -66,6 +66,9 @@ def write_plots(study: Any, folder: str) -> list[str]:
     from .report import trial_rows
 
     rows = trial_rows(study)
+    last = {t.number: _last_val(t) for t in study.get_trials(deepcopy=False)}
+    for r in rows:
+        r["last_val"] = last.get(r["trial"])
     limit = study.user_attrs.get("identity", {}).get("budget_bytes")
     base = study.user_attrs.get("baseline") or {}
     point = (base["fp32_bytes"], base["val_accuracy"]) if base else None
@@ -78,6 +81,12 @@ def write_plots(study: Any, folder: str) -> list[str]:
     if study.user_attrs.get("sensitivity"):
         paths.append(plots.sensitivity_heatmap(study.user_attrs["sensitivity"], os.path.join(folder, "sensitivity.png")))
     return paths
+
+
+def _last_val(t: Any) -> float | None:
+    """The last validation accuracy a trial reported (multi-objective studies keep it in a user attr)."""
+    curve = t.intermediate_values or {int(k): v for k, v in t.user_attrs.get("val_by_epoch", {}).items()}
+    return curve[max(curve)] if curve else None
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:

@@ -294,7 +294,8 @@ ROWS = [dict(trial=0, state="complete", val_accuracy=0.80, size_bytes=5_000),
         dict(trial=2, state="complete", val_accuracy=0.90, size_bytes=8_000),
         dict(trial=3, state="complete", val_accuracy=0.85, size_bytes=9_000),
         dict(trial=4, state="failed", val_accuracy=None, size_bytes=None),
-        dict(trial=5, state="complete", val_accuracy=0.93, size_bytes=20_000)]
+        dict(trial=5, state="complete", val_accuracy=0.93, size_bytes=20_000),
+        dict(trial=6, state="early-stopped", val_accuracy=None, size_bytes=3_000, last_val=0.95)]
 
 
 def test_pareto_front_keeps_exactly_the_non_dominated_points():
@@ -315,13 +316,15 @@ def test_accuracy_vs_size_axes_cover_the_data_with_budget_and_front():
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     lo, hi = ax.get_xlim()
-    assert lo < 5_000 and hi > 90_000  # every trial, the over-budget one and the baseline
+    assert lo < 3_000 and hi > 90_000  # every trial, the over-budget one and the baseline
     lo, hi = ax.get_ylim()
     assert lo < 0.80 and hi > 0.95
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(zip(*lines["Pareto front"].get_data())) == [(5_000, 0.80), (8_000, 0.90), (20_000, 0.93)]
     assert list(lines["budget 10.00 KB"].get_xdata()) == [10_000, 10_000]
     assert list(lines["over budget (not trained)"].get_xdata()) == [90_000]
+    stopped = [c for c in ax.collections if c.get_label() == "early-stopped (last val)"][0]
+    assert stopped.get_offsets().tolist() == [[3_000, 0.95]]  # shown, but not on the front
     assert ax.get_xlabel() == "artifact size (bytes)" and ax.get_ylabel() == "validation accuracy"
 
 
@@ -329,9 +332,9 @@ def test_history_best_so_far_rises_to_the_best_trial():
     ax = plots.history_figure(ROWS).axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
     xs, ys = lines["best so far"].get_data()
-    assert list(ys) == sorted(ys) and ys[-1] == 0.93 and xs[-1] == 5
-    assert sorted(lines["no score (infeasible / stopped / failed)"].get_xdata()) == [1, 4]
-    assert ax.get_xlim()[0] <= 0 and ax.get_xlim()[1] >= 5
+    assert list(ys) == sorted(ys) and ys[-1] == 0.93 and xs[-1] == 6
+    assert sorted(lines["no score (infeasible / failed)"].get_xdata()) == [1, 4]
+    assert ax.get_xlim()[0] <= 0 and ax.get_xlim()[1] >= 6
 
 
 def test_plan_chart_bars_are_the_bits_and_sparsity_per_layer():
