@@ -70,6 +70,8 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
            device: str = "cpu", limit: int | None = None, val_fraction: float = 0.1,
            early_stopping: bool | str = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
            final_epochs: int = 2, objectives: str = "accuracy", progress: bool = True,
+           latency_budget: str | float | None = None, latency_batch_size: int = 1,
+           latency_threads: int | None = None, latency_plans: int = 24,
            register: str | None = None) -> Any:
     """Search compression plans for `model` on `data` under `budget`; returns a SearchOutcome.
 
@@ -78,8 +80,11 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
     budget is tightened into it (more pruning, then fewer bits); without, it is recorded infeasible.
     With `warm_start`, per-layer sensitivity is measured and the best uniform plans and a
     sensitivity-allocated (knapsack) plan are tried first. The `final_top` best plans are then
-    fine-tuned for `final_epochs` and the best of those is exported. `register` names an MLflow
-    registered model to add the best model to.
+    fine-tuned for `final_epochs` and the best of those is exported.
+    `latency_budget` ('2ms', '500us'): the deployed model's latency on `device` at batch
+    `latency_batch_size`, predicted per trial (a predictor fitted on `latency_plans` timed plans,
+    cached in OUT/latency/) and measured for the final pick.
+    `register` names an MLflow registered model to add the best model to.
     """
     from .models import param_bytes
     from .search import SearchContext, SearchSettings, run_search
@@ -88,9 +93,15 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
 
     b = budget if isinstance(budget, Budget) else parse_budget(budget)
     objs = tuple(o.strip() for o in objectives.split(",") if o.strip())
-    if not objs or objs[0] != "accuracy" or not set(objs) <= {"accuracy", "size"} or len(set(objs)) != len(objs):
-        raise UserError(f"--objectives {objectives!r}: use 'accuracy' or 'accuracy,size' "
-                        "(latency needs the latency model, not built yet)")
+    if not objs or objs[0] != "accuracy" or not set(objs) <= {"accuracy", "size", "latency"} \
+            or len(set(objs)) != len(objs):
+        raise UserError(f"--objectives {objectives!r}: use accuracy, optionally followed by size and/or latency "
+                        "(e.g. accuracy,size,latency)")
+    from .cost.latency import parse_latency
+
+    latency_ms = parse_latency(latency_budget) if latency_budget is not None else None
+    if latency_batch_size < 1:
+        raise UserError(f"--latency-batch-size must be at least 1, got {latency_batch_size}")
     seconds = parse_duration(timeout)
     if early_stopping not in (True, False, "median", "hyperband", "none"):
         raise UserError(f"--early-stopping {early_stopping!r}: use median, hyperband or none")
@@ -114,6 +125,15 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
         raise UserError(f"budget {format_bytes(cap)} ({cap} bytes) is below the smallest artifact this search "
                         f"space can reach: {format_bytes(floor)} ({floor} bytes, {original / floor:.1f}x); "
                         "raise --budget or widen the space")
+    predictor = None
+    if latency_ms is not None or "latency" in objs:
+        from .cost.profile import predictor_for
+
+        predictor, floor = predictor_for(net, model, bound.layers, example, os.path.join(out, "latency"),
+                                         device=device, batch_size=latency_batch_size, threads=latency_threads,
+                                         plans=latency_plans, budget_ms=latency_ms, progress=progress)
+        print(f"latency predictor on {device}: fastest plan {floor:.3f} ms; held-out error "
+              + (f"{predictor.error:.1%}" if predictor.error is not None else "n/a"))
     base_epochs = baseline_epochs if baseline_epochs is not None else DEFAULT_BASELINE_EPOCHS.get(model, 5)
     net, val_acc = baseline(spec, bundle, epochs=base_epochs, seed=seed, device=device, weights=weights,
                             progress=progress)
@@ -122,12 +142,13 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
         tracking_uri=tracking_uri, trials=trials, timeout=seconds, epochs=epochs, lr=lr,
         batch_size=batch_size, max_batches=max_batches, seed=seed, device=device,
         early_stopping=early_stopping, repair=repair, warm_start=warm_start, final_top=final_top,
-        final_epochs=final_epochs, objectives=objs, progress=progress, register=register)
+        final_epochs=final_epochs, objectives=objs, progress=progress, latency_budget_ms=latency_ms,
+        latency_batch_size=latency_batch_size, latency_threads=latency_threads, register=register)
     bundle.train, bundle.val, bundle.test = (bundle.train.to(device), bundle.val.to(device),
                                              bundle.test.to(device))
     net = net.to(device)
     calib = list(bundle.train.batches(batch_size, shuffle=True, seed=seed, limit=settings.calib_batches))
     ctx = SearchContext(model=net, spec=spec, data=bundle, space=bound, baseline_val_acc=val_acc,
-                        original_bytes=original, example_input=bundle.train.x[:2], calib=calib)
+                        original_bytes=original, example_input=bundle.train.x[:2], calib=calib, latency=predictor)
     print(f"baseline {model} on {bundle.name}: val accuracy {val_acc:.4f}, {format_bytes(original)} fp32 params")
     return run_search(settings, ctx)

@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--final-top", type=int, default=3, help="plans re-fine-tuned longer at the end (default 3; 0: none)")
     s.add_argument("--final-epochs", type=int, default=2, help="fine-tune epochs for those finalists (default 2)")
     s.add_argument("--objectives", default="accuracy",
-                   help="accuracy (default) or accuracy,size: a multi-objective search returning the Pareto front")
+                   help="accuracy (default), or accuracy plus size and/or latency (accuracy,size,latency): a "
+                   "multi-objective search returning the Pareto front")
+    s.add_argument("--latency-budget", help="latency of the deployed model on --device: 2ms, 500us, 0.01s")
+    s.add_argument("--latency-batch-size", type=int, default=1, help="batch size the latency is for (default 1)")
+    s.add_argument("--latency-threads", type=int, help="CPU threads for latency (default: torch's current)")
+    s.add_argument("--latency-plans", type=int, default=24, help="plans timed to fit the latency predictor (default 24)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_common(s)
 
@@ -105,8 +110,10 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      batch_size=a.batch_size, max_batches=a.max_batches, seed=a.seed, device=a.device,
                      limit=a.limit, early_stopping=a.early_stopping, repair=not a.no_repair,
                      warm_start=not a.no_warm_start, final_top=a.final_top, final_epochs=a.final_epochs,
-                     objectives=a.objectives,
-                     progress=not a.no_progress, register=a.register)
+                     objectives=a.objectives, latency_budget=a.latency_budget,
+                     latency_batch_size=a.latency_batch_size, latency_threads=a.latency_threads,
+                     latency_plans=a.latency_plans, progress=not a.no_progress,
+                     register=a.register)
     if outcome.best is not None:
         if a.tracking_uri is None:
             print(f"review in MLflow: autocompress ui --out {a.out}")

@@ -69,6 +69,9 @@ class SearchSettings:
     final_top: int = 3
     final_epochs: int = 2
     calib_batches: int = 4
+    latency_budget_ms: float | None = None  # predicted before training, the final pick timed for real
+    latency_batch_size: int = 1
+    latency_threads: int | None = None
     register: str | None = None
 
     @property
@@ -92,6 +95,7 @@ class SearchContext:
     original_bytes: int = 0
     example_input: torch.Tensor = field(default=None)  # type: ignore[assignment]
     calib: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    latency: Any = None  # cost.latency.LatencyPredictor when a latency budget or objective is set
 
 
 @dataclass
@@ -104,6 +108,7 @@ class SearchOutcome:
     limit: int
     parent_run_id: str | None
     best_val: float | None = None
+    latency: Any = None  # cost.latency.LatencyResult of the deployed best model, when timed
 
 
 def trial_state(t: optuna.trial.FrozenTrial) -> str:
@@ -127,12 +132,12 @@ def accuracy(t: optuna.trial.FrozenTrial) -> float:
 
 
 def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Feasible completed trials not dominated in (accuracy up, size down), by accuracy."""
+    """Feasible completed trials not dominated in (accuracy up, size down, predicted latency down)."""
     ok = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
           if not t.user_attrs.get("infeasible") and t.values and "size_bytes" in t.user_attrs]
-    pts = [(accuracy(t), t.user_attrs["size_bytes"]) for t in ok]
-    front = [t for t, (a, s) in zip(ok, pts)
-             if not any(a2 >= a and s2 <= s and (a2 > a or s2 < s) for a2, s2 in pts)]
+    pts = [(accuracy(t), -t.user_attrs["size_bytes"], -t.user_attrs.get("predicted_latency_ms", 0.0)) for t in ok]
+    front = [t for t, p in zip(ok, pts)
+             if not any(all(x2 >= x for x2, x in zip(q, p)) and q != p for q in pts)]
     return sorted(front, key=lambda t: -accuracy(t))
 
 
@@ -180,7 +185,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         acc, size = self._run(trial)
-        return acc if len(self.s.objectives) == 1 else (acc, float(size))
+        values = {"accuracy": acc, "size": float(size), "latency": trial.user_attrs.get("predicted_latency_ms", 0.0)}
+        return acc if len(self.s.objectives) == 1 else tuple(values[o] for o in self.s.objectives)
 
     def _run(self, trial: optuna.Trial) -> tuple[float, int]:
         start = time.perf_counter()
@@ -210,8 +216,9 @@ class Objective:
             trial.set_user_attr("constraint", float(size - self.limit))
             trial.set_constraint("size_over_budget", float(size - self.limit))
             self.tracker.log_metrics(run_id, {"size_bytes": size, "compression_ratio": ratio})
-            self.tracker.set_tags(run_id, {"budget_met": str(size <= self.limit).lower()})
-            if size > self.limit:
+            slow = self._record_latency(trial, run_id, compressed)
+            self.tracker.set_tags(run_id, {"budget_met": str(size <= self.limit and not slow).lower()})
+            if size > self.limit or slow:
                 state = "infeasible"
                 trial.set_user_attr("infeasible", True)
                 return 0.0, size
@@ -249,6 +256,32 @@ class Objective:
             self.tracker.log_metrics(run_id, {"trial_seconds": seconds, "overhead_seconds": seconds - finetune_s})
             self.tracker.end(run_id, state)
 
+    def predicted_latency(self, compressed: nn.Module) -> float:
+        """Predicted latency (ms) of the deployed form of a compressed model: no timing run."""
+        from .cost.profile import plan_rows
+
+        return self.ctx.latency.predict_rows(plan_rows(compressed, self.ctx.example_input))
+
+    def _record_latency(self, trial: optuna.Trial, run_id: str, compressed: nn.Module) -> bool:
+        """Log the predicted latency and its constraint; True when it is over the latency budget."""
+        if self.ctx.latency is None:
+            return False
+        ms = self.predicted_latency(compressed)
+        trial.set_user_attr("predicted_latency_ms", ms)
+        self.tracker.log_metrics(run_id, {"predicted_latency_ms": ms})
+        if self.s.latency_budget_ms is None:
+            return False
+        trial.set_constraint("latency_over_budget", ms - self.s.latency_budget_ms)
+        return ms > self.s.latency_budget_ms
+
+    def _load(self, plan: CompressionPlan) -> float:
+        """Largest share of a budget a plan uses (size, and predicted latency): <= 1 fits both."""
+        compressed, size = self._size(plan)
+        load = size / self.limit
+        if self.s.latency_budget_ms is not None:
+            load = max(load, self.predicted_latency(compressed) / self.s.latency_budget_ms)
+        return load
+
     def _size(self, plan: CompressionPlan) -> tuple[nn.Module, int]:
         compressed = compress(self.ctx.model, plan, self.ctx.example_input, self.ctx.calib)
         return compressed, artifact_size(compressed, self.ctx.spec)
@@ -256,9 +289,13 @@ class Objective:
     def _fit(self, proposed: CompressionPlan) -> tuple[CompressionPlan, nn.Module, int]:
         """Compress the proposal; if it is over budget (and repair is on), tighten it into the budget."""
         compressed, size = self._size(proposed)
-        if size <= self.limit or not self.s.repair:
+        latency_ok = self.s.latency_budget_ms is None or self.predicted_latency(compressed) <= self.s.latency_budget_ms
+        if size <= self.limit and latency_ok or not self.s.repair:
             return proposed, compressed, size
-        fixed = repair(proposed, self.ctx.space.layers, lambda p: self._size(p)[1], self.limit)
+        if self.s.latency_budget_ms is None:
+            fixed = repair(proposed, self.ctx.space.layers, lambda p: self._size(p)[1], self.limit)
+        else:
+            fixed = repair(proposed, self.ctx.space.layers, self._load, 1.0)
         if fixed is None:
             return proposed, compressed, size
         return (fixed, *self._size(fixed))
@@ -356,7 +393,7 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
         from .report import format_table, trial_rows
 
         front = {t.number for t in pareto_trials(study)}
-        print(f"\nPareto front (accuracy vs size), {len(front)} trials:")
+        print(f"\nPareto front ({' vs '.join(settings.objectives)}), {len(front)} trials:")
         print(format_table([r for r in trial_rows(study, ctx.original_bytes) if r["trial"] in front], top=50))
     outcome = SearchOutcome(study, best, None, None, None, limit, parent)
     if best is not None:
@@ -420,6 +457,10 @@ def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCo
     tracker.set_tags(outcome.parent_run_id, {"best_trial": best.number, "best_artifact": os.path.abspath(dst)})
     tracker.log_text(outcome.parent_run_id, CompressionPlan.from_dict(best.user_attrs["plan"]).to_json(),
                      "best_plan.json")
+    if ctx.latency is not None:
+        from .timing import time_final
+
+        time_final(outcome, settings, ctx, tracker, best, dst)
     print(f"best: trial {best.number}, val {best_val:.4f}, test {outcome.test_accuracy:.4f} "
           f"(baseline test {outcome.baseline_test_accuracy:.4f}), {size} bytes = {format_bytes(size)}, "
           f"{ctx.original_bytes / size:.1f}x -> {dst}")
@@ -429,6 +470,8 @@ def _check_same_study(study: optuna.Study, settings: SearchSettings, ctx: Search
     """A resumed study must keep its budget, model and space: TPE assumes one fixed objective."""
     key = {"budget_bytes": limit, "model": ctx.spec.spec, "data": ctx.data.name,
            "params": ctx.space.param_names(), "objectives": list(settings.objectives)}
+    if settings.latency_budget_ms is not None:
+        key["latency_budget_ms"] = settings.latency_budget_ms
     old = study.user_attrs.get("identity")
     if old is None:
         study.set_user_attr("identity", key)

@@ -1,0 +1,159 @@
+"""Latency profiling of a model on the target: time random plans, fit the predictor, cache it.
+
+Only what changes the deployed model's speed is sampled: channels kept per layer and int8 vs
+float weights (unstructured / N:M / block sparsity does not make dense CPU kernels faster; it is
+a feature the regression may give no weight). Untrained weights time the same as trained ones,
+so this runs before the baseline is trained.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..plan import CompressionPlan, LayerPlan
+from .latency import (LatencyPredictor, LatencyResult, cache_path, fit_predictor, layer_features,
+                      measure_latency)
+
+
+def _choices(space_layers: dict, name: str) -> tuple[float, list[int], bool]:
+    """(max channel amount, bit choices, channel pruning allowed) of one layer of a bound space."""
+    c = space_layers.get(name, {})
+    channel = "prune" in c and "channel" in c["prune"].values and "amount" in c
+    amax = float(c["amount"].extreme(largest=True)) if channel else 0.0
+    bits = sorted(int(b) for b in c["bits"].values) if "bits" in c else [32]
+    return min(amax, 0.9), bits, channel
+
+
+def fastest_plan(space_layers: dict) -> CompressionPlan:
+    """The plan the space allows that deploys fastest: most channels removed, int8 where possible."""
+    layers = {}
+    for name in space_layers:
+        amax, bits, channel = _choices(space_layers, name)
+        int8 = [b for b in bits if b <= 8]
+        layers[name] = LayerPlan(prune="channel" if channel and amax > 0 else "none",
+                                 amount=amax if channel else 0.0, bits=max(int8) if int8 else min(bits))
+    return CompressionPlan(layers=layers)
+
+
+def random_plan(space_layers: dict, rng: random.Random) -> CompressionPlan:
+    """A random plan over what matters for speed: channel amount and int8-or-float per layer."""
+    layers = {}
+    share = rng.random()  # plan-wide pruning level, so whole-model latencies spread widely
+    int8_share = rng.choice((0.0, 0.5, 1.0, 1.0))
+    for name in space_layers:
+        amax, bits, channel = _choices(space_layers, name)
+        amount = round(min(amax, max(0.0, rng.gauss(share * amax, 0.1))), 2) if channel else 0.0
+        int8 = [b for b in bits if b <= 8]
+        floats = [b for b in bits if b > 8] or [32]
+        b = rng.choice(int8) if int8 and rng.random() < int8_share else rng.choice(floats)
+        layers[name] = LayerPlan(prune="channel" if amount > 0 else "none", amount=amount, bits=b)
+    return CompressionPlan(layers=layers)
+
+
+def plan_rows(compressed: nn.Module, example_input: torch.Tensor) -> list[dict[str, Any]]:
+    """Per-layer features of a compressed model (as deployed: int8 layers are those of <= 8 bits)."""
+    from ..compress import RECORD_ATTR
+
+    rec = getattr(compressed, RECORD_ATTR)
+    plan = rec["plan"]["layers"]
+    int8 = {m for m, p in rec["targets"].items() if plan[p]["bits"] <= 8}
+    sparsity = {m: LayerPlan(**plan[p]).sparsity for m, p in rec["targets"].items()
+                if plan[p]["prune"] in ("unstructured", "nm", "block")}
+    return layer_features(compressed, int8, example_input.cpu(), sparsity)
+
+
+def time_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tensor, *, device: str = "cpu",
+              batch_size: int = 1, threads: int | None = None, repeats: int = 30,
+              calib: Any = None) -> tuple[list[dict[str, Any]], LatencyResult]:
+    """Compress `model` by `plan`, deploy it, time it: (feature rows, measured latency)."""
+    from ..compress import compress
+    from ..deploy import deployable
+
+    compressed = compress(model.cpu(), replace(plan, distill=0.0), example_input.cpu())
+    rows = plan_rows(compressed, example_input)
+    deployed = deployable(compressed, device=device, calib=calib)
+    return rows, measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
+                                 threads=threads, warmup=5, repeats=repeats)
+
+
+def profile(model: nn.Module, space_layers: dict, example_input: torch.Tensor, *, plans: int = 24,
+            device: str = "cpu", batch_size: int = 1, threads: int | None = None, repeats: int = 30,
+            seed: int = 0, progress: bool = True) -> LatencyPredictor:
+    """Time `plans` random plans (plus the original and the fastest plan) and fit the predictor."""
+    rng = random.Random(seed)
+    todo = [fastest_plan(space_layers), CompressionPlan(layers={n: LayerPlan() for n in space_layers})]
+    todo += [random_plan(space_layers, rng) for _ in range(max(plans - 2, 2))]
+    samples = []
+    start = time.perf_counter()
+    for i, plan in enumerate(todo):
+        rows, res = time_plan(model, plan, example_input, device=device, batch_size=batch_size,
+                              threads=threads, repeats=repeats)
+        samples.append((rows, res.median_ms))
+        if progress:
+            print(f"\rlatency profile: {i + 1}/{len(todo)} plans timed ({time.perf_counter() - start:.0f}s)",
+                  end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return fit_predictor(samples, seed=seed)
+
+
+def latency_key(model_name: str, space_layers: dict, example_input: torch.Tensor, device: str, batch_size: int,
+                threads: int, plans: int) -> dict[str, Any]:
+    """What a cached predictor depends on: model, input, target, threads, engine, space, torch."""
+    return {"model": model_name, "device": device, "batch_size": batch_size, "threads": threads,
+            "input": list(example_input.shape[1:]), "torch": torch.__version__, "plans": plans,
+            "engine": torch.backends.quantized.engine if device == "cpu" else "",
+            "layers": {n: [_choices(space_layers, n)[0], _choices(space_layers, n)[1]] for n in space_layers}}
+
+
+def predictor_for(model: nn.Module, model_name: str, space_layers: dict, example_input: torch.Tensor, folder: str,
+                  *, device: str = "cpu", batch_size: int = 1, threads: int | None = None, plans: int = 24,
+                  budget_ms: float | None = None, progress: bool = True) -> tuple[LatencyPredictor, float]:
+    """The latency predictor of this model / space / target (cached in `folder`) and the floor: the
+    latency of the space's fastest plan. A `budget_ms` below the floor raises UserError before
+    anything is written: first against the fastest plan timed now, then against its prediction."""
+    from ..errors import UserError
+
+    threads = threads or torch.get_num_threads()
+    from ..compress import compress
+    from ..deploy import deployable
+
+    compressed = compress(model.cpu(), fastest_plan(space_layers), example_input.cpu())
+    fast_rows, deployed = plan_rows(compressed, example_input), deployable(compressed, device=device)
+    # a refusal must not come from one stall of a busy machine: the lowest of three medians
+    fast = min((measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
+                                threads=threads, warmup=5, repeats=20) for _ in range(3)), key=lambda r: r.median_ms)
+    where = f"on {device} (batch {batch_size}, {threads} threads)"
+
+    def check(floor: float, how: str) -> None:
+        if budget_ms is not None and budget_ms < floor:
+            raise UserError(f"latency budget {budget_ms:g} ms is below the fastest plan this search space allows "
+                            f"{where}: {floor:.4g} ms {how}; raise --latency-budget or widen the space")
+
+    check(fast.median_ms, "measured")
+    key = latency_key(model_name, space_layers, example_input, device, batch_size, threads, plans)
+    path = cache_path(folder, key)
+    pred = None
+    if os.path.isfile(path):
+        try:
+            pred = LatencyPredictor.load(path)
+            pred = pred if pred.key == key else None
+        except (OSError, ValueError, TypeError):
+            pred = None
+    fresh = pred is None
+    if pred is None:
+        pred = profile(model, space_layers, example_input, plans=plans, device=device, batch_size=batch_size,
+                       threads=threads, progress=progress)
+        pred.key = key
+    floor = min(fast.median_ms, pred.predict_rows(fast_rows))
+    check(floor, "predicted")
+    if fresh:
+        pred.save(path)
+    return pred, floor

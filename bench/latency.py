@@ -1,0 +1,183 @@
+"""Latency of deployed compressed models vs the fp32 original (CPU, batch 1), and predictor error.
+
+For each model: the fp32 baseline (trained and cached, or --weights) is timed as it is (eager
+PyTorch); fixed plans (channel pruning of every hidden layer by AMOUNT, all weights 8-bit; the
+output layer keeps its channels) are compressed, fine-tuned briefly, exported, loaded, deployed
+(int8 kernels, TorchScript-frozen) and timed the same way; test accuracy of both is measured.
+The speed-up is reported for the fastest plan within 1 point of the baseline's accuracy. Then
+the latency predictor is fitted on timed random plans and scored on further held-out plans.
+Fixed plans, not a search: a search with --latency-budget takes too long on 2 cores.
+
+    python bench/latency.py                      # LeNet-5 and ResNet-18 on Fashion-MNIST, ~10 min on 2 cores
+    python bench/latency.py --quick              # smoke test on digits (about a minute)
+    python bench/latency.py --models resnet18 --weights resnet18=ckpt.pt
+
+Writes bench/results/latency.jsonl (one line per measurement) and bench/results/latency.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from autocompress.compress import compress, kept_weights  # noqa: E402
+from autocompress.cost.latency import held_out_error, measure_latency  # noqa: E402
+from autocompress.cost.profile import profile, random_plan, time_plan  # noqa: E402
+from autocompress.data import load_data  # noqa: E402
+from autocompress.deploy import deployable  # noqa: E402
+from autocompress.export import export, load  # noqa: E402
+from autocompress.finetune import FinetuneConfig, finetune  # noqa: E402
+from autocompress.models import ModelSpec, prunable_layers  # noqa: E402
+from autocompress.plan import CompressionPlan, LayerPlan  # noqa: E402
+from autocompress.space import load_space  # noqa: E402
+from autocompress.train import baseline, evaluate  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else platform.processor()."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fixed_plan(model: torch.nn.Module, amount: float) -> CompressionPlan:
+    """Channel pruning of every layer but the output one by `amount`, 8-bit weights everywhere."""
+    names = prunable_layers(model)
+    return CompressionPlan(layers={n: LayerPlan(prune="channel" if amount and n != names[-1] else "none",
+                                                amount=amount if n != names[-1] else 0.0, bits=8) for n in names})
+
+
+def run_model(name: str, a: argparse.Namespace, write) -> dict:
+    bundle = load_data(a.data, seed=0, limit=a.limit.get(name))
+    spec = ModelSpec(name, bundle.num_classes, bundle.in_channels, bundle.image_size, data=bundle.name)
+    net, _ = baseline(spec, bundle, epochs=a.baseline_epochs[name], weights=a.weights.get(name), progress=False)
+    x = bundle.test.x[:2]
+    base_acc = evaluate(net, bundle.test)
+    fp32 = measure_latency(net, x, threads=a.threads, repeats=a.repeats)
+    write({"model": name, "kind": "fp32", "test_accuracy": base_acc, **fp32.to_dict()})
+    print(f"{name}: fp32 test {base_acc:.4f}, {fp32.median_ms:.3f} ms", flush=True)
+    calib = list(bundle.train.batches(128, shuffle=True, seed=0, limit=4))
+    rows = []
+    for amount in a.amounts:
+        plan = fixed_plan(net, amount)
+        model = compress(net, plan, bundle.train.x[:2], calib)
+        finetune(model, bundle.train, bundle.val, FinetuneConfig(epochs=a.finetune_epochs, max_batches=a.max_batches),
+                 l1_weights=lambda: kept_weights(model), progress=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "m.acz")
+            size = export(model, path, spec)
+            evaluated_acc = evaluate(load(path), bundle.test)
+            deployed = deployable(path, calib=calib)
+        acc = evaluate(deployed, bundle.test)
+        lat = measure_latency(deployed, x, threads=a.threads, repeats=a.repeats)
+        row = {"model": name, "kind": "deployed", "plan": f"channels -{amount:.0%}, int8", "amount": amount,
+               "test_accuracy": acc, "evaluated_accuracy": evaluated_acc, "size_bytes": size,
+               "speedup": fp32.median_ms / lat.median_ms, **lat.to_dict()}
+        write(row)
+        rows.append(row)
+        print(f"{name}: {row['plan']}: test {acc:.4f} (evaluated {evaluated_acc:.4f}), {lat.median_ms:.3f} ms, "
+              f"{row['speedup']:.2f}x", flush=True)
+    layers = load_space(None).bind(net).layers
+    t0 = time.perf_counter()
+    pred = profile(net, layers, x, plans=a.plans, threads=a.threads, repeats=a.profile_repeats, progress=False)
+    rng = random.Random(12345)
+    held = [time_plan(net, random_plan(layers, rng), x, threads=a.threads, repeats=a.profile_repeats)
+            for _ in range(a.heldout)]
+    err = held_out_error(pred, [(r, res.median_ms) for r, res in held])
+    write({"model": name, "kind": "predictor", "fit_plans": a.plans, "heldout_plans": a.heldout,
+           "heldout_mare": err, "split_mare": pred.error, "seconds": time.perf_counter() - t0})
+    print(f"{name}: predictor median abs relative error {err:.1%} on {a.heldout} held-out plans "
+          f"({pred.error:.1%} on its own split)", flush=True)
+    ok = [r for r in rows if (base_acc - r["test_accuracy"]) * 100 <= 1.0]
+    best = max(ok, key=lambda r: r["speedup"]) if ok else None
+    return {"model": name, "data": bundle.name, "fp32_ms": fp32.median_ms, "fp32_acc": base_acc, "best": best,
+            "rows": rows, "pred_err": err, "pred_split_err": pred.error, "limit": a.limit.get(name),
+            "baseline_epochs": a.baseline_epochs[name], "weights": a.weights.get(name)}
+
+
+def markdown(results: list[dict], a: argparse.Namespace) -> str:
+    lines = [f"# Latency (batch 1, {a.threads} threads, CPU: {cpu_name()}, torch {torch.__version__})", "",
+             "fp32 = the original model in eager PyTorch; deployed = channel-pruned, int8 weights and "
+             "activations (torch.ao FX, x86 engine), TorchScript-frozen. Fixed plans, not a search. "
+             f"Fine-tune {a.finetune_epochs} epoch(s)" + (f", at most {a.max_batches} batches" if a.max_batches else "")
+             + ". Medians of timed runs in the same process, denormals flushed to zero for both.", "",
+             "| model | data | plan | test acc | ms | speed-up |", "|---|---|---|---|---|---|"]
+    for r in results:
+        note = f" (train subset {r['limit']}, {r['baseline_epochs']} epochs)" if r["limit"] else ""
+        lines.append(f"| {r['model']} | {r['data']}{note} | fp32 | {r['fp32_acc']:.2%} | {r['fp32_ms']:.3f} | 1.00x |")
+        for row in r["rows"]:
+            lines.append(f"| {r['model']} | | {row['plan']} | {row['test_accuracy']:.2%} | {row['median_ms']:.3f} | "
+                         f"{row['speedup']:.2f}x |")
+    lines += ["", "| model | speed-up at <= 1 point loss (goal >= 2.5x) | predictor error, held-out plans (goal <= 10%) |",
+              "|---|---|---|"]
+    for r in results:
+        sp = f"{r['best']['speedup']:.2f}x ({r['best']['plan']})" if r["best"] else "none within 1 point"
+        lines.append(f"| {r['model']} | {sp} | {r['pred_err']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pairs(text: str | None, cast) -> dict:
+    return {k: cast(v) for k, v in (p.split("=", 1) for p in text.split(","))} if text else {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="lenet5,resnet18")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--weights", help="model=checkpoint,... (skips baseline training)")
+    ap.add_argument("--baseline-epochs", default="lenet5=8,resnet18=2", help="model=epochs,...")
+    ap.add_argument("--limit", default="resnet18=6000", help="model=train samples,... (ResNet-18 on a subset)")
+    ap.add_argument("--amounts", default="0.25,0.5", help="channel fractions removed by the fixed plans")
+    ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--max-batches", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--plans", type=int, default=16, help="timed plans the predictor is fitted on")
+    ap.add_argument("--heldout", type=int, default=6, help="further timed plans it is scored on")
+    ap.add_argument("--profile-repeats", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="smoke test: digits, tiny settings")
+    ap.add_argument("--tag", default="latency")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.data, a.baseline_epochs, a.limit = "digits", "lenet5=2,resnet18=1", None
+        a.amounts, a.max_batches, a.repeats, a.plans, a.heldout, a.profile_repeats = "0.5", 2, 10, 5, 2, 5
+        a.tag = a.tag + "-quick"
+    a.weights, a.limit = _pairs(a.weights, str), _pairs(a.limit, int)
+    a.baseline_epochs = {"lenet5": 8, "resnet18": 2, **_pairs(a.baseline_epochs, int)}
+    a.amounts = [float(v) for v in a.amounts.split(",")]
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    os.makedirs(RESULTS, exist_ok=True)
+    jsonl = os.path.join(RESULTS, f"{a.tag}.jsonl")
+    meta = {"cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M")}
+
+    def write(row: dict) -> None:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps({**meta, **row}) + "\n")
+
+    start = time.perf_counter()
+    results = [run_model(m, a, write) for m in a.models.split(",")]
+    md = markdown(results, a) + f"\nTotal bench time {time.perf_counter() - start:.0f} s.\n"
+    with open(os.path.join(RESULTS, f"{a.tag}.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

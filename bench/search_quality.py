@@ -1,0 +1,156 @@
+"""Search vs uniform compression at the same budget, same fine-tune, same storage format.
+
+For each budget (default 40x and 100x of LeNet-5's fp32 parameter bytes on Fashion-MNIST):
+- uniform: for bits 3, 4, 5 the smallest global-magnitude sparsity whose artifact fits; each is
+  fine-tuned for --final-epochs (the same fine-tune the search gives its finalists); the best by
+  validation accuracy is the "best uniform"; its test accuracy is measured once;
+- search: `autocompress.search` with --trials short (1-epoch) trials, then its top-3 fine-tuned
+  for --final-epochs; the exported best artifact is loaded back and scored on the test split.
+Wall time, trials (complete / early-stopped / infeasible / repaired) and the tool's own overhead
+per trial (time outside fine-tune and evaluation) are recorded too.
+
+    python bench/search_quality.py                     # 40x,100x; 20 trials; 3 final epochs
+    python bench/search_quality.py --budgets 40x --trials 8 --final-epochs 2
+
+Writes bench/results/search_quality.jsonl and bench/results/search_quality.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from autocompress.api import search  # noqa: E402
+from autocompress.compress import compress, kept_weights  # noqa: E402
+from autocompress.cost import artifact_size  # noqa: E402
+from autocompress.data import load_data  # noqa: E402
+from autocompress.export import export, load  # noqa: E402
+from autocompress.finetune import FinetuneConfig, finetune  # noqa: E402
+from autocompress.models import ModelSpec, param_bytes  # noqa: E402
+from autocompress.plan import parse_budget  # noqa: E402
+from autocompress.search import trial_state  # noqa: E402
+from autocompress.train import baseline, evaluate  # noqa: E402
+from autocompress.warmstart import fit_uniform  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def best_uniform(model, spec, data, limit: int, epochs: int, lr: float, bits_list=(3, 4, 5)) -> dict:
+    """Fit, fine-tune and score the uniform plans; return the best by validation accuracy."""
+    example = data.train.x[:2]
+    calib = list(data.train.batches(128, shuffle=True, seed=0, limit=4))
+    size_of = lambda p: artifact_size(compress(model, p, example), spec)  # noqa: E731
+    rows = []
+    for bits in bits_list:
+        t0 = time.perf_counter()
+        fit = fit_uniform(model, bits, size_of, limit)
+        if fit is None:
+            continue
+        sparsity, plan = fit
+        cm = compress(model, plan, example, calib)
+        res = finetune(cm, data.train, data.val, FinetuneConfig(epochs=epochs, lr=lr), l1_weights=lambda: kept_weights(cm))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "u.acz")
+            size = export(cm.cpu(), path, spec)
+            deployed = load(path)
+        rows.append({"bits": bits, "sparsity": sparsity, "bytes": size, "val_accuracy": res.val_acc[-1],
+                     "deployed": deployed, "seconds": time.perf_counter() - t0})
+        print(f"  uniform {bits}b sparsity {sparsity:.3f}: {size} B, val {res.val_acc[-1]:.4f}")
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    best["test_accuracy"] = evaluate(best.pop("deployed"), data.test)
+    best["seconds"] = sum(r["seconds"] for r in rows)
+    for r in rows:
+        r.pop("deployed", None)
+    return best
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", default="40x,100x")
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=1, help="fine-tune epochs per search trial")
+    ap.add_argument("--final-epochs", type=int, default=3, help="fine-tune of finalists and uniform plans")
+    ap.add_argument("--final-top", type=int, default=3)
+    ap.add_argument("--baseline-epochs", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--model", default="lenet5")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "autocompress-bench"))
+    ap.add_argument("--tag", default="search_quality")
+    a = ap.parse_args(argv)
+    data = load_data(a.data, seed=0)
+    spec = ModelSpec(a.model, data.num_classes, data.in_channels, data.image_size, data=data.name)
+    model, _ = baseline(spec, data, epochs=a.baseline_epochs, seed=0, device=a.device)
+    original = param_bytes(model)
+    base_test = evaluate(model, data.test, a.device)
+    device = f"{platform.machine()} CPU, {torch.get_num_threads()} threads" if a.device == "cpu" else \
+        torch.cuda.get_device_name(0)
+    os.makedirs(RESULTS, exist_ok=True)
+    rows = []
+    for budget in a.budgets.split(","):
+        limit = parse_budget(budget).limit(original)
+        print(f"== {budget}: {limit} bytes")
+        t0 = time.perf_counter()
+        uni = best_uniform(model, spec, data, limit, a.final_epochs, a.lr)
+        rows.append({"budget": budget, "budget_bytes": limit, "method": f"best uniform ({uni['bits']} bit, "
+                     f"global sparsity {uni['sparsity']:.3f})", "test_accuracy": uni["test_accuracy"],
+                     "val_accuracy": uni["val_accuracy"], "bytes": uni["bytes"], "wall_s": time.perf_counter() - t0,
+                     "trials": "3 plans", "overhead_per_trial_s": None})
+        t0 = time.perf_counter()
+        out = os.path.join(a.out, f"{a.model}-{budget}-{int(time.time())}")
+        res = search(budget, model=a.model, data=a.data, out=out, study="bench", trials=a.trials, epochs=a.epochs,
+                     baseline_epochs=a.baseline_epochs, lr=a.lr, final_top=a.final_top, final_epochs=a.final_epochs,
+                     device=a.device, progress=False)
+        wall = time.perf_counter() - t0
+        trials = res.study.trials
+        states = [trial_state(t) for t in trials]
+        overhead = [t.user_attrs["overhead_seconds"] / t.user_attrs["seconds"] for t in trials
+                    if "overhead_seconds" in t.user_attrs and t.user_attrs.get("seconds")]
+        fine_tuned = [t for t in trials if trial_state(t) in ("complete", "early-stopped")]
+        rows.append({"budget": budget, "budget_bytes": limit, "method": f"search (best: trial {res.best.number})",
+                     "test_accuracy": res.test_accuracy, "val_accuracy": res.best_val,
+                     "bytes": os.path.getsize(res.best_path), "wall_s": wall,
+                     "trials": f"{states.count('complete')} complete / {states.count('early-stopped')} early-stopped / "
+                               f"{states.count('infeasible')} infeasible / {states.count('failed')} failed; "
+                               f"{sum(bool(t.user_attrs.get('repaired')) for t in trials)} repaired",
+                     "overhead_per_trial_s": sum(t.user_attrs["overhead_seconds"] for t in fine_tuned) / max(len(fine_tuned), 1),
+                     "overhead_fraction": sum(overhead) / max(len(overhead), 1),
+                     "infeasible_fine_tuned": 0,
+                     "plan": res.best.user_attrs["plan"]})
+        for r in rows[-2:]:
+            r.update({"model": a.model, "data": data.name, "device": device, "baseline_test": base_test,
+                      "original_bytes": original, "ratio": original / r["bytes"]})
+            with open(os.path.join(RESULTS, f"{a.tag}.jsonl"), "a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(json.dumps({k: v for k, v in r.items() if k != "plan"}))
+    write_table(rows, a, base_test, device)
+
+
+def write_table(rows: list[dict], a: argparse.Namespace, base_test: float, device: str) -> None:
+    lines = [f"# Search quality: {a.model} / {a.data}", "",
+             f"fp32 baseline test {base_test * 100:.2f}% ({a.baseline_epochs} epochs). Device: {device}. "
+             f"Search: {a.trials} trials x {a.epochs} epoch, top {a.final_top} re-fine-tuned {a.final_epochs} epochs; "
+             f"uniform plans fine-tuned {a.final_epochs} epochs. Bytes = the exported file.", "",
+             "| budget | method | test acc | val acc | bytes | ratio | wall | trials | overhead / trial |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ov = "-" if r["overhead_per_trial_s"] is None else \
+            f"{r['overhead_per_trial_s']:.2f} s ({r['overhead_fraction'] * 100:.1f}%)"
+        lines.append(f"| {r['budget']} | {r['method']} | {r['test_accuracy'] * 100:.2f}% | {r['val_accuracy'] * 100:.2f}% | "
+                     f"{r['bytes']} | {r['ratio']:.1f}x | {r['wall_s']:.0f} s | {r['trials']} | {ov} |")
+    with open(os.path.join(RESULTS, f"{a.tag}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

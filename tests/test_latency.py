@@ -1,0 +1,91 @@
+"""Latency: a median of repeated timed runs, a fitted predictor, an impossible budget refused."""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from autocompress.cost.latency import LatencyPredictor, held_out_error, measure_latency, parse_latency
+from autocompress.cost.profile import fastest_plan, profile, random_plan, time_plan
+from autocompress.errors import UserError
+from autocompress.models import ModelSpec, build_model
+from autocompress.space import load_space
+
+
+class Counting(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.fc(x)
+
+
+def test_latency_is_the_median_of_the_timed_runs_after_warmup_with_threads_restored():
+    model, before = Counting(), torch.get_num_threads()
+    res = measure_latency(model, torch.randn(3, 16), warmup=3, repeats=9, threads=1, batch_size=2)
+    assert model.calls == 3 + 9 and len(res.timings_ms) == 9
+    assert res.median_ms == statistics.median(res.timings_ms)
+    assert min(res.timings_ms) <= res.median_ms <= res.p90_ms <= max(res.timings_ms)
+    assert res.threads == 1 and res.batch_size == 2 and res.device == "cpu"
+    assert torch.get_num_threads() == before
+
+
+def test_parse_latency():
+    assert parse_latency("2ms") == 2.0 and parse_latency("500us") == 0.5 and parse_latency("0.01s") == 10.0
+    for bad in ("fast", "-1ms", "0ms"):
+        with pytest.raises(UserError):
+            parse_latency(bad)
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    model = build_model(ModelSpec("lenet5", 10, 1, 8)).eval()
+    return model, load_space(None).bind(model).layers, torch.randn(2, 1, 8, 8)
+
+
+def test_predictor_fits_predicts_positive_and_reports_held_out_error(lenet, tmp_path):
+    model, layers, x = lenet
+    pred = profile(model, layers, x, plans=8, repeats=5, threads=1, progress=False)
+    assert len(pred.samples) == 8 and sum(s["held_out"] for s in pred.samples) >= 1
+    assert pred.error is not None and pred.error >= 0
+    import random
+
+    rng = random.Random(1)
+    held = [time_plan(model, random_plan(layers, rng), x, threads=1, repeats=5) for _ in range(2)]
+    assert all(pred.predict_rows(rows) > 0 for rows, _ in held)
+    assert held_out_error(pred, [(rows, r.median_ms) for rows, r in held]) >= 0
+    pred.save(str(tmp_path / "p.json"))
+    assert LatencyPredictor.load(str(tmp_path / "p.json")).coef == pred.coef
+
+
+def test_fastest_plan_prunes_channels_and_keeps_int8(lenet):
+    _, layers, _ = lenet
+    plan = fastest_plan(layers)
+    assert plan.layers["conv1"].prune == "channel" and plan.layers["fc2"].prune == "none"  # output layer
+    assert all(lp.bits <= 8 for lp in plan.layers.values())
+
+
+def test_impossible_latency_budget_is_one_line_exit_2_nothing_created(tmp_path):
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-W", "ignore", "-m", "autocompress", "search", "--budget", "8x", "--data",
+                        "digits", "--latency-budget", "0.0001ms", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "latency budget" in lines[0] and "fastest plan" in lines[0] and "ms" in lines[0]
+    assert not out.exists()
+
+
+def test_latency_objective_is_accepted_and_a_bad_one_refused(capsys, tmp_path):
+    from autocompress.cli import main
+
+    assert main(["search", "--budget", "8x", "--data", "digits", "--objectives", "accuracy,speed",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "latency" in capsys.readouterr().err
