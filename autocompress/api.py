@@ -71,7 +71,8 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
            early_stopping: bool | str = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
            final_epochs: int = 2, objectives: str = "accuracy", progress: bool = True,
            latency_budget: str | float | None = None, latency_batch_size: int = 1,
-           latency_threads: int | None = None, latency_plans: int = 24) -> Any:
+           latency_threads: int | None = None, latency_plans: int = 24,
+           register: str | None = None) -> Any:
     """Search compression plans for `model` on `data` under `budget`; returns a SearchOutcome.
 
     `budget` is a size ('50KB', '1.5MiB') or a ratio of the fp32 parameter bytes ('20x').
@@ -83,6 +84,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
     `latency_budget` ('2ms', '500us'): the deployed model's latency on `device` at batch
     `latency_batch_size`, predicted per trial (a predictor fitted on `latency_plans` timed plans,
     cached in OUT/latency/) and measured for the final pick.
+    `register` names an MLflow registered model to add the best model to.
     """
     from .models import param_bytes
     from .search import SearchContext, SearchSettings, run_search
@@ -141,7 +143,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
         batch_size=batch_size, max_batches=max_batches, seed=seed, device=device,
         early_stopping=early_stopping, repair=repair, warm_start=warm_start, final_top=final_top,
         final_epochs=final_epochs, objectives=objs, progress=progress, latency_budget_ms=latency_ms,
-        latency_batch_size=latency_batch_size, latency_threads=latency_threads)
+        latency_batch_size=latency_batch_size, latency_threads=latency_threads, register=register)
     bundle.train, bundle.val, bundle.test = (bundle.train.to(device), bundle.val.to(device),
                                              bundle.test.to(device))
     net = net.to(device)

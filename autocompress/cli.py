@@ -1,4 +1,4 @@
-"""Command line: search, report, export, evaluate. torch and friends are imported inside handlers
+"""Command line: search, report, export, evaluate, ui. torch and friends are imported inside handlers
 so `--help` and input errors answer at once."""
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batches", type=int, help="cap on fine-tune batches per epoch (faster, noisier trials)")
     s.add_argument("--limit", type=int, help="use at most this many training samples (quick runs)")
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    s.add_argument("--register", metavar="NAME", help="also register the best model in MLflow's model registry")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="cpu | cuda")
     s.add_argument("--early-stopping", default="median", choices=("median", "hyperband", "none"),
@@ -78,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="table of a study's trials")
     r.add_argument("--format", choices=("table", "json"), default="table")
     r.add_argument("--top", type=int, default=10)
+    r.add_argument("--plots", metavar="DIR", help="folder for the PNG plots (default: OUT/plots/STUDY)")
+    r.add_argument("--no-plots", action="store_true", help="print the table only")
     _add_common(r)
+
+    u = sub.add_parser("ui", help="start the MLflow UI on a search's tracking store")
+    u.add_argument("--out", default="runs", help="output folder of the search, holding mlflow.db (default: runs)")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
 
     e = sub.add_parser("export", help="write a trial's compressed artifact (default: the best)")
     e.add_argument("--trial", type=int, help="trial number (default: the best feasible trial)")
@@ -104,16 +112,22 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      warm_start=not a.no_warm_start, final_top=a.final_top, final_epochs=a.final_epochs,
                      objectives=a.objectives, latency_budget=a.latency_budget,
                      latency_batch_size=a.latency_batch_size, latency_threads=a.latency_threads,
-                     latency_plans=a.latency_plans, progress=not a.no_progress)
+                     latency_plans=a.latency_plans, progress=not a.no_progress,
+                     register=a.register)
     if outcome.best is not None:
-        uri = outcome.study and (a.tracking_uri or f"sqlite:///{os.path.abspath(os.path.join(a.out, 'mlflow.db'))}")
-        print(f"review in MLflow: mlflow ui --backend-store-uri {uri}")
+        if a.tracking_uri is None:
+            print(f"review in MLflow: autocompress ui --out {a.out}")
+        elif a.tracking_uri.startswith(("http:", "https:")):
+            print(f"review in MLflow: {a.tracking_uri}")
+        else:
+            print(f"review in MLflow: mlflow ui --backend-store-uri {a.tracking_uri}")
     return 0
 
 
 def _cmd_sensitivity(a: argparse.Namespace) -> int:
     from .api import DEFAULT_BASELINE_EPOCHS, load_inputs
     from .errors import UserError
+    from .plots import sensitivity_heatmap
     from .sensitivity import cached_analyse, format_table
     from .tracking import Tracker, default_tracking_uri
     from .train import baseline
@@ -138,6 +152,7 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
                                                              "amounts": a.amounts, "bits": a.bits})
     tracker.log_file(run, path)
     tracker.log_text(run, format_table(sens), "sensitivity.txt")
+    tracker.log_file(run, sensitivity_heatmap(sens.table(), os.path.splitext(path)[0] + ".png"))
     tracker.end(run, "complete")
     print(f"saved {path}; logged to MLflow experiment 'sensitivity'")
     return 0
@@ -168,7 +183,26 @@ def _cmd_report(a: argparse.Namespace) -> int:
     study = _open(a)
     rows = trial_rows(study)
     print(rows_json(rows) if a.format == "json" else f"study {study.study_name}\n{format_table(rows, a.top)}")
+    if not a.no_plots:
+        from .review import write_plots
+
+        paths = write_plots(study, a.plots or os.path.join(a.out, "plots", study.study_name))
+        print(f"plots: {', '.join(paths)}", file=sys.stderr if a.format == "json" else sys.stdout)
     return 0
+
+
+def _cmd_ui(a: argparse.Namespace) -> int:
+    import subprocess
+
+    from .errors import UserError
+
+    db = os.path.abspath(os.path.join(a.out, "mlflow.db"))
+    if not os.path.isfile(db):
+        raise UserError(f"no MLflow store in {a.out}/ (no mlflow.db): run `autocompress search` first or pass --out")
+    host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
+    print(f"MLflow UI on {db}: http://{host}:{a.port}  (Ctrl-C stops it)", flush=True)
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
+                            "--host", a.host, "--port", str(a.port)])
 
 
 def _cmd_export(a: argparse.Namespace) -> int:
@@ -237,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handler = {"search": _cmd_search, "report": _cmd_report, "export": _cmd_export, "evaluate": _cmd_evaluate,
-               "sensitivity": _cmd_sensitivity}
+               "sensitivity": _cmd_sensitivity, "ui": _cmd_ui}
     try:
         return handler[args.command](args)
     except (UserError, PlanError) as e:

@@ -30,6 +30,7 @@ from .export import export
 from .finetune import FinetuneConfig, finetune
 from .models import ModelSpec
 from .plan import Budget, CompressionPlan, format_bytes
+from .review import log_review
 from .space import BoundSpace
 from .tracking import Tracker
 
@@ -71,6 +72,7 @@ class SearchSettings:
     latency_budget_ms: float | None = None  # predicted before training, the final pick timed for real
     latency_batch_size: int = 1
     latency_threads: int | None = None
+    register: str | None = None
 
     @property
     def storage_url(self) -> str:
@@ -215,6 +217,7 @@ class Objective:
             trial.set_constraint("size_over_budget", float(size - self.limit))
             self.tracker.log_metrics(run_id, {"size_bytes": size, "compression_ratio": ratio})
             slow = self._record_latency(trial, run_id, compressed)
+            self.tracker.set_tags(run_id, {"budget_met": str(size <= self.limit and not slow).lower()})
             if size > self.limit or slow:
                 state = "infeasible"
                 trial.set_user_attr("infeasible", True)
@@ -351,6 +354,7 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
     limit = settings.budget.limit(ctx.original_bytes)
     study = open_study(settings)
     _check_same_study(study, settings, ctx, limit)
+    study.set_user_attr("baseline", {"val_accuracy": ctx.baseline_val_acc, "fp32_bytes": ctx.original_bytes})
     tracker = Tracker(settings.tracking_uri or _default_uri(settings), settings.study,
                       os.path.join(settings.out, "mlartifacts"))
     closed = resume_cleanup(study, tracker)
@@ -396,6 +400,7 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
         _finish_best(outcome, settings, ctx, tracker)
     else:
         print("no trial met the budget yet: run more trials (--trials) or raise --budget")
+    log_review(tracker, outcome, settings.out, settings.register)
     tracker.end(parent, "complete")
     return outcome
 
@@ -413,6 +418,7 @@ def _enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Sear
     print(f"sensitivity ({'cached' if cached else f'{time.perf_counter() - t0:.1f}s'}): most fragile first: "
           + ", ".join(sens.ranking()[:5]))
     tracker.log_file(parent, cache)
+    study.set_user_attr("sensitivity", sens.table())  # the heat map of the review
     plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: objective._size(p)[1], limit, sens)
     plans = sorted(plans, key=lambda np_: np_[0] != "knapsack")[:remaining]  # never more than the trials asked
     for name, plan in plans:

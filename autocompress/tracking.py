@@ -32,24 +32,48 @@ class Tracker:
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = Path(artifact_dir).absolute().as_uri() if artifact_dir else None
+        if exp is None:  # a remote server keeps its own artifact root
+            remote = tracking_uri.startswith(("http:", "https:"))
+            location = Path(artifact_dir).absolute().as_uri() if artifact_dir and not remote else None
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            # the UI opens it on "Training runs" rather than the GenAI overview
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
         else:
             self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
+        self._monitor: Any = None
 
     def start_parent(self, name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={PARENT_TAG: "study", **(tags or {})})
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, params)
+        self._monitor = self._system_metrics(self.parent_id)
         return self.parent_id
+
+    def _system_metrics(self, run_id: str) -> Any:
+        """MLflow's system metrics (CPU, memory, disk, network; GPU when present) for the parent run,
+        sampled every 5 s; None without psutil or with MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false."""
+        if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() in ("false", "0"):
+            return None
+        try:
+            import psutil  # noqa: F401  (the monitor needs it)
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=5, tracking_uri=self.uri)
+            monitor.start()
+            return monitor
+        except Exception:
+            return None
 
     def start_trial(self, number: int, params: dict[str, Any], plan: dict[str, Any], role: str = "trial") -> str:
         """A child run for Optuna trial `number` (role "trial"; "final" for its longer re-fine-tune),
-        holding the plan summary and the plan JSON."""
-        tags = {PARENT_TAG: role, "optuna.trial": str(number), "state": "running"}
+        holding the plan summary, the plan as JSON and as a per-layer CSV, and its granularity mix
+        as a tag to filter on."""
+        from .review import granularity_mix, plan_csv
+
+        tags = {PARENT_TAG: role, "optuna.trial": str(number), "state": "running",
+                "granularity": granularity_mix(plan)}
         if self.parent_id:
             tags["mlflow.parentRunId"] = self.parent_id
         name = f"trial-{number}" if role == "trial" else f"{role}-{number}"
@@ -57,6 +81,7 @@ class Tracker:
         run_id = run.info.run_id
         self.log_params(run_id, params)
         self.client.log_text(run_id, json.dumps(plan, indent=1, sort_keys=True), "plan.json")
+        self.client.log_text(run_id, plan_csv(plan), "plan.csv")
         return run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -79,8 +104,8 @@ class Tracker:
     def log_text(self, run_id: str, text: str, path: str) -> None:
         self.client.log_text(run_id, text, path)
 
-    def log_file(self, run_id: str, path: str) -> None:
-        self.client.log_artifact(run_id, path)
+    def log_file(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, path, artifact_path)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
@@ -90,6 +115,9 @@ class Tracker:
         """Close a run; `state` is the trial's (complete / early-stopped / infeasible / failed / ...)."""
         status = {"complete": "FINISHED", "infeasible": "FINISHED", "early-stopped": "FINISHED",
                   "failed": "FAILED", "interrupted": "KILLED"}.get(state, "FINISHED")
+        if run_id == self.parent_id and self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         self.client.set_tag(run_id, "state", state)
         self.client.set_terminated(run_id, status)
 
