@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="where to look for the data set files")
     s.add_argument("--space", help="search-space YAML (default: search_spaces/default.yaml)")
     s.add_argument("--trials", type=int, default=12, help="total finished trials wanted in the study (default 12)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes on this machine sharing the study (default 1); for several machines "
+                   "run the same command on each with a shared --storage and --tracking-uri")
     s.add_argument("--timeout", help="stop starting trials after this long: 90s, 30m, 1h")
     s.add_argument("--epochs", type=int, default=1, help="fine-tune epochs per trial (default 1)")
     s.add_argument("--baseline-epochs", type=int, help="epochs to train the baseline when no --weights")
@@ -72,7 +75,8 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      out=a.out, study=a.study, storage=a.storage, tracking_uri=a.tracking_uri, trials=a.trials,
                      timeout=a.timeout, epochs=a.epochs, baseline_epochs=a.baseline_epochs, lr=a.lr,
                      batch_size=a.batch_size, max_batches=a.max_batches, seed=a.seed, device=a.device,
-                     limit=a.limit, early_stopping=not a.no_early_stopping, progress=not a.no_progress)
+                     limit=a.limit, early_stopping=not a.no_early_stopping, progress=not a.no_progress,
+                     workers=a.workers)
     if outcome.best is not None:
         uri = outcome.study and (a.tracking_uri or f"sqlite:///{os.path.abspath(os.path.join(a.out, 'mlflow.db'))}")
         print(f"review in MLflow: mlflow ui --backend-store-uri {uri}")
@@ -88,7 +92,9 @@ def _open(a: argparse.Namespace):  # -> optuna.Study
 
     if a.storage is None and not os.path.exists(os.path.join(a.out, "optuna.db")):
         raise UserError(f"no study database in {a.out}/ (run `autocompress search` first or pass --out/--storage)")
-    settings = SearchSettings(budget=Budget(bytes=1), out=a.out, storage=a.storage, study=a.study or "")
+    from .workers import database_url
+
+    settings = SearchSettings(budget=Budget(bytes=1), out=a.out, storage=database_url(a.storage), study=a.study or "")
     if not a.study:
         names = optuna.get_all_study_names(settings.storage_url)
         if len(names) != 1:
