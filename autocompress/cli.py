@@ -128,7 +128,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
             raise UserError(f"study {study.study_name} has no trial {a.trial}")
         t = match[0]
     src = t.user_attrs.get("artifact")
-    if not src or not os.path.isfile(src):
+    if src and not os.path.isfile(src):
+        raise UserError(f"trial {t.number}'s artifact {src} is not on this machine: it ran on "
+                        f"{t.user_attrs.get('worker', 'another machine')}; export it there")
+    if not src:
         raise UserError(f"trial {t.number} has no artifact (state {t.state.name.lower()}); pick a completed trial")
     tmp = a.to + ".tmp"
     shutil.copyfile(src, tmp)

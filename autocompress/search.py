@@ -331,6 +331,10 @@ def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCo
     best = outcome.best
     assert best is not None and outcome.parent_run_id
     src = best.user_attrs["artifact"]
+    if not os.path.isfile(src):  # another machine of a shared study ran it
+        print(f"best: trial {best.number}, val {best.value:.4f}, ran on {best.user_attrs.get('worker', '?')}; "
+              f"its artifact is there: {src} (export it on that machine)")
+        return
     dst = os.path.join(settings.out, "best.acz")
     shutil.copyfile(src, dst + ".tmp")
     os.replace(dst + ".tmp", dst)
