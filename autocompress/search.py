@@ -31,7 +31,7 @@ from .models import ModelSpec
 from .plan import Budget, CompressionPlan, format_bytes
 from .space import BoundSpace
 from .tracking import Tracker
-from .workers import StudyLock, optimize_shared, spawn_workers, study_counts, wait_workers
+from .workers import StudyLock, optimize_shared, rdb_storage, spawn_workers, study_counts, wait_workers
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -121,7 +121,7 @@ def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
     if settings.storage is None:
         os.makedirs(settings.out, exist_ok=True)
     try:
-        storage = optuna.storages.RDBStorage(
+        storage = rdb_storage(
             settings.storage_url, heartbeat_interval=settings.heartbeat_interval,
             grace_period=settings.grace_period,
             heartbeat_stale_trial_callback=StaleTrialCallback(settings.tracking_uri or _default_uri(settings)))

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from typing import Any, Callable
@@ -124,9 +125,18 @@ def optimize_shared(study: optuna.Study, objective: Callable[[optuna.Trial], flo
             trial.set_user_attr("fail_reason", "interrupted (SIGINT)")
             raise
 
-    ran, waiting_said = 0, False
+    ran, waiting_said, stop = 0, False, []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        stop.append(signum)  # remembered even if a library swallows the KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
         while deadline is None or time.monotonic() < deadline:
+            if stop:
+                raise KeyboardInterrupt
             lock.acquire()
             try:
                 optuna.storages.fail_stale_trials(study)
@@ -150,6 +160,8 @@ def optimize_shared(study: optuna.Study, objective: Callable[[optuna.Trial], flo
         raise
     finally:
         lock.close()
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
     return ran
 
 
@@ -159,6 +171,19 @@ def _requeue_interrupted(study: optuna.Study, number: int) -> None:
     t = trials[number] if number < len(trials) else None
     if t is not None and t.state == TS.FAIL and t.user_attrs.get("fail_reason", "").startswith("interrupted"):
         retry_trial(study, t)
+
+
+def rdb_storage(url: str, attempts: int = 5, **kwargs: Any) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage; retried a few times because workers starting together on an empty
+    database may race to create its tables (one of them gets an IntegrityError)."""
+    for i in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as e:
+            if i == attempts - 1 or "IntegrityError" not in type(e).__name__ + str(e):
+                raise
+            time.sleep(0.5 + i)
+    raise AssertionError("unreachable")
 
 
 def database_url(url: str | None) -> str | None:

@@ -46,7 +46,8 @@ def wait_for(find: Callable[[], Any], proc: subprocess.Popen, timeout: float = 1
 
 def fine_tuning_trial(storage: str, study: str, min_number: int = 0) -> optuna.trial.FrozenTrial | None:
     """A RUNNING trial past its size check (within budget, so fine-tuning), with its MLflow run open."""
-    for t in optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False):
+    reader = optuna.storages.RDBStorage(storage, skip_table_creation=True)  # never races the search creating them
+    for t in optuna.load_study(study_name=study, storage=reader).get_trials(deepcopy=False):
         if (t.state == optuna.trial.TrialState.RUNNING and t.number >= min_number and "mlflow_run_id" in t.user_attrs
                 and t.user_attrs.get("constraint", 1) <= 0 and "worker" in t.user_attrs):
             return t
