@@ -15,9 +15,9 @@ def test_two_fresh_runs_with_one_seed_agree(tmp_path, monkeypatch):
     runs = []
     for i in range(2):
         monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / f"cache{i}"))  # the baseline is trained twice too
-        runs.append(search("8x", model="lenet5", data="digits", out=str(tmp_path / f"run{i}"), study="d", trials=4,
-                           epochs=2, baseline_epochs=2, max_batches=3, progress=False, seed=7))
+        runs.append(search("8x", model="lenet5", data="digits", out=str(tmp_path / f"run{i}"), study="d", trials=3,
+                           epochs=1, baseline_epochs=1, max_batches=3, progress=False, seed=7))
     a, b = runs
     assert _facts(a) == _facts(b)
-    assert len({str(t.params) for t in a.study.trials}) == 4
+    assert len({str(t.params) for t in a.study.trials}) == 3
     assert a.test_accuracy == pytest.approx(b.test_accuracy, abs=0) and a.best.number == b.best.number
