@@ -42,17 +42,42 @@ def space_floor(model: nn.Module, space: Any, spec: Any, example: torch.Tensor) 
     return artifact_size(compress(model, space.smallest(), example), spec)
 
 
+def load_inputs(model: str, data: str | None, weights: str | None, data_dir: str | None, seed: int,
+                limit: int | None, val_fraction: float) -> tuple[Any, Any, nn.Module]:
+    """The data bundle (default: Fashion-MNIST, else digits with a notice), the model spec, and the
+    model with its checkpoint loaded (untrained otherwise), in eval mode."""
+    from .data import default_data, load_data
+    from .models import ModelSpec, build_model, load_weights
+
+    if data is None:
+        bundle = default_data(seed)
+        if bundle.notice:
+            print(bundle.notice)
+    else:
+        bundle = load_data(data, data_dir=data_dir, seed=seed, limit=limit, val_fraction=val_fraction)
+    spec = ModelSpec(model, bundle.num_classes, bundle.in_channels, bundle.image_size, data=bundle.name)
+    net = build_model(spec)
+    if weights:
+        load_weights(net, weights)
+    return spec, bundle, net.eval()
+
+
 def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = None, weights: str | None = None,
            data_dir: str | None = None, space: str | None = None, out: str = "runs", study: str | None = None,
            storage: str | None = None, tracking_uri: str | None = None, trials: int = 12,
            timeout: str | float | None = None, epochs: int = 1, baseline_epochs: int | None = None,
            lr: float = 0.01, batch_size: int = 128, max_batches: int | None = None, seed: int = 0,
            device: str = "cpu", limit: int | None = None, val_fraction: float = 0.1,
-           early_stopping: bool = True, progress: bool = True, workers: int = 1) -> Any:
+           early_stopping: bool | str = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
+           final_epochs: int = 2, objectives: str = "accuracy", progress: bool = True, workers: int = 1) -> Any:
     """Search compression plans for `model` on `data` under `budget`; returns a SearchOutcome.
 
     `budget` is a size ('50KB', '1.5MiB') or a ratio of the fp32 parameter bytes ('20x').
-    With no `weights`, the baseline is trained once and cached. `workers` > 1 runs that many
+    With no `weights`, the baseline is trained once and cached. With `repair`, a proposal over the
+    budget is tightened into it (more pruning, then fewer bits); without, it is recorded infeasible.
+    With `warm_start`, per-layer sensitivity is measured and the best uniform plans and a
+    sensitivity-allocated (knapsack) plan are tried first. The `final_top` best plans are then
+    fine-tuned for `final_epochs` and the best of those is exported. `workers` > 1 runs that many
     processes on the study (after the baseline is cached, so none of them trains it again).
     """
     from .search import run_search
@@ -71,20 +96,26 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
             timeout: str | float | None = None, epochs: int = 1, baseline_epochs: int | None = None,
             lr: float = 0.01, batch_size: int = 128, max_batches: int | None = None, seed: int = 0,
             device: str = "cpu", limit: int | None = None, val_fraction: float = 0.1,
-            early_stopping: bool = True, progress: bool = True) -> tuple[Any, Any]:
+            early_stopping: bool | str = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
+            final_epochs: int = 2, objectives: str = "accuracy", progress: bool = True) -> tuple[Any, Any]:
     """Check every input, then load data and the (cached or trained) baseline: (SearchSettings, SearchContext).
 
     Nothing is written before all checks pass; an unreachable storage is found before any training.
     """
-    from .data import default_data, load_data
-    from .models import ModelSpec, build_model, load_weights, param_bytes
+    from .models import param_bytes
     from .search import SearchContext, SearchSettings
     from .space import load_space
     from .train import baseline
     from .workers import check_storage, check_tracking, database_url
 
     b = budget if isinstance(budget, Budget) else parse_budget(budget)
+    objs = tuple(o.strip() for o in objectives.split(",") if o.strip())
+    if not objs or objs[0] != "accuracy" or not set(objs) <= {"accuracy", "size"} or len(set(objs)) != len(objs):
+        raise UserError(f"--objectives {objectives!r}: use 'accuracy' or 'accuracy,size' "
+                        "(latency needs the latency model, not built yet)")
     seconds = parse_duration(timeout)
+    if early_stopping not in (True, False, "median", "hyperband", "none"):
+        raise UserError(f"--early-stopping {early_stopping!r}: use median, hyperband or none")
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
     if epochs < 0:
@@ -95,17 +126,7 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     bound_space_src = load_space(space)
-    if data is None:
-        bundle = default_data(seed)
-        if bundle.notice:
-            print(bundle.notice)
-    else:
-        bundle = load_data(data, data_dir=data_dir, seed=seed, limit=limit, val_fraction=val_fraction)
-    spec = ModelSpec(model, bundle.num_classes, bundle.in_channels, bundle.image_size, data=bundle.name)
-    net = build_model(spec)
-    if weights:
-        load_weights(net, weights)
-    net.eval()
+    spec, bundle, net = load_inputs(model, data, weights, data_dir, seed, limit, val_fraction)
     bound = bound_space_src.bind(net)
     example = bundle.train.x[:2]
     original = param_bytes(net)
@@ -125,7 +146,8 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
         budget=b, out=out, study=study or default_study_name(model, bundle.name, b), storage=storage,
         tracking_uri=tracking_uri, trials=trials, timeout=seconds, epochs=epochs, lr=lr,
         batch_size=batch_size, max_batches=max_batches, seed=seed, device=device,
-        early_stopping=early_stopping, progress=progress)
+        early_stopping=early_stopping, repair=repair, warm_start=warm_start, final_top=final_top,
+        final_epochs=final_epochs, objectives=objs, progress=progress)
     bundle.train, bundle.val, bundle.test = (bundle.train.to(device), bundle.val.to(device),
                                              bundle.test.to(device))
     net = net.to(device)

@@ -46,9 +46,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="cpu | cuda")
-    s.add_argument("--no-early-stopping", action="store_true", help="never stop a trial before its last epoch")
+    s.add_argument("--early-stopping", default="median", choices=("median", "hyperband", "none"),
+                   help="stop hopeless trials on their per-epoch val accuracy (with --epochs > 1; default median)")
+    s.add_argument("--no-repair", action="store_true",
+                   help="record over-budget proposals as infeasible instead of tightening them into the budget")
+    s.add_argument("--no-warm-start", action="store_true",
+                   help="skip the sensitivity analysis and the uniform/knapsack plans tried first")
+    s.add_argument("--final-top", type=int, default=3, help="plans re-fine-tuned longer at the end (default 3; 0: none)")
+    s.add_argument("--final-epochs", type=int, default=2, help="fine-tune epochs for those finalists (default 2)")
+    s.add_argument("--objectives", default="accuracy",
+                   help="accuracy (default) or accuracy,size: a multi-objective search returning the Pareto front")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_common(s)
+
+    z = sub.add_parser("sensitivity", help="per-layer accuracy drop under pruning and quantisation")
+    z.add_argument("--model", default="lenet5")
+    z.add_argument("--weights")
+    z.add_argument("--data")
+    z.add_argument("--data-dir")
+    z.add_argument("--baseline-epochs", type=int)
+    z.add_argument("--amounts", default="0.5,0.7,0.8,0.9,0.95,0.98", help="pruning amounts to test")
+    z.add_argument("--bits", default="2,3,4,5,6", help="weight bit widths to test")
+    z.add_argument("--samples", type=int, default=2000, help="validation samples used (default 2000)")
+    z.add_argument("--seed", type=int, default=0)
+    z.add_argument("--device", default="cpu")
+    z.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
+    z.add_argument("--out", default="runs", help="output folder (results cached in OUT/sensitivity/)")
 
     r = sub.add_parser("report", help="table of a study's trials")
     r.add_argument("--format", choices=("table", "json"), default="table")
@@ -75,11 +98,45 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      out=a.out, study=a.study, storage=a.storage, tracking_uri=a.tracking_uri, trials=a.trials,
                      timeout=a.timeout, epochs=a.epochs, baseline_epochs=a.baseline_epochs, lr=a.lr,
                      batch_size=a.batch_size, max_batches=a.max_batches, seed=a.seed, device=a.device,
-                     limit=a.limit, early_stopping=not a.no_early_stopping, progress=not a.no_progress,
-                     workers=a.workers)
+                     limit=a.limit, early_stopping=a.early_stopping, repair=not a.no_repair,
+                     warm_start=not a.no_warm_start, final_top=a.final_top, final_epochs=a.final_epochs,
+                     objectives=a.objectives,
+                     progress=not a.no_progress, workers=a.workers)
     if outcome.best is not None:
         uri = outcome.study and (a.tracking_uri or f"sqlite:///{os.path.abspath(os.path.join(a.out, 'mlflow.db'))}")
         print(f"review in MLflow: mlflow ui --backend-store-uri {uri}")
+    return 0
+
+
+def _cmd_sensitivity(a: argparse.Namespace) -> int:
+    from .api import DEFAULT_BASELINE_EPOCHS, load_inputs
+    from .errors import UserError
+    from .sensitivity import cached_analyse, format_table
+    from .tracking import Tracker, default_tracking_uri
+    from .train import baseline
+
+    try:
+        amounts = tuple(float(v) for v in a.amounts.split(","))
+        bits = tuple(int(v) for v in a.bits.split(","))
+    except ValueError:
+        raise UserError("--amounts and --bits take comma-separated numbers, e.g. --amounts 0.5,0.9 --bits 2,4") from None
+    spec, bundle, _ = load_inputs(a.model, a.data, a.weights, a.data_dir, a.seed, None, 0.1)
+    epochs = a.baseline_epochs if a.baseline_epochs is not None else DEFAULT_BASELINE_EPOCHS.get(a.model, 5)
+    net, val_acc = baseline(spec, bundle, epochs=epochs, seed=a.seed, device=a.device, weights=a.weights)
+    sens, path, cached = cached_analyse(net.to(a.device), bundle.val.to(a.device), bundle.train.x[:2].to(a.device),
+                                        os.path.join(a.out, "sensitivity"), device=a.device, progress=True,
+                                        amounts=amounts, bits=bits, samples=a.samples)
+    print(f"{a.model} on {bundle.name}: val accuracy {sens.baseline_accuracy:.4f} on "
+          f"{min(a.samples, len(bundle.val))} validation samples; "
+          f"accuracy drop in points when only that layer is compressed{' (cached)' if cached else ''}")
+    print(format_table(sens))
+    tracker = Tracker(a.tracking_uri or default_tracking_uri(a.out), "sensitivity", os.path.join(a.out, "mlartifacts"))
+    run = tracker.start_parent(f"{a.model}-{bundle.name}", {"model": a.model, "data": bundle.name,
+                                                             "amounts": a.amounts, "bits": a.bits})
+    tracker.log_file(run, path)
+    tracker.log_text(run, format_table(sens), "sensitivity.txt")
+    tracker.end(run, "complete")
+    print(f"saved {path}; logged to MLflow experiment 'sensitivity'")
     return 0
 
 
@@ -115,9 +172,15 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 def _cmd_export(a: argparse.Namespace) -> int:
     from .errors import UserError
+    from .refine import best_final
     from .search import best_trial
 
     study = _open(a)
+    final = best_final(study)
+    if a.trial is None and final is not None:
+        number, info = final
+        src, label = info["artifact"], f"trial {number} (refined for {info['epochs']} epochs)"
+        return _copy_artifact(src, a.to, label)
     if a.trial is None:
         t = best_trial(study)
         if t is None:
@@ -133,10 +196,18 @@ def _cmd_export(a: argparse.Namespace) -> int:
                         f"{t.user_attrs.get('worker', 'another machine')}; export it there")
     if not src:
         raise UserError(f"trial {t.number} has no artifact (state {t.state.name.lower()}); pick a completed trial")
-    tmp = a.to + ".tmp"
+    return _copy_artifact(src, a.to, f"trial {t.number}")
+
+
+def _copy_artifact(src: str, dst: str, label: str) -> int:
+    from .errors import UserError
+
+    if not os.path.isfile(src):
+        raise UserError(f"{label}: artifact {src} is missing")
+    tmp = dst + ".tmp"
     shutil.copyfile(src, tmp)
-    os.replace(tmp, a.to)
-    print(f"trial {t.number}: {os.path.getsize(a.to)} bytes -> {a.to}")
+    os.replace(tmp, dst)
+    print(f"{label}: {os.path.getsize(dst)} bytes -> {dst}")
     return 0
 
 
@@ -167,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .plan import PlanError
 
     args = build_parser().parse_args(argv)
-    handler = {"search": _cmd_search, "report": _cmd_report, "export": _cmd_export, "evaluate": _cmd_evaluate}
+    handler = {"search": _cmd_search, "report": _cmd_report, "export": _cmd_export, "evaluate": _cmd_evaluate,
+               "sensitivity": _cmd_sensitivity}
     try:
         return handler[args.command](args)
     except (UserError, PlanError) as e:

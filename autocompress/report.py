@@ -43,7 +43,7 @@ def trial_rows(study: optuna.Study, original_bytes: int | None = None) -> list[d
         plan = CompressionPlan.from_dict(t.user_attrs["plan"]) if "plan" in t.user_attrs else None
         rows.append({
             "trial": t.number, "state": trial_state(t),
-            "val_accuracy": t.value if trial_state(t) == "complete" else None,
+            "val_accuracy": t.values[0] if trial_state(t) == "complete" else None,
             "size_bytes": size,
             "ratio": (original_bytes / size) if (size and original_bytes) else t.user_attrs.get("ratio"),
             "seconds": t.user_attrs.get("seconds"),

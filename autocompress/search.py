@@ -22,6 +22,8 @@ from torch import nn
 
 from .compress import compress, kept_weights
 from .cost import artifact_size
+from .cost.repair import repair
+from .refine import best_final, refine
 from .data import DataBundle
 from .errors import UserError
 from .export import export
@@ -60,8 +62,13 @@ class SearchSettings:
     max_batches: int | None = None
     seed: int = 0
     device: str = "cpu"
-    early_stopping: bool = True
+    early_stopping: bool | str = True  # True/"median", "hyperband", or False/"none"
     progress: bool = True
+    repair: bool = True
+    objectives: tuple[str, ...] = ("accuracy",)
+    warm_start: bool = True
+    final_top: int = 3
+    final_epochs: int = 2
     calib_batches: int = 4
     heartbeat_interval: int = field(default_factory=lambda: heartbeat_defaults()[0])
     grace_period: int = field(default_factory=lambda: heartbeat_defaults()[1])
@@ -98,6 +105,7 @@ class SearchOutcome:
     baseline_test_accuracy: float | None
     limit: int
     parent_run_id: str | None
+    best_val: float | None = None
 
 
 def trial_state(t: optuna.trial.FrozenTrial) -> str:
@@ -111,8 +119,23 @@ def trial_state(t: optuna.trial.FrozenTrial) -> str:
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The feasible completed trial with the highest validation accuracy (smaller size breaks ties)."""
     ok = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-          if not t.user_attrs.get("infeasible") and t.value is not None]
-    return max(ok, key=lambda t: (t.value, -t.user_attrs.get("size_bytes", 0))) if ok else None
+          if not t.user_attrs.get("infeasible") and t.values]
+    return max(ok, key=lambda t: (accuracy(t), -t.user_attrs.get("size_bytes", 0))) if ok else None
+
+
+def accuracy(t: optuna.trial.FrozenTrial) -> float:
+    """The trial's validation accuracy (its first objective, in single- and multi-objective studies)."""
+    return t.values[0]
+
+
+def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Feasible completed trials not dominated in (accuracy up, size down), by accuracy."""
+    ok = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+          if not t.user_attrs.get("infeasible") and t.values and "size_bytes" in t.user_attrs]
+    pts = [(accuracy(t), t.user_attrs["size_bytes"]) for t in ok]
+    front = [t for t, (a, s) in zip(ok, pts)
+             if not any(a2 >= a and s2 <= s and (a2 > a or s2 < s) for a2, s2 in pts)]
+    return sorted(front, key=lambda t: -accuracy(t))
 
 
 def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
@@ -128,15 +151,26 @@ def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
     except Exception as e:  # unreachable server, bad URL
         raise UserError(f"cannot open study storage {settings.storage_url}: {str(e).splitlines()[0]}") from None
     sampler = make_sampler(settings, 0)
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=4) if settings.early_stopping
-              else optuna.pruners.NopPruner())
+    pruner = early_stopper(settings.early_stopping, settings.epochs)
+    directions = ["maximize"] + ["minimize"] * (len(settings.objectives) - 1)
     if not create:
         try:
             return optuna.load_study(study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner)
         except KeyError:
             raise UserError(f"no study named {settings.study!r} in {settings.storage_url}") from None
     return optuna.create_study(study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner,
-                               direction="maximize", load_if_exists=True)
+                               directions=directions, load_if_exists=True)
+
+
+def early_stopper(kind: bool | str, epochs: int) -> optuna.pruners.BasePruner:
+    """Optuna's early stopping of hopeless trials on their per-epoch validation accuracy."""
+    if kind in (True, "median"):
+        return optuna.pruners.MedianPruner(n_startup_trials=4)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1))
+    if kind in (False, "none"):
+        return optuna.pruners.NopPruner()
+    raise UserError(f"unknown early stopping {kind!r}: use median, hyperband or none")
 
 
 def make_sampler(settings: SearchSettings, trial_number: int) -> optuna.samplers.BaseSampler:
@@ -147,24 +181,39 @@ def make_sampler(settings: SearchSettings, trial_number: int) -> optuna.samplers
 
 
 class Objective:
-    """One Optuna trial: plan -> compress -> size -> (infeasible | fine-tune -> export)."""
+    """One Optuna trial: plan -> compress -> size (-> repair) -> (infeasible | fine-tune -> export)."""
 
     def __init__(self, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, limit: int) -> None:
         self.s, self.ctx, self.tracker, self.limit = settings, ctx, tracker, limit
         self.data = ctx.data
         os.makedirs(settings.artifact_dir, exist_ok=True)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        acc, size = self._run(trial)
+        return acc if len(self.s.objectives) == 1 else (acc, float(size))
+
+    def _run(self, trial: optuna.Trial) -> tuple[float, int]:
         start = time.perf_counter()
         torch.manual_seed(self.s.seed + trial.number)
-        plan = self.ctx.space.suggest(trial)
+        proposed = self.ctx.space.suggest(trial)
+        plan, compressed, size, error = proposed, None, 0, None
+        try:
+            plan, compressed, size = self._fit(proposed)
+        except Exception as e:  # recorded below, in the trial's own run
+            error = e
         run_id = self.tracker.start_trial(trial.number, _run_params(plan, self.s), plan.to_dict())
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("plan", plan.to_dict())
+        if plan is not proposed:
+            trial.set_user_attr("repaired", True)
+            trial.set_user_attr("proposed_plan", proposed.to_dict())
+            self.tracker.set_tags(run_id, {"repaired": "true"})
+            self.tracker.log_text(run_id, proposed.to_json(), "proposed_plan.json")
         state, finetune_s = "failed", 0.0
         try:
-            compressed = compress(self.ctx.model, plan, self.ctx.example_input, self.ctx.calib)
-            size = artifact_size(compressed, self.ctx.spec)
+            if error is not None:
+                raise error
+            assert compressed is not None
             ratio = self.ctx.original_bytes / size
             trial.set_user_attr("size_bytes", size)
             trial.set_user_attr("ratio", ratio)
@@ -174,14 +223,14 @@ class Objective:
             if size > self.limit:
                 state = "infeasible"
                 trial.set_user_attr("infeasible", True)
-                return 0.0
+                return 0.0, size
             result = finetune(compressed, self.data.train, self.data.val, self._finetune_config(plan),
                               teacher=self.ctx.model if plan.distill > 0 else None,
                               report=self._reporter(trial, run_id), l1_weights=lambda: kept_weights(compressed),
                               device=self.s.device, progress=self.s.progress)
             finetune_s = result.seconds + result.eval_seconds
             for epoch, loss in enumerate(result.train_loss):
-                self.tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch)
+                self.tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch + 1)
             path = os.path.join(self.s.artifact_dir, f"trial-{trial.number}.acz")
             written = export(compressed.cpu(), path, self.ctx.spec)
             if written != size:
@@ -190,7 +239,7 @@ class Objective:
             acc = result.val_acc[-1]
             self.tracker.log_metrics(run_id, {"val_accuracy_final": acc})
             state = "complete"
-            return acc
+            return acc, size
         except optuna.TrialPruned:
             state = "early-stopped"
             raise
@@ -209,6 +258,20 @@ class Objective:
             self.tracker.log_metrics(run_id, {"trial_seconds": seconds, "overhead_seconds": seconds - finetune_s})
             self.tracker.end(run_id, state)
 
+    def _size(self, plan: CompressionPlan) -> tuple[nn.Module, int]:
+        compressed = compress(self.ctx.model, plan, self.ctx.example_input, self.ctx.calib)
+        return compressed, artifact_size(compressed, self.ctx.spec)
+
+    def _fit(self, proposed: CompressionPlan) -> tuple[CompressionPlan, nn.Module, int]:
+        """Compress the proposal; if it is over budget (and repair is on), tighten it into the budget."""
+        compressed, size = self._size(proposed)
+        if size <= self.limit or not self.s.repair:
+            return proposed, compressed, size
+        fixed = repair(proposed, self.ctx.space.layers, lambda p: self._size(p)[1], self.limit)
+        if fixed is None:
+            return proposed, compressed, size
+        return (fixed, *self._size(fixed))
+
     def _finetune_config(self, plan: CompressionPlan) -> FinetuneConfig:
         return FinetuneConfig(epochs=self.s.epochs, lr=self.s.lr, batch_size=self.s.batch_size,
                               max_batches=self.s.max_batches, distill=plan.distill,
@@ -221,10 +284,27 @@ class Objective:
             self.tracker.log_metrics(run_id, {"val_accuracy": acc}, step=epoch)
             if not math.isfinite(acc):
                 raise TrialFailed("validation accuracy is not finite")
+            if len(self.s.objectives) > 1:  # Optuna's early stopping is single-objective only
+                curve = {**trial.user_attrs.get("val_by_epoch", {}), str(epoch): acc}
+                trial.set_user_attr("val_by_epoch", curve)
+                if epoch < last_epoch and self.s.early_stopping not in (False, "none") and dominated_early(trial, acc, epoch):
+                    raise optuna.TrialPruned(f"val accuracy {acc:.4f} after epoch {epoch} is dominated")
+                return
             trial.report(acc, epoch)
             if epoch < last_epoch and trial.should_prune():
-                raise optuna.TrialPruned(f"val accuracy {acc:.4f} after epoch {epoch + 1}")
+                raise optuna.TrialPruned(f"val accuracy {acc:.4f} after epoch {epoch}")
         return report
+
+
+def dominated_early(trial: optuna.Trial, acc: float, epoch: int, margin: float = 0.02) -> bool:
+    """Multi-objective early stop: some finished trial no larger than this one was already more
+    than `margin` more accurate at the same epoch, so this trial is unlikely to reach the front."""
+    size = trial.user_attrs.get("size_bytes", float("inf"))
+    for t in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        other = t.user_attrs.get("val_by_epoch", {}).get(str(epoch))
+        if other is not None and t.user_attrs.get("size_bytes", float("inf")) <= size and other > acc + margin:
+            return True
+    return False
 
 
 def _run_params(plan: CompressionPlan, s: SearchSettings) -> dict[str, Any]:
@@ -269,6 +349,9 @@ def run_search(settings: SearchSettings, ctx: SearchContext, workers: int = 1,
           f"({ctx.original_bytes / limit:.1f}x of {format_bytes(ctx.original_bytes)} fp32)"
           + (f"; {workers} workers" if workers > 1 else "")
           + (f"; closed {closed} run(s) left by a killed search" if closed else ""), flush=True)
+    if settings.warm_start and not study.get_trials(deepcopy=False) and remaining:
+        _enqueue_warm_start(study, settings, ctx, Objective(settings, ctx, tracker, limit), tracker, parent, limit,
+                            remaining)
     try:
         if workers > 1 and remaining > 0:
             codes = wait_workers(spawn_workers(worker_args or {}, workers, parent))
@@ -282,8 +365,16 @@ def run_search(settings: SearchSettings, ctx: SearchContext, workers: int = 1,
         print("interrupted: the current trial is recorded as interrupted; run the same command to resume")
         tracker.end(parent, "interrupted")
         raise
+    if settings.final_top > 0 and settings.final_epochs > 0:
+        refine(study, settings, ctx, tracker, settings.final_top, settings.final_epochs)
     best = best_trial(study)
     print_table(study, ctx.original_bytes, limit)
+    if len(settings.objectives) > 1:
+        from .report import format_table, trial_rows
+
+        front = {t.number for t in pareto_trials(study)}
+        print(f"\nPareto front (accuracy vs size), {len(front)} trials:")
+        print(format_table([r for r in trial_rows(study, ctx.original_bytes) if r["trial"] in front], top=50))
     outcome = SearchOutcome(study, best, None, None, None, limit, parent)
     if best is not None:
         _finish_best(outcome, settings, ctx, tracker)
@@ -323,6 +414,28 @@ def _tracker(settings: SearchSettings) -> Tracker:
                    os.path.join(settings.out, "mlartifacts"))
 
 
+def _enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, objective: Objective,
+                        tracker: Tracker, parent: str, limit: int, remaining: int) -> None:
+    """Sensitivity analysis (cached per study), then the uniform and knapsack plans as first trials."""
+    from .sensitivity import cached_analyse
+    from .warmstart import to_params, warm_start_plans
+
+    t0 = time.perf_counter()
+    sens, cache, cached = cached_analyse(ctx.model, ctx.data.val, ctx.example_input,
+                                         os.path.join(settings.out, "sensitivity"), device=settings.device,
+                                         progress=settings.progress)
+    print(f"sensitivity ({'cached' if cached else f'{time.perf_counter() - t0:.1f}s'}): most fragile first: "
+          + ", ".join(sens.ranking()[:5]))
+    tracker.log_file(parent, cache)
+    plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: objective._size(p)[1], limit, sens)
+    plans = sorted(plans, key=lambda np_: np_[0] != "knapsack")[:remaining]  # never more than the trials asked
+    for name, plan in plans:
+        params = to_params(plan, ctx.space.layers)
+        if params is not None:
+            study.enqueue_trial(params, user_attrs={"warm_start": name}, skip_if_exists=True)
+    print(f"warm start: {', '.join(n for n, _ in plans) or 'no plan fits'}")
+
+
 def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchContext, tracker: Tracker) -> None:
     """Copy the best artifact to OUT/best.acz, load it back and measure test accuracy once."""
     from .export import load
@@ -330,9 +443,15 @@ def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCo
 
     best = outcome.best
     assert best is not None and outcome.parent_run_id
-    src = best.user_attrs["artifact"]
+    src, best_val = best.user_attrs["artifact"], accuracy(best)
+    final = best_final(outcome.study)
+    if final is not None:
+        number, info = final
+        best = outcome.best = next(t for t in outcome.study.trials if t.number == number)
+        src, best_val = info["artifact"], info["val_accuracy"]
+    outcome.best_val = best_val
     if not os.path.isfile(src):  # another machine of a shared study ran it
-        print(f"best: trial {best.number}, val {best.value:.4f}, ran on {best.user_attrs.get('worker', '?')}; "
+        print(f"best: trial {best.number}, val {best_val:.4f}, ran on {best.user_attrs.get('worker', '?')}; "
               f"its artifact is there: {src} (export it on that machine)")
         return
     dst = os.path.join(settings.out, "best.acz")
@@ -344,13 +463,13 @@ def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCo
     outcome.baseline_test_accuracy = evaluate(ctx.model, ctx.data.test, device=settings.device)
     size = os.path.getsize(dst)
     tracker.log_metrics(outcome.parent_run_id, {
-        "best_val_accuracy": best.value, "best_test_accuracy": outcome.test_accuracy,
+        "best_val_accuracy": best_val, "best_test_accuracy": outcome.test_accuracy,
         "baseline_test_accuracy": outcome.baseline_test_accuracy, "best_size_bytes": size,
         "best_compression_ratio": ctx.original_bytes / size})
     tracker.set_tags(outcome.parent_run_id, {"best_trial": best.number, "best_artifact": os.path.abspath(dst)})
     tracker.log_text(outcome.parent_run_id, CompressionPlan.from_dict(best.user_attrs["plan"]).to_json(),
                      "best_plan.json")
-    print(f"best: trial {best.number}, val {best.value:.4f}, test {outcome.test_accuracy:.4f} "
+    print(f"best: trial {best.number}, val {best_val:.4f}, test {outcome.test_accuracy:.4f} "
           f"(baseline test {outcome.baseline_test_accuracy:.4f}), {size} bytes = {format_bytes(size)}, "
           f"{ctx.original_bytes / size:.1f}x -> {dst}")
 
@@ -358,7 +477,7 @@ def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCo
 def _check_same_study(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, limit: int) -> None:
     """A resumed study must keep its budget, model and space: TPE assumes one fixed objective."""
     key = {"budget_bytes": limit, "model": ctx.spec.spec, "data": ctx.data.name,
-           "params": ctx.space.param_names()}
+           "params": ctx.space.param_names(), "objectives": list(settings.objectives)}
     old = study.user_attrs.get("identity")
     if old is None:
         study.set_user_attr("identity", key)
@@ -392,8 +511,8 @@ def _trial_printer(bar: Any, original_bytes: int) -> Any:
     def callback(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
         size = t.user_attrs.get("size_bytes")
         line = f"trial {t.number:3d} {trial_state(t):13s}"
-        if t.value is not None and not t.user_attrs.get("infeasible"):
-            line += f" val {t.value:.4f}"
+        if t.values and not t.user_attrs.get("infeasible"):
+            line += f" val {accuracy(t):.4f}"
         if size:
             line += f"  {format_bytes(size):>9s} {original_bytes / size:6.1f}x"
         line += f"  {t.user_attrs.get('seconds', 0):5.1f}s"
@@ -404,7 +523,7 @@ def _trial_printer(bar: Any, original_bytes: int) -> Any:
             bar.write(line)
             bar.update(1)
             if best is not None:
-                bar.set_postfix(best=f"{best.value:.4f}", size=format_bytes(best.user_attrs['size_bytes']))
+                bar.set_postfix(best=f"{accuracy(best):.4f}", size=format_bytes(best.user_attrs['size_bytes']))
         else:
             print(line)
     return callback

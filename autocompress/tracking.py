@@ -24,9 +24,10 @@ class Tracker:
     """Logs a study to one MLflow experiment (named after the study)."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_dir: str | None = None) -> None:
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
         from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import: mlflow sets its own level
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -45,12 +46,14 @@ class Tracker:
         self.log_params(self.parent_id, params)
         return self.parent_id
 
-    def start_trial(self, number: int, params: dict[str, Any], plan: dict[str, Any]) -> str:
-        """A child run for Optuna trial `number`, holding the plan summary and the plan JSON."""
-        tags = {PARENT_TAG: "trial", "optuna.trial": str(number), "state": "running"}
+    def start_trial(self, number: int, params: dict[str, Any], plan: dict[str, Any], role: str = "trial") -> str:
+        """A child run for Optuna trial `number` (role "trial"; "final" for its longer re-fine-tune),
+        holding the plan summary and the plan JSON."""
+        tags = {PARENT_TAG: role, "optuna.trial": str(number), "state": "running"}
         if self.parent_id:
             tags["mlflow.parentRunId"] = self.parent_id
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags=tags)
+        name = f"trial-{number}" if role == "trial" else f"{role}-{number}"
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         run_id = run.info.run_id
         self.log_params(run_id, params)
         self.client.log_text(run_id, json.dumps(plan, indent=1, sort_keys=True), "plan.json")

@@ -1,7 +1,8 @@
 """Trials per minute of `autocompress search` with 1 and with 2 worker processes on this machine.
 
 Same study settings for every run, a fresh study each time (SQLite storage and MLflow store in a
-temporary folder), the baseline trained once beforehand and cached, so no run pays for it. Two
+temporary folder), the baseline trained once beforehand and cached, so no run pays for it; no warm
+start and no final phase (they run once, in the invoking process, whatever the worker count). Two
 rates per run: trials / wall-clock of the whole command (process start, data, workers' start up
 included), and trials / span from the first trial's start to the last trial's end (the steady
 rate). The 1-minute load average before each run is recorded: the machine is shared.
@@ -33,7 +34,8 @@ def run(workers: int, a: argparse.Namespace, tmp: str, tag: str) -> dict:
     out = os.path.join(tmp, tag)
     cmd = [sys.executable, "-m", "autocompress", "search", "--budget", a.budget, "--model", a.model,
            "--data", a.data, "--trials", str(a.trials), "--epochs", "1", "--max-batches", str(a.max_batches),
-           "--seed", "0", "--no-progress", "--study", "bench", "--out", out, "--workers", str(workers)]
+           "--seed", "0", "--no-progress", "--no-warm-start", "--final-top", "0", "--study", "bench", "--out", out,
+           "--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": ROOT, "AUTOCOMPRESS_CACHE": os.path.join(tmp, "cache")}
     load = os.getloadavg()[0]
     start = time.perf_counter()

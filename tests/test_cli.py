@@ -89,3 +89,15 @@ def test_report_and_export_without_a_study(capsys, out):
     assert code == 2 and "no study database" in err[0]
     code, err = _run(capsys, "export", "--runs", str(out), "--out", str(out / "x.acz"))
     assert code == 2 and not out.exists()
+
+
+def test_sensitivity_command_prints_one_row_per_layer_and_caches(capsys, tmp_path):
+    args = ["sensitivity", "--data", "digits", "--out", str(tmp_path), "--baseline-epochs", "2",
+            "--amounts", "0.5,0.9", "--bits", "2,4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] in
+            ("conv1", "conv2", "fc1", "fc2")]
+    assert sorted(rows) == ["conv1", "conv2", "fc1", "fc2"]
+    assert len(list((tmp_path / "sensitivity").glob("*.json"))) == 1
+    assert main(args) == 0 and "(cached)" in capsys.readouterr().out

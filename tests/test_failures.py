@@ -17,7 +17,8 @@ MODELS = Path(__file__).with_name("flaky_models.py")
                                          ("nan", "NonFiniteLoss: fine-tune loss became nan")])
 def test_failed_trials_keep_their_reason_and_the_study_goes_on(tmp_path, name, reason):
     outcome = search("2x", model=f"{MODELS}:{name}", data="digits", out=str(tmp_path), study="f", trials=2,
-                     epochs=1, baseline_epochs=0, max_batches=2, progress=False, seed=0)
+                     epochs=1, baseline_epochs=0, max_batches=2, progress=False, seed=0, warm_start=False,
+                     final_top=0)
     assert outcome.best is None and len(outcome.study.trials) == 2  # both trials ran, neither stopped the study
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     for t in outcome.study.trials:

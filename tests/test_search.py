@@ -15,7 +15,7 @@ from autocompress.models import param_bytes
 from autocompress.train import evaluate
 
 QUICK = dict(model="lenet5", data="digits", trials=3, epochs=1, baseline_epochs=3, max_batches=4,
-             progress=False, seed=0)
+             progress=False, seed=0, final_top=0)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_over_budget_plan_is_never_fine_tuned(tmp_path):
     study = open_study(SearchSettings(budget=parse_budget("8x"), out=str(tmp_path), study="b"))
     for bits in (32, 2):  # all-fp32 is 1x: far over an 8x budget; all-2-bit fits
         study.enqueue_trial({f"{n}.bits": bits for n in ("conv1", "conv2", "fc1", "fc2")})
-    outcome = search("8x", out=str(tmp_path), study="b", space=str(space), **{**QUICK, "trials": 2})
+    outcome = search("8x", out=str(tmp_path), study="b", space=str(space), repair=False, **{**QUICK, "trials": 2})
     over, fits = outcome.study.trials
     assert over.user_attrs["infeasible"] and over.user_attrs["constraint"] > 0
     assert "artifact" not in over.user_attrs and over.intermediate_values == {}
@@ -103,3 +103,22 @@ def test_over_budget_plan_is_never_fine_tuned(tmp_path):
     run = client.get_run(over.user_attrs["mlflow_run_id"])
     assert run.data.tags["state"] == "infeasible" and "val_accuracy" not in run.data.metrics
     assert outcome.best.number == fits.number
+
+
+def test_over_budget_proposal_is_repaired_into_the_budget(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("layer:\n  prune: [unstructured]\n  amount: {low: 0.0, high: 0.98, step: 0.02}\n"
+                     "  bits: [4, 8]\nrecovery:\n  distill: [0.0]\n")
+    from autocompress.plan import parse_budget
+    from autocompress.search import SearchSettings, open_study
+
+    study = open_study(SearchSettings(budget=parse_budget("40x"), out=str(tmp_path), study="r"))
+    study.enqueue_trial({**{f"{n}.amount": 0.0 for n in ("conv1", "conv2", "fc1", "fc2")},
+                         **{f"{n}.bits": 8 for n in ("conv1", "conv2", "fc1", "fc2")}})  # 4x: far over 40x
+    outcome = search("40x", out=str(tmp_path), study="r", space=str(space), **{**QUICK, "trials": 1})
+    t = outcome.study.trials[0]
+    assert t.user_attrs["repaired"] and not t.user_attrs.get("infeasible")
+    assert t.user_attrs["size_bytes"] <= outcome.limit
+    assert os.path.getsize(t.user_attrs["artifact"]) == t.user_attrs["size_bytes"]
+    assert t.user_attrs["proposed_plan"]["layers"]["fc1"]["bits"] == 8
+    assert t.intermediate_values  # it was fine-tuned

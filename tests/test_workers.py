@@ -71,7 +71,7 @@ def test_worker_killed_mid_trial_is_retried_and_nothing_is_lost(where, tmp_path)
     assert killed.state == optuna.trial.TrialState.FAIL
     (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
     assert retry.params == victim.params and retry.state != optuna.trial.TrialState.FAIL
-    assert len(counted_trials(study)) == 4 and len(study.trials) == 4
+    assert len(counted_trials(study)) == 4 and len(study.trials) == 5
     runs = {r.info.run_id: r for r in trial_runs(mlflow, name)}
     assert len(runs) == len(study.trials) and all(r.info.status != "RUNNING" for r in runs.values())
     dead = runs[victim.user_attrs["mlflow_run_id"]]

@@ -1,0 +1,202 @@
+"""Warm-start plans, tried before the sampler takes over.
+
+- Uniform plans: one global magnitude threshold over all layers and the same bits everywhere,
+  at the smallest sparsity whose real artifact fits the budget (bisection on exact sizes).
+- A sensitivity-allocated plan: a multiple-choice knapsack over per-layer (amount, bits) options
+  that minimises the summed per-layer accuracy drops under the byte budget.
+Both are mapped onto the search space's choices so they can be enqueued as Optuna trials.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .models import prunable_layers
+from .plan import CompressionPlan, LayerPlan
+from .sensitivity import Sensitivity
+
+SizeFn = Callable[[CompressionPlan], int]
+
+
+def global_amounts(model: nn.Module, sparsity: float, layers: list[str] | None = None) -> dict[str, float]:
+    """Per-layer pruning amounts implied by one global magnitude threshold at `sparsity`."""
+    names = layers or prunable_layers(model)
+    weights = {n: model.get_submodule(n).weight.detach().abs().flatten().cpu() for n in names}
+    if sparsity <= 0:
+        return {n: 0.0 for n in names}
+    allw = torch.cat(list(weights.values()))
+    thr = allw.kthvalue(max(int(sparsity * allw.numel()), 1)).values
+    return {n: min(float((w <= thr).float().mean()), 0.999) for n, w in weights.items()}
+
+
+def uniform_plan(model: nn.Module, sparsity: float, bits: int, layers: list[str] | None = None) -> CompressionPlan:
+    """Global-threshold unstructured pruning at `sparsity` + `bits` for every layer."""
+    amounts = global_amounts(model, sparsity, layers)
+    return CompressionPlan(layers={n: LayerPlan(prune="unstructured" if a > 0 else "none", amount=a, bits=bits)
+                                   for n, a in amounts.items()})
+
+
+def fit_uniform(model: nn.Module, bits: int, size_of: SizeFn, limit: int, layers: list[str] | None = None,
+                max_sparsity: float = 0.998, tol: float = 0.001) -> tuple[float, CompressionPlan] | None:
+    """The smallest global sparsity (within tol) at which the uniform plan fits `limit` bytes."""
+    plan0 = uniform_plan(model, 0.0, bits, layers)
+    if size_of(plan0) <= limit:
+        return 0.0, plan0
+    if size_of(uniform_plan(model, max_sparsity, bits, layers)) > limit:
+        return None
+    lo, hi = 0.0, max_sparsity
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if size_of(uniform_plan(model, mid, bits, layers)) <= limit:
+            hi = mid
+        else:
+            lo = mid
+    return hi, uniform_plan(model, hi, bits, layers)
+
+
+def _entropy_bits(n: int, density: float) -> float:
+    if density <= 0 or density >= 1:
+        return 0.0
+    return n * -(density * math.log2(density) + (1 - density) * math.log2(1 - density))
+
+
+def estimate_layer_bytes(numel: int, out_channels: int, amount: float, bits: int) -> float:
+    """Rough packed size of one layer: kept codes + coded mask (near entropy) + fp16 scales."""
+    kept = numel * (1 - amount)
+    mask = min(_entropy_bits(numel, 1 - amount) * 1.08, numel) if amount > 0 else 0.0
+    return (kept * bits + mask) / 8 + 2 * out_channels
+
+
+def knapsack_plan(model: nn.Module, sens: Sensitivity, budget_bytes: float, amounts: list[float],
+                  bits: list[int], layers: list[str] | None = None, bins: int = 400) -> CompressionPlan | None:
+    """Per-layer (amount, bits) minimising the summed estimated accuracy drop within `budget_bytes`
+    (multiple-choice knapsack by dynamic programming over a discretised byte budget)."""
+    names = layers or sens.layers
+    unit = budget_bytes / bins
+    options: list[list[tuple[int, float, float, int]]] = []
+    for n in names:
+        w = model.get_submodule(n).weight
+        opts = []
+        for a in amounts:
+            for b in bits:
+                cost = math.ceil(estimate_layer_bytes(w.numel(), w.shape[0], a, b) / unit)
+                opts.append((cost, sens.drop(n, a, b), a, b))
+        options.append(opts)
+    inf = float("inf")
+    best = [0.0] + [inf] * bins  # best[c] = least drop using exactly <= c units so far
+    choice: list[list[Any]] = []
+    for opts in options:
+        new = [inf] * (bins + 1)
+        pick: list[Any] = [None] * (bins + 1)
+        for c in range(bins + 1):
+            if best[c] == inf:
+                continue
+            for i, (cost, drop, _, _) in enumerate(opts):
+                nc = c + cost
+                if nc <= bins and best[c] + drop < new[nc]:
+                    new[nc], pick[nc] = best[c] + drop, (c, i)
+        best = new
+        choice.append(pick)
+    end = min(range(bins + 1), key=lambda c: best[c])
+    if best[end] == inf:
+        return None
+    layers_plan: dict[str, LayerPlan] = {}
+    c = end
+    for n, opts, pick in reversed(list(zip(names, options, choice))):
+        prev, i = pick[c]
+        _, _, a, b = opts[i]
+        layers_plan[n] = LayerPlan(prune="unstructured" if a > 0 else "none", amount=a, bits=b)
+        c = prev
+    return CompressionPlan(layers={n: layers_plan[n] for n in names})
+
+
+def to_params(plan: CompressionPlan, space_layers: dict) -> dict[str, Any] | None:
+    """Optuna params for `plan` in the bound space (amounts rounded up to the space's grid), or None
+    if the space cannot express it (e.g. no unstructured pruning for some layer)."""
+    params: dict[str, Any] = {}
+    for name, lp in plan.layers.items():
+        c = space_layers.get(name)
+        if c is None:
+            continue
+        prune = "unstructured" if lp.amount > 0 else ("none" if "none" in c["prune"].values else "unstructured")
+        if prune not in c["prune"].values:
+            return None
+        if not c["prune"].fixed:
+            params[f"{name}.prune"] = prune
+        if "amount" in c and not c["amount"].fixed:
+            params[f"{name}.amount"] = _on_grid(c["amount"], lp.amount)
+        if lp.bits not in c["bits"].values:
+            return None
+        if not c["bits"].fixed:
+            params[f"{name}.bits"] = lp.bits
+    return params
+
+
+def snap(plan: CompressionPlan, space_layers: dict) -> CompressionPlan:
+    """The plan with every amount moved onto the space's grid (rounded up, capped at its maximum)."""
+    out = {}
+    for name, lp in plan.layers.items():
+        c = space_layers.get(name, {})
+        if "amount" in c and lp.amount > 0:
+            lp = replace(lp, amount=_on_grid(c["amount"], lp.amount))
+        out[name] = lp
+    return replace(plan, layers=out)
+
+
+def _on_grid(choice: Any, value: float) -> float:
+    if choice.low is not None:
+        if choice.step:
+            value = choice.low + math.ceil((value - choice.low) / choice.step - 1e-9) * choice.step
+        return round(min(max(value, choice.low), choice.high), 6)
+    values = sorted(float(v) for v in choice.values)
+    return next((v for v in values if v >= value - 1e-9), values[-1])
+
+
+def _grid(choice: Any, limit: int = 40) -> list[float]:
+    if choice.low is not None:
+        step = choice.step or (choice.high - choice.low) / 20
+        n = int(round((choice.high - choice.low) / step)) + 1
+        values = [round(choice.low + i * step, 6) for i in range(n)]
+    else:
+        values = sorted(float(v) for v in choice.values)
+    if len(values) > limit:
+        values = values[:: math.ceil(len(values) / limit)] + [values[-1]]
+    return values
+
+
+def warm_start_plans(model: nn.Module, space_layers: dict, size_of: SizeFn, limit: int,
+                     sens: Sensitivity | None, uniform_bits: tuple[int, ...] = (4, 3, 5)) -> list[tuple[str, CompressionPlan]]:
+    """Named plans to try first: the best uniform plans that fit, and the sensitivity knapsack plan."""
+    layers = list(space_layers)
+    shared_bits = set.intersection(*(set(c["bits"].values) for c in space_layers.values()))
+    out: list[tuple[str, CompressionPlan]] = []
+    on_grid = lambda p: snap(p, space_layers)  # noqa: E731  (the plan as the space can express it)
+    for b in uniform_bits:
+        if b not in shared_bits:
+            continue
+        fit = fit_uniform(model, b, lambda p: size_of(on_grid(p)), limit, layers)
+        if fit is not None and fit[0] <= 0.97:
+            out.append((f"uniform-{b}bit-{fit[0]:.3f}", on_grid(fit[1])))
+    if sens is not None and all("amount" in c for c in space_layers.values()):
+        amounts = sorted(set.intersection(*(set(_grid(c["amount"])) for c in space_layers.values())))
+        bits = sorted(b for b in shared_bits if b <= 8)
+        if amounts and bits:
+            smallest = uniform_plan(model, max(amounts), min(bits), layers)
+            estimated = sum(estimate_layer_bytes(model.get_submodule(n).weight.numel(),
+                                                 model.get_submodule(n).weight.shape[0], lp.amount, lp.bits)
+                            for n, lp in smallest.layers.items())
+            target = limit - max(size_of(smallest) - estimated, 0)
+            for _ in range(4):  # the byte model is an estimate: shrink the target until the real file fits
+                plan = knapsack_plan(model, sens, target, amounts, bits, layers)
+                if plan is None:
+                    break
+                real = size_of(plan)
+                if real <= limit:
+                    out.append(("knapsack", plan))
+                    break
+                target -= (real - limit) * 1.05
+    return out
