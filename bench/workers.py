@@ -8,7 +8,7 @@ included), and trials / span from the first trial's start to the last trial's en
 rate). The 1-minute load average before each run is recorded: the machine is shared.
 
     python bench/workers.py                                   # fashion-mnist, 12 trials, 1 vs 2
-    python bench/workers.py --data digits --trials 8 --repeat 1
+    python bench/workers.py --data digits --trials 10 --epochs 3 --max-batches 10
 
 Writes bench/results/workers.jsonl (one line per run) and bench/results/workers.md.
 """
@@ -33,7 +33,7 @@ def run(workers: int, a: argparse.Namespace, tmp: str, tag: str) -> dict:
     """One fresh search; returns its timings."""
     out = os.path.join(tmp, tag)
     cmd = [sys.executable, "-m", "autocompress", "search", "--budget", a.budget, "--model", a.model,
-           "--data", a.data, "--trials", str(a.trials), "--epochs", "1", "--max-batches", str(a.max_batches),
+           "--data", a.data, "--trials", str(a.trials), "--epochs", str(a.epochs), "--max-batches", str(a.max_batches),
            "--seed", "0", "--no-progress", "--no-warm-start", "--final-top", "0", "--study", "bench", "--out", out,
            "--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": ROOT, "AUTOCOMPRESS_CACHE": os.path.join(tmp, "cache")}
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget", default="20x")
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--max-batches", type=int, default=40)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=2)
     a = ap.parse_args(argv)
     rows = []
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         for r in range(a.repeat):
             for workers in (1, 2):  # alternate, so a change of load hits both
                 row = run(workers, a, tmp, f"w{workers}-{r}")
-                row.update(model=a.model, data=a.data, budget=a.budget, max_batches=a.max_batches, repeat=r,
+                row.update(model=a.model, data=a.data, budget=a.budget, epochs=a.epochs, max_batches=a.max_batches,
+                           repeat=r,
                            cpus=os.cpu_count(), machine=platform.machine(), date=time.strftime("%Y-%m-%d %H:%M"))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -79,7 +81,7 @@ def write_table(rows: list[dict], a: argparse.Namespace) -> None:
     """bench/results/workers.md: every run, then the mean rates and the speed-up of 2 over 1."""
     mean = {w: [sum(r[k] for r in rows if r["workers"] == w) / sum(r["workers"] == w for r in rows)
                 for k in ("trials_per_min_wall", "trials_per_min_span")] for w in (1, 2)}
-    lines = [f"# 1 vs 2 workers: {a.model} on {a.data}, budget {a.budget}, {a.trials} trials, 1 epoch, "
+    lines = [f"# 1 vs 2 workers: {a.model} on {a.data}, budget {a.budget}, {a.trials} trials, {a.epochs} epoch(s), "
              f"--max-batches {a.max_batches}, {os.cpu_count()} CPU cores", "",
              "| workers | repeat | wall s | trials/min (wall) | span s | trials/min (span) | load before |",
              "|---|---|---|---|---|---|---|"]
