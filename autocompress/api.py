@@ -72,7 +72,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
            final_epochs: int = 2, objectives: str = "accuracy", progress: bool = True,
            latency_budget: str | float | None = None, latency_batch_size: int = 1,
            latency_threads: int | None = None, latency_plans: int = 24,
-           register: str | None = None) -> Any:
+           register: str | None = None, workers: int = 1) -> Any:
     """Search compression plans for `model` on `data` under `budget`; returns a SearchOutcome.
 
     `budget` is a size ('50KB', '1.5MiB') or a ratio of the fp32 parameter bytes ('20x').
@@ -85,11 +85,39 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
     `latency_batch_size`, predicted per trial (a predictor fitted on `latency_plans` timed plans,
     cached in OUT/latency/) and measured for the final pick.
     `register` names an MLflow registered model to add the best model to.
+    `workers` > 1 runs that many processes on the study (after the baseline is cached, so none of
+    them trains it again).
+    """
+    from .search import run_search
+
+    args = {k: v for k, v in locals().items() if k not in ("workers", "run_search")}
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    settings, ctx = prepare(**args)
+    args.update(budget=str(settings.budget), progress=False)
+    return run_search(settings, ctx, workers=workers, worker_args=args)
+
+
+def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = None, weights: str | None = None,
+            data_dir: str | None = None, space: str | None = None, out: str = "runs", study: str | None = None,
+            storage: str | None = None, tracking_uri: str | None = None, trials: int = 12,
+            timeout: str | float | None = None, epochs: int = 1, baseline_epochs: int | None = None,
+            lr: float = 0.01, batch_size: int = 128, max_batches: int | None = None, seed: int = 0,
+            device: str = "cpu", limit: int | None = None, val_fraction: float = 0.1,
+            early_stopping: bool | str = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
+            final_epochs: int = 2, objectives: str = "accuracy", progress: bool = True,
+            latency_budget: str | float | None = None, latency_batch_size: int = 1,
+            latency_threads: int | None = None, latency_plans: int = 24,
+            register: str | None = None) -> tuple[Any, Any]:
+    """Check every input, then load data and the (cached or trained) baseline: (SearchSettings, SearchContext).
+
+    Nothing is written before all checks pass; an unreachable storage is found before any training.
     """
     from .models import param_bytes
-    from .search import SearchContext, SearchSettings, run_search
+    from .search import SearchContext, SearchSettings
     from .space import load_space
     from .train import baseline
+    from .workers import check_storage, check_tracking, database_url
 
     b = budget if isinstance(budget, Budget) else parse_budget(budget)
     objs = tuple(o.strip() for o in objectives.split(",") if o.strip())
@@ -109,6 +137,9 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
         raise UserError(f"--trials must be at least 1, got {trials}")
     if epochs < 0:
         raise UserError(f"--epochs must be >= 0, got {epochs}")
+    storage, tracking_uri = database_url(storage), database_url(tracking_uri)
+    check_storage(storage)
+    check_tracking(tracking_uri)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     bound_space_src = load_space(space)
@@ -151,4 +182,4 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
     ctx = SearchContext(model=net, spec=spec, data=bundle, space=bound, baseline_val_acc=val_acc,
                         original_bytes=original, example_input=bundle.train.x[:2], calib=calib, latency=predictor)
     print(f"baseline {model} on {bundle.name}: val accuracy {val_acc:.4f}, {format_bytes(original)} fp32 params")
-    return run_search(settings, ctx)
+    return settings, ctx

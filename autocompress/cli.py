@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="where to look for the data set files")
     s.add_argument("--space", help="search-space YAML (default: search_spaces/default.yaml)")
     s.add_argument("--trials", type=int, default=12, help="total finished trials wanted in the study (default 12)")
+    s.add_argument("--workers", type=int, default=1,
+                   help="worker processes on this machine sharing the study (default 1); for several machines "
+                   "run the same command on each with a shared --storage and --tracking-uri")
     s.add_argument("--timeout", help="stop starting trials after this long: 90s, 30m, 1h")
     s.add_argument("--epochs", type=int, default=1, help="fine-tune epochs per trial (default 1)")
     s.add_argument("--baseline-epochs", type=int, help="epochs to train the baseline when no --weights")
@@ -113,7 +116,7 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      objectives=a.objectives, latency_budget=a.latency_budget,
                      latency_batch_size=a.latency_batch_size, latency_threads=a.latency_threads,
                      latency_plans=a.latency_plans, progress=not a.no_progress,
-                     register=a.register)
+                     register=a.register, workers=a.workers)
     if outcome.best is not None:
         if a.tracking_uri is None:
             print(f"review in MLflow: autocompress ui --out {a.out}")
@@ -167,7 +170,9 @@ def _open(a: argparse.Namespace):  # -> optuna.Study
 
     if a.storage is None and not os.path.exists(os.path.join(a.out, "optuna.db")):
         raise UserError(f"no study database in {a.out}/ (run `autocompress search` first or pass --out/--storage)")
-    settings = SearchSettings(budget=Budget(bytes=1), out=a.out, storage=a.storage, study=a.study or "")
+    from .workers import database_url
+
+    settings = SearchSettings(budget=Budget(bytes=1), out=a.out, storage=database_url(a.storage), study=a.study or "")
     if not a.study:
         names = optuna.get_all_study_names(settings.storage_url)
         if len(names) != 1:
@@ -226,7 +231,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
             raise UserError(f"study {study.study_name} has no trial {a.trial}")
         t = match[0]
     src = t.user_attrs.get("artifact")
-    if not src or not os.path.isfile(src):
+    if src and not os.path.isfile(src):
+        raise UserError(f"trial {t.number}'s artifact {src} is not on this machine: it ran on "
+                        f"{t.user_attrs.get('worker', 'another machine')}; export it there")
+    if not src:
         raise UserError(f"trial {t.number} has no artifact (state {t.state.name.lower()}); pick a completed trial")
     return _copy_artifact(src, a.to, f"trial {t.number}")
 

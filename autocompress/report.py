@@ -50,6 +50,7 @@ def trial_rows(study: optuna.Study, original_bytes: int | None = None) -> list[d
             "layers": layer_summary(plan) if plan else "",
             "summary": plan.summary() if plan else {},
             "fail_reason": t.user_attrs.get("fail_reason"),
+            "worker": t.user_attrs.get("worker"),
         })
     rows.sort(key=lambda r: (r["val_accuracy"] is None, -(r["val_accuracy"] or 0), r["size_bytes"] or 0))
     return rows

@@ -28,11 +28,13 @@ from .data import DataBundle
 from .errors import UserError
 from .export import export
 from .finetune import FinetuneConfig, finetune
+from .heartbeat import StaleTrialCallback, heartbeat_defaults
 from .models import ModelSpec
 from .plan import Budget, CompressionPlan, format_bytes
 from .review import log_review
 from .space import BoundSpace
 from .tracking import Tracker
+from .workers import StudyLock, optimize_shared, rdb_storage, spawn_workers, study_counts, wait_workers
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -73,6 +75,8 @@ class SearchSettings:
     latency_batch_size: int = 1
     latency_threads: int | None = None
     register: str | None = None
+    heartbeat_interval: int = field(default_factory=lambda: heartbeat_defaults()[0])
+    grace_period: int = field(default_factory=lambda: heartbeat_defaults()[1])
 
     @property
     def storage_url(self) -> str:
@@ -147,12 +151,13 @@ def open_study(settings: SearchSettings, create: bool = True) -> optuna.Study:
     if settings.storage is None:
         os.makedirs(settings.out, exist_ok=True)
     try:
-        storage = optuna.storages.RDBStorage(
-            settings.storage_url, heartbeat_interval=30, grace_period=90,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+        storage = rdb_storage(
+            settings.storage_url, heartbeat_interval=settings.heartbeat_interval,
+            grace_period=settings.grace_period,
+            heartbeat_stale_trial_callback=StaleTrialCallback(settings.tracking_uri or _default_uri(settings)))
     except Exception as e:  # unreachable server, bad URL
         raise UserError(f"cannot open study storage {settings.storage_url}: {str(e).splitlines()[0]}") from None
-    sampler = optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=min(8, max(settings.trials // 3, 2)))
+    sampler = make_sampler(settings, 0)
     pruner = early_stopper(settings.early_stopping, settings.epochs)
     directions = ["maximize"] + ["minimize"] * (len(settings.objectives) - 1)
     if not create:
@@ -173,6 +178,13 @@ def early_stopper(kind: bool | str, epochs: int) -> optuna.pruners.BasePruner:
     if kind in (False, "none"):
         return optuna.pruners.NopPruner()
     raise UserError(f"unknown early stopping {kind!r}: use median, hyperband or none")
+
+
+def make_sampler(settings: SearchSettings, trial_number: int) -> optuna.samplers.BaseSampler:
+    """TPE seeded with seed + trial number: a run repeats itself, and workers sharing a study
+    (same --seed) still propose different plans. TPE keeps no state beyond its random generator."""
+    return optuna.samplers.TPESampler(seed=settings.seed + trial_number,
+                                      n_startup_trials=min(8, max(settings.trials // 3, 2)))
 
 
 class Objective:
@@ -347,44 +359,53 @@ def resume_cleanup(study: optuna.Study, tracker: Tracker) -> int:
     return tracker.close_stale(dead)
 
 
-def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
-    """Run (or resume) the study until it holds `settings.trials` finished trials or time runs out."""
+def run_search(settings: SearchSettings, ctx: SearchContext, workers: int = 1,
+               worker_args: dict[str, Any] | None = None) -> SearchOutcome:
+    """Run (or resume) the study until it holds `settings.trials` counted trials or time runs out.
+
+    With workers > 1, that many worker processes (started with `worker_args`, the search() call)
+    share the study and log their trials under this invocation's one parent run.
+    """
     from .report import print_table
 
     limit = settings.budget.limit(ctx.original_bytes)
     study = open_study(settings)
     _check_same_study(study, settings, ctx, limit)
     study.set_user_attr("baseline", {"val_accuracy": ctx.baseline_val_acc, "fp32_bytes": ctx.original_bytes})
-    tracker = Tracker(settings.tracking_uri or _default_uri(settings), settings.study,
-                      os.path.join(settings.out, "mlartifacts"))
+    tracker = _tracker(settings)
     closed = resume_cleanup(study, tracker)
     parent = tracker.start_parent(f"search-{time.strftime('%Y%m%d-%H%M%S')}", {
         "budget": str(settings.budget), "budget_bytes": limit, "model": ctx.spec.spec, "data": ctx.data.name,
         "trials": settings.trials, "epochs": settings.epochs, "seed": settings.seed, "device": settings.device,
-        "space_params": len(ctx.space.param_names()),
+        "space_params": len(ctx.space.param_names()), "workers": workers,
     })
     tracker.log_metrics(parent, {"baseline_val_accuracy": ctx.baseline_val_acc,
                                  "baseline_fp32_bytes": ctx.original_bytes})
     tracker.log_text(parent, _space_yaml(ctx.space), "search_space.json")
-    done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    done, running = study_counts(study)
     remaining = max(settings.trials - done, 0)
-    print(f"study {settings.study}: {done} trials done, {remaining} to run; budget {format_bytes(limit)} "
+    print(f"study {settings.study}: {done} trials done, {remaining} to run"
+          + (f" ({running} running elsewhere)" if running else "")
+          + f"; budget {format_bytes(limit)} "
           f"({ctx.original_bytes / limit:.1f}x of {format_bytes(ctx.original_bytes)} fp32)"
-          + (f"; closed {closed} run(s) left by a killed search" if closed else ""))
-    objective = Objective(settings, ctx, tracker, limit)
+          + (f"; {workers} workers" if workers > 1 else "")
+          + (f"; closed {closed} run(s) left by a killed search" if closed else ""), flush=True)
     if settings.warm_start and not study.get_trials(deepcopy=False) and remaining:
-        _enqueue_warm_start(study, settings, ctx, objective, tracker, parent, limit, remaining)
-    bar = _progress(remaining, settings.progress)
+        _enqueue_warm_start(study, settings, ctx, Objective(settings, ctx, tracker, limit), tracker, parent, limit,
+                            remaining)
     try:
-        study.optimize(objective, n_trials=remaining, timeout=settings.timeout, catch=(TrialFailed,),
-                       callbacks=[_trial_printer(bar, ctx.original_bytes)], gc_after_trial=False)
+        if workers > 1 and remaining > 0:
+            codes = wait_workers(spawn_workers(worker_args or {}, workers, parent))
+            bad = [f"worker {i}: exit {c}" for i, c in enumerate(codes) if c != 0]
+            if bad:
+                print(f"some workers did not end cleanly ({', '.join(bad)}); their trials are retried "
+                      "by the others or by the next run")
+        else:
+            _optimize(settings, ctx, study, tracker, limit, remaining)
     except KeyboardInterrupt:
-        print("interrupted: the current trial is recorded as failed; run the same command to resume")
+        print("interrupted: the current trial is recorded as interrupted; run the same command to resume")
         tracker.end(parent, "interrupted")
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     if settings.final_top > 0 and settings.final_epochs > 0:
         refine(study, settings, ctx, tracker, settings.final_top, settings.final_epochs)
     best = best_trial(study)
@@ -403,6 +424,36 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
     log_review(tracker, outcome, settings.out, settings.register)
     tracker.end(parent, "complete")
     return outcome
+
+
+def run_worker(settings: SearchSettings, ctx: SearchContext, parent_run_id: str) -> int:
+    """One worker process of `--workers N`: runs trials of the (existing) study under the given parent run."""
+    limit = settings.budget.limit(ctx.original_bytes)
+    study = open_study(settings, create=False)
+    tracker = _tracker(settings)
+    tracker.parent_id = parent_run_id
+    return _optimize(settings, ctx, study, tracker, limit, 0)
+
+
+def _optimize(settings: SearchSettings, ctx: SearchContext, study: optuna.Study, tracker: Tracker, limit: int,
+              remaining: int) -> int:
+    """Take trials of the shared study until it is complete (see workers.optimize_shared)."""
+    objective = Objective(settings, ctx, tracker, limit)
+    bar = _progress(remaining, settings.progress)
+    try:
+        return optimize_shared(study, objective, settings.trials, StudyLock(settings.storage_url, settings.study),
+                               timeout=settings.timeout, catch=(TrialFailed,),
+                               callbacks=[_trial_printer(bar, ctx.original_bytes)],
+                               poll=min(2.0, settings.heartbeat_interval),
+                               sampler_for=lambda n: make_sampler(settings, n))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _tracker(settings: SearchSettings) -> Tracker:
+    return Tracker(settings.tracking_uri or _default_uri(settings), settings.study,
+                   os.path.join(settings.out, "mlartifacts"))
 
 
 def _enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, objective: Objective,
@@ -442,6 +493,10 @@ def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCo
         best = outcome.best = next(t for t in outcome.study.trials if t.number == number)
         src, best_val = info["artifact"], info["val_accuracy"]
     outcome.best_val = best_val
+    if not os.path.isfile(src):  # another machine of a shared study ran it
+        print(f"best: trial {best.number}, val {best_val:.4f}, ran on {best.user_attrs.get('worker', '?')}; "
+              f"its artifact is there: {src} (export it on that machine)")
+        return
     dst = os.path.join(settings.out, "best.acz")
     shutil.copyfile(src, dst + ".tmp")
     os.replace(dst + ".tmp", dst)

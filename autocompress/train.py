@@ -21,7 +21,7 @@ from .errors import UserError
 from .models import ModelSpec, build_model, load_weights
 
 DEFAULT_LR = {"lenet5": 0.05, "mlp": 0.05, "resnet18": 0.05}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: initial weights drawn from the seed (were whatever the process's RNG held)
 
 
 def evaluate(model: nn.Module, data: TensorData, device: str = "cpu", batch_size: int = 1000) -> float:
@@ -106,6 +106,7 @@ def baseline(spec: ModelSpec, data: DataBundle, *, epochs: int, seed: int = 0, d
     weights for this (spec, data, epochs, seed, lr) are used, or trained and cached. With
     epochs == 0 the model is used as built (e.g. a saved, already trained module).
     """
+    torch.manual_seed(seed)  # the initial weights depend on the seed only, not on what ran before
     model = build_model(spec)
     if weights:
         load_weights(model, weights)
@@ -122,6 +123,7 @@ def baseline(spec: ModelSpec, data: DataBundle, *, epochs: int, seed: int = 0, d
                 print(f"baseline: using cached {spec.spec} ({path})", file=sys.stderr)
             except Exception as e:  # unreadable cache entry: train again and overwrite it
                 print(f"baseline: ignoring unreadable cache {path} ({type(e).__name__})", file=sys.stderr)
+                torch.manual_seed(seed)
                 model, state = build_model(spec), None
         if state is None:
             print(f"baseline: training {spec.spec} on {data.name} for {epochs} epochs (lr {lr}), "

@@ -31,39 +31,57 @@ def test_unparsable_budget_exits_2_with_one_line_via_the_real_entry_point(out):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--budget", "100B", "--data", "digits"], "below the smallest artifact"),
-    (["--budget", "20x", "--model", "nosuchmodel", "--data", "digits"], "unknown model"),
+SPACES = {"space_unknown_key": "layer:\n  prune: [none]\n  bits: [4]\n  colour: [red]\n",
+          "space_empty_choice": "layer:\n  prune: [none]\n  bits: []\n"}
+
+# Wrong invocations of `search`: each one line on stderr, exit code 2, nothing trained or written.
+# {name} in an argument is a file made by the test (see _files).
+BAD = [
+    (["--budget", "50QB"], "unknown budget unit"),
+    (["--budget", "50"], "no unit"),
+    (["--budget=-3MB"], "budget must be positive"),
+    (["--budget", "0KB"], "budget must be positive"),
+    (["--budget", "0.5x"], "above 1x"),
+    (["--budget", "100B"], "below the smallest artifact"),
+    (["--budget", "20x", "--model", "nosuchmodel"], "unknown model"),
     (["--budget", "20x", "--data", "nosuchdata"], "unknown data"),
-    (["--budget", "20x", "--data", "digits", "--weights", "/nonexistent/ckpt.pt"], "checkpoint not found"),
-    (["--budget=-3MB", "--data", "digits"], "budget"),
-    (["--budget", "0KB", "--data", "digits"], "budget"),
-    (["--budget", "20x", "--data", "digits", "--timeout", "soon"], "duration"),
-])
-def test_bad_input_one_line_exit_2_nothing_created(capsys, out, args, needle):
-    code, err = _run(capsys, "search", "--out", str(out), *args)
+    (["--budget", "20x", "--weights", "/nonexistent/ckpt.pt"], "checkpoint not found"),
+    (["--budget", "20x", "--weights", "{corrupt_ckpt}"], "corrupt"),
+    (["--budget", "20x", "--space", "{space_unknown_key}"], "unknown key(s) colour"),
+    (["--budget", "20x", "--space", "{space_empty_choice}"], "empty choice"),
+    (["--budget", "20x", "--space", "/nonexistent/space.yaml"], "space"),
+    (["--budget", "20x", "--timeout", "soon"], "duration"),
+    (["--budget", "20x", "--trials", "0"], "--trials"),
+    (["--budget", "20x", "--epochs", "-1"], "--epochs"),
+    (["--budget", "20x", "--workers", "0"], "--workers"),
+    (["--budget", "20x", "--storage", "postgresql://nobody@127.0.0.1:1/x"], "cannot reach study storage"),
+    (["--budget", "20x", "--storage", "no url at all"], "cannot parse study storage"),
+    (["--budget", "20x", "--storage", "sqlite:////nonexistent/dir/optuna.db"], "does not exist"),
+    (["--budget", "20x", "--tracking-uri", "http://127.0.0.1:1"], "cannot reach mlflow tracking server"),
+]
+
+
+def _files(tmp_path, args):
+    (tmp_path / "corrupt_ckpt").write_bytes(b"this is not a checkpoint")
+    for name, text in SPACES.items():
+        (tmp_path / name).write_text(text)
+    return [a.format(**{n: tmp_path / n for n in ("corrupt_ckpt", *SPACES)}) for a in args]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_one_line_exit_2_nothing_created(capsys, out, tmp_path, args, needle):
+    code = main(["search", "--out", str(out), "--data", "digits", *_files(tmp_path, args)])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
     assert code == 2
-    assert len(err) == 1 and err[0].startswith("autocompress: error:") and needle in err[0].lower()
+    assert len(err) == 1 and err[0].startswith("autocompress: error:") and needle in err[0].lower(), err
+    assert "baseline" not in captured.out  # refused before any training
     assert not out.exists()
 
 
 def test_budget_floor_is_stated(capsys, out):
     code, err = _run(capsys, "search", "--out", str(out), "--budget", "100B", "--data", "digits")
     assert code == 2 and "bytes" in err[0] and "x)" in err[0]
-
-
-def test_corrupt_checkpoint_and_bad_space(capsys, out, tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"this is not a checkpoint")
-    code, err = _run(capsys, "search", "--out", str(out), "--budget", "20x", "--data", "digits", "--weights", str(bad))
-    assert code == 2 and "corrupt" in err[0] and not out.exists()
-    space = tmp_path / "s.yaml"
-    space.write_text("layer:\n  prune: [none]\n  bits: [4]\n  colour: [red]\n")
-    code, err = _run(capsys, "search", "--out", str(out), "--budget", "20x", "--data", "digits", "--space", str(space))
-    assert code == 2 and "colour" in err[0] and not out.exists()
-    space.write_text("layer:\n  prune: [none]\n  bits: []\n")
-    code, err = _run(capsys, "search", "--out", str(out), "--budget", "20x", "--data", "digits", "--space", str(space))
-    assert code == 2 and "empty choice" in err[0] and not out.exists()
 
 
 def test_report_and_export_without_a_study(capsys, out):

@@ -1,0 +1,27 @@
+"""A trial that fails (an exception in the user's model, NaN loss) is recorded with its reason, in
+Optuna and MLflow, and the study goes on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from autocompress.api import search
+
+MODELS = Path(__file__).with_name("flaky_models.py")
+
+
+@pytest.mark.parametrize("name,reason", [("raising", "RuntimeError: user model refuses to train"),
+                                         ("nan", "NonFiniteLoss: fine-tune loss became nan")])
+def test_failed_trials_keep_their_reason_and_the_study_goes_on(tmp_path, name, reason):
+    outcome = search("2x", model=f"{MODELS}:{name}", data="digits", out=str(tmp_path), study="f", trials=2,
+                     epochs=1, baseline_epochs=0, max_batches=2, progress=False, seed=0, warm_start=False,
+                     final_top=0)
+    assert outcome.best is None and len(outcome.study.trials) == 2  # both trials ran, neither stopped the study
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    for t in outcome.study.trials:
+        assert t.state == optuna.trial.TrialState.FAIL and t.user_attrs["fail_reason"].startswith(reason)
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED" and run.data.tags["fail_reason"].startswith(reason)

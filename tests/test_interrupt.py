@@ -1,0 +1,42 @@
+"""Ctrl-C: the current trial is recorded as interrupted, the parent run closed, exit code 130; the
+same command resumes the study, repeats the interrupted plan and ends with the trials asked for."""
+from __future__ import annotations
+
+import signal
+
+import optuna
+
+from autocompress.cli import main
+from autocompress.workers import counted_trials
+from helpers_cli import fine_tuning_trial, parent_runs, start_search, trial_runs, wait_for
+
+
+def test_sigint_records_the_trial_as_interrupted_and_the_study_resumes(tmp_path):
+    out = tmp_path / "out"
+    storage, mlflow = f"sqlite:///{out}/optuna.db", f"sqlite:///{out}/mlflow.db"
+    args = ("--study", "s", "--out", str(out), "--trials", "4")
+    p = start_search(*args)
+    victim = wait_for(lambda: fine_tuning_trial(storage, "s", min_number=1), p)
+    p.send_signal(signal.SIGINT)
+    log, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, log
+    study = optuna.load_study(study_name="s", storage=storage)
+    cut = study.trials[victim.number]
+    assert cut.state == optuna.trial.TrialState.FAIL and cut.user_attrs["fail_reason"].startswith("interrupted")
+    run = {r.info.run_id: r for r in trial_runs(mlflow, "s")}[victim.user_attrs["mlflow_run_id"]]
+    assert run.info.status == "KILLED" and run.data.tags["state"] == "interrupted"
+    (parent,) = parent_runs(mlflow, "s")
+    assert parent.info.status == "KILLED"
+    # the best trial so far is exported after the interruption
+    assert main(["export", "--runs", str(out), "--out", str(tmp_path / "best.acz")]) == 0
+
+    p = start_search(*args)
+    log, _ = p.communicate(timeout=240)
+    assert p.returncode == 0, log
+    study = optuna.load_study(study_name="s", storage=storage)
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retry.params == victim.params and retry.state != optuna.trial.TrialState.FAIL
+    assert len(counted_trials(study)) == 4
+    runs = trial_runs(mlflow, "s")
+    assert len(runs) == len(study.trials) and all(r.info.status != "RUNNING" for r in runs)
+    assert sorted(r.info.status for r in parent_runs(mlflow, "s")) == ["FINISHED", "KILLED"]
