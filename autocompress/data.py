@@ -12,8 +12,6 @@ Specs: `fashion-mnist`, `digits`, `imagefolder:DIR`, `torchvision:NAME`, `module
 from __future__ import annotations
 
 import gzip
-import importlib
-import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -23,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .errors import UserError
+from .userspec import import_callable
 
 SPEC_FORMS = "fashion-mnist, digits, imagefolder:DIR, torchvision:NAME, module:callable or path/file.py:callable"
 CACHE_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "autocompress")
@@ -331,26 +330,6 @@ def _load_torchvision(name: str, data_dir: str | None, image_size: int | None) -
     return (*split(True), *split(False))
 
 
-def _load_callable(spec: str) -> Any:
-    target, _, attr = spec.rpartition(":")
-    try:
-        if target.endswith(".py"):
-            if not os.path.isfile(target):
-                raise UserError(f"data file not found: {target} (from --data {spec})")
-            mod_spec = importlib.util.spec_from_file_location(os.path.basename(target)[:-3], target)
-            assert mod_spec and mod_spec.loader
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-    except ImportError as e:
-        raise UserError(f"cannot import {target!r} for --data {spec}: {e}") from None
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise UserError(f"{target} has no callable {attr!r} (from --data {spec})")
-    return fn()
-
-
 def load_data(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
               limit: int | None = None, image_size: int | None = None) -> DataBundle:
     """Load a data spec into memory with train / val (carved from train) / test splits."""
@@ -366,7 +345,7 @@ def load_data(spec: str, *, data_dir: str | None = None, val_fraction: float = 0
     if kind == "torchvision" and rest:
         return _finish(*_load_torchvision(rest, data_dir, image_size), spec, **opts)
     if rest and kind not in ("imagefolder", "torchvision"):
-        result = _load_callable(spec)
+        result = import_callable(spec, "--data")()
         if isinstance(result, DataBundle):
             return result
         if not (isinstance(result, tuple) and len(result) == 2):

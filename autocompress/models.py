@@ -7,8 +7,6 @@ can rebuild the architecture: a built-in name (lenet5, mlp, resnet18), `torchvis
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import os
 from dataclasses import asdict, dataclass
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .userspec import import_callable
 
 BUILTIN_MODELS = ("lenet5", "mlp", "resnet18")
 
@@ -94,26 +93,6 @@ def _call_with_supported(fn: Callable[..., Any], **kwargs: Any) -> Any:
     return fn(**{k: v for k, v in kwargs.items() if k in params})
 
 
-def _load_callable(spec: str) -> Callable[..., Any]:
-    target, _, attr = spec.rpartition(":")
-    if target.endswith(".py"):
-        if not os.path.isfile(target):
-            raise UserError(f"model file not found: {target} (from --model {spec})")
-        mod_spec = importlib.util.spec_from_file_location(os.path.basename(target)[:-3], target)
-        assert mod_spec and mod_spec.loader
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise UserError(f"cannot import module {target!r} for --model {spec}: {e}") from None
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise UserError(f"{target} has no callable {attr!r} (from --model {spec})")
-    return fn
-
-
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     """Replace the first Conv2d when the data has a different number of input channels."""
     for name, mod in model.named_modules():
@@ -152,7 +131,7 @@ def build_model(spec: str | ModelSpec, num_classes: int = 10, in_channels: int =
     if os.path.isfile(spec):
         return load_saved_module(spec)
     if ":" in spec and not spec.startswith(("/", ".")) or spec.rpartition(":")[0].endswith(".py"):
-        model = _call_with_supported(_load_callable(spec), **kw)
+        model = _call_with_supported(import_callable(spec, "--model"), **kw)
         if not isinstance(model, nn.Module):
             raise UserError(f"--model {spec} returned {type(model).__name__}, not a torch.nn.Module")
         return model

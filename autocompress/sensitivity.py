@@ -8,7 +8,6 @@ the sensitivity-allocated warm-start plan; the table and heat map go to MLflow.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -21,6 +20,7 @@ from .data import TensorData
 from .models import prunable_layers
 from .plan import CompressionPlan, LayerPlan
 from .train import evaluate
+from .jsonfile import read_json, write_json
 
 AMOUNTS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 BITS = (2, 3, 4, 5, 6)
@@ -59,15 +59,11 @@ class Sensitivity:
                     **{f"{k} bit": v for k, v in self.bits_drop[n].items()}} for n in self.layers}
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, path)
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str) -> Sensitivity:
-        with open(path) as f:
-            return cls(**json.load(f))
+        return cls(**read_json(path))
 
 
 def _interp(points: dict[str, float], x: float, zero_at: float) -> float:

@@ -1,12 +1,10 @@
 """Bad input: one clear line, exit code 2, nothing created."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from autocompress.cli import main
 

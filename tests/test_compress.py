@@ -13,24 +13,10 @@ from torch import nn
 from autocompress.compress import compress, compressed_layers, kept_weights, sparsity_report
 from autocompress.cost import artifact_size
 from autocompress.export import artifact_bytes
-from autocompress.models import LeNet5, ModelSpec, prunable_layers
+from autocompress.models import ModelSpec, prunable_layers
 from autocompress.plan import CompressionPlan, LayerPlan, PlanError
 
 LENET = ["conv1", "conv2", "fc1", "fc2"]
-
-
-@pytest.fixture(scope="module")
-def lenet():
-    torch.manual_seed(0)
-    return LeNet5().eval()
-
-
-@pytest.fixture(scope="module")
-def data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(32, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (32,), generator=g)
-    return x, [(x[:16], y[:16]), (x[16:], y[16:])]
 
 
 def _plan(**kw) -> CompressionPlan:

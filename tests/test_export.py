@@ -21,20 +21,6 @@ SPEC = ModelSpec("lenet5", 10, 1, 28)
 LENET_FP32 = 1_724_320
 
 
-@pytest.fixture(scope="module")
-def lenet():
-    torch.manual_seed(0)
-    return LeNet5().eval()
-
-
-@pytest.fixture(scope="module")
-def data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(32, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (32,), generator=g)
-    return x, [(x[:16], y[:16]), (x[16:], y[16:])]
-
-
 def _granularity_plan(kind: str, bits: int) -> CompressionPlan:
     """One granularity on every LeNet-5 layer it fits (conv1 has 25 inputs; fc2 is the output layer)."""
     lp = {"none": dict(), "unstructured": dict(prune="unstructured", amount=0.8),

@@ -6,12 +6,10 @@ import os
 
 import optuna
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from autocompress.api import search
 from autocompress.export import load
-from autocompress.models import param_bytes
 from autocompress.train import evaluate
 
 QUICK = dict(model="lenet5", data="digits", trials=3, epochs=1, baseline_epochs=3, max_batches=4,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..models import prunable_layers
+from ..jsonfile import read_json, write_json
 
 FEATURES = ("macs_conv_int8", "macs_conv_float", "macs_linear_int8", "macs_linear_float",
             "acts_int8", "acts_float", "layers_int8", "layers_float", "boundaries", "sparse_macs")
@@ -161,16 +162,11 @@ class LatencyPredictor:
         return max(self.intercept + sum(c * x for c, x in zip(self.coef, v)), 1e-6)
 
     def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, path)
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str) -> LatencyPredictor:
-        with open(path) as f:
-            return cls(**json.load(f))
+        return cls(**read_json(path))
 
 
 def fit_predictor(samples: list[tuple[list[dict[str, Any]], float]], key: dict[str, Any] | None = None,
