@@ -251,6 +251,10 @@ def spawn_workers(search_args: dict[str, Any], n: int, parent_run_id: str) -> li
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    # Share the cores instead of oversubscribing them: each worker's torch gets cores / n threads
+    # (unless the user pinned a thread count). Two 2-thread workers on 2 cores ran 2.5x slower.
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
     procs = []
     for i in range(n):
         payload = json.dumps({"search": search_args, "parent_run_id": parent_run_id, "index": i})
