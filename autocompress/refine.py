@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 
 from .compress import compress, kept_weights
 from .cost import artifact_size
 from .export import export
-from .finetune import FinetuneConfig, finetune
+from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .plan import CompressionPlan, format_bytes
 from .tracking import Tracker
 
@@ -44,6 +44,22 @@ def best_final(study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
     return int(num), info
 
 
+def finetune_and_export(model: Any, plan: CompressionPlan, size: int, path: str, settings: Any, ctx: Any, *,
+                        epochs: int, max_batches: int | None, report: Callable[[float, int], None]) -> FinetuneResult:
+    """Fine-tune a compressed model (distilled from the baseline when the plan asks), write its
+    artifact to `path`, and check the file has exactly the `size` bytes the cost model reported.
+    Shared by search trials and finalists so both are trained and stored the same way."""
+    config = FinetuneConfig(epochs=epochs, lr=settings.lr, batch_size=settings.batch_size, max_batches=max_batches,
+                            distill=plan.distill, temperature=plan.temperature, l1=plan.l1, seed=settings.seed)
+    result = finetune(model, ctx.data.train, ctx.data.val, config, teacher=ctx.model if plan.distill > 0 else None,
+                      report=report, l1_weights=lambda: kept_weights(model), device=settings.device,
+                      progress=settings.progress)
+    written = export(model.cpu(), path, ctx.spec)
+    if written != size:
+        raise RuntimeError(f"artifact {os.path.basename(path)} has {written} bytes, cost model said {size}")
+    return result
+
+
 def refine(study: optuna.Study, settings: Any, ctx: Any, tracker: Tracker, k: int, epochs: int) -> None:
     """Fine-tune the top-k plans for `epochs` and record them (skips finalists already refined at
     that many epochs, so a resumed search does not redo them)."""
@@ -59,28 +75,20 @@ def refine(study: optuna.Study, settings: Any, ctx: Any, tracker: Tracker, k: in
         try:
             model = compress(ctx.model, plan, ctx.example_input, ctx.calib)
             size = artifact_size(model, ctx.spec)
-            config = FinetuneConfig(epochs=epochs, lr=settings.lr, batch_size=settings.batch_size,
-                                    distill=plan.distill, temperature=plan.temperature, l1=plan.l1,
-                                    seed=settings.seed)
+            path = os.path.join(settings.artifact_dir, f"final-{t.number}.acz")
 
             def report(acc: float, epoch: int) -> None:
                 tracker.log_metrics(run_id, {"val_accuracy": acc}, step=epoch)
 
-            res = finetune(model, ctx.data.train, ctx.data.val, config,
-                           teacher=ctx.model if plan.distill > 0 else None, report=report,
-                           l1_weights=lambda: kept_weights(model), device=settings.device,
-                           progress=settings.progress)
-            path = os.path.join(settings.artifact_dir, f"final-{t.number}.acz")
-            written = export(model.cpu(), path, ctx.spec)
-            if written != size:
-                raise RuntimeError(f"finalist {t.number}: artifact has {written} bytes, cost model said {size}")
-            done[key] = {"val_accuracy": res.val_acc[-1], "size_bytes": written, "artifact": os.path.abspath(path),
+            res = finetune_and_export(model, plan, size, path, settings, ctx, epochs=epochs, max_batches=None,
+                                      report=report)
+            done[key] = {"val_accuracy": res.val_acc[-1], "size_bytes": size, "artifact": os.path.abspath(path),
                          "epochs": epochs, "search_val_accuracy": t.values[0]}
             study.set_user_attr(FINAL_ATTR, done)
-            tracker.log_metrics(run_id, {"val_accuracy_final": res.val_acc[-1], "size_bytes": written,
+            tracker.log_metrics(run_id, {"val_accuracy_final": res.val_acc[-1], "size_bytes": size,
                                          "trial_seconds": time.perf_counter() - start})
             state = "complete"
             print(f"finalist trial {t.number:3d}: val {t.values[0]:.4f} -> {res.val_acc[-1]:.4f} after "
-                  f"{epochs} epochs, {format_bytes(written)}")
+                  f"{epochs} epochs, {format_bytes(size)}")
         finally:
             tracker.end(run_id, state)

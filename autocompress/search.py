@@ -20,14 +20,12 @@ import optuna
 import torch
 from torch import nn
 
-from .compress import compress, kept_weights
+from .compress import compress
 from .cost import artifact_size
 from .cost.repair import repair
-from .refine import best_final, refine
+from .refine import best_final, finetune_and_export, refine
 from .data import DataBundle
 from .errors import UserError
-from .export import export
-from .finetune import FinetuneConfig, finetune
 from .heartbeat import StaleTrialCallback, heartbeat_defaults
 from .models import ModelSpec
 from .plan import Budget, CompressionPlan, format_bytes
@@ -192,7 +190,6 @@ class Objective:
 
     def __init__(self, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, limit: int) -> None:
         self.s, self.ctx, self.tracker, self.limit = settings, ctx, tracker, limit
-        self.data = ctx.data
         os.makedirs(settings.artifact_dir, exist_ok=True)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -234,17 +231,12 @@ class Objective:
                 state = "infeasible"
                 trial.set_user_attr("infeasible", True)
                 return 0.0, size
-            result = finetune(compressed, self.data.train, self.data.val, self._finetune_config(plan),
-                              teacher=self.ctx.model if plan.distill > 0 else None,
-                              report=self._reporter(trial, run_id), l1_weights=lambda: kept_weights(compressed),
-                              device=self.s.device, progress=self.s.progress)
+            path = os.path.join(self.s.artifact_dir, f"trial-{trial.number}.acz")
+            result = finetune_and_export(compressed, plan, size, path, self.s, self.ctx, epochs=self.s.epochs,
+                                         max_batches=self.s.max_batches, report=self._reporter(trial, run_id))
             finetune_s = result.seconds + result.eval_seconds
             for epoch, loss in enumerate(result.train_loss):
                 self.tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch + 1)
-            path = os.path.join(self.s.artifact_dir, f"trial-{trial.number}.acz")
-            written = export(compressed.cpu(), path, self.ctx.spec)
-            if written != size:
-                raise RuntimeError(f"artifact of trial {trial.number} has {written} bytes, cost model said {size}")
             trial.set_user_attr("artifact", os.path.abspath(path))
             acc = result.val_acc[-1]
             self.tracker.log_metrics(run_id, {"val_accuracy_final": acc})
@@ -304,18 +296,10 @@ class Objective:
         latency_ok = self.s.latency_budget_ms is None or self.predicted_latency(compressed) <= self.s.latency_budget_ms
         if size <= self.limit and latency_ok or not self.s.repair:
             return proposed, compressed, size
-        if self.s.latency_budget_ms is None:
-            fixed = repair(proposed, self.ctx.space.layers, lambda p: self._size(p)[1], self.limit)
-        else:
-            fixed = repair(proposed, self.ctx.space.layers, self._load, 1.0)
+        fixed = repair(proposed, self.ctx.space.layers, self._load, 1.0)  # share of the budget(s) used <= 1
         if fixed is None:
             return proposed, compressed, size
         return (fixed, *self._size(fixed))
-
-    def _finetune_config(self, plan: CompressionPlan) -> FinetuneConfig:
-        return FinetuneConfig(epochs=self.s.epochs, lr=self.s.lr, batch_size=self.s.batch_size,
-                              max_batches=self.s.max_batches, distill=plan.distill,
-                              temperature=plan.temperature, l1=plan.l1, seed=self.s.seed)
 
     def _reporter(self, trial: optuna.Trial, run_id: str) -> Any:
         last_epoch = self.s.epochs  # finetune reports epochs 1..E (or 0 when E == 0)
@@ -458,7 +442,7 @@ def _tracker(settings: SearchSettings) -> Tracker:
 
 def _enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, objective: Objective,
                         tracker: Tracker, parent: str, limit: int, remaining: int) -> None:
-    """Sensitivity analysis (cached per study), then the uniform and knapsack plans as first trials."""
+    """Sensitivity analysis (cached per weights), then the uniform and knapsack plans as first trials."""
     from .sensitivity import cached_analyse
     from .warmstart import to_params, warm_start_plans
 
