@@ -14,15 +14,18 @@ from helpers_cli import fine_tuning_trial, parent_runs, start_search, trial_runs
 def test_sigint_records_the_trial_as_interrupted_and_the_study_resumes(tmp_path):
     out = tmp_path / "out"
     storage, mlflow = f"sqlite:///{out}/optuna.db", f"sqlite:///{out}/mlflow.db"
-    args = ("--study", "s", "--out", str(out), "--trials", "4")
+    # 4 epochs of up to 3 batches: long enough a trial that the signal lands inside one
+    args = ("--study", "s", "--out", str(out), "--trials", "4", "--epochs", "4")
     p = start_search(*args)
-    victim = wait_for(lambda: fine_tuning_trial(storage, "s", min_number=1), p)
+    wait_for(lambda: fine_tuning_trial(storage, "s", min_number=1), p)
     p.send_signal(signal.SIGINT)
     log, _ = p.communicate(timeout=120)
     assert p.returncode == 130, log
     study = optuna.load_study(study_name="s", storage=storage)
-    cut = study.trials[victim.number]
-    assert cut.state == optuna.trial.TrialState.FAIL and cut.user_attrs["fail_reason"].startswith("interrupted")
+    # the trial that was fine-tuning when the signal arrived (on a fast machine the one first seen
+    # running may just have finished): exactly one, recorded as interrupted
+    (victim,) = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert victim.number >= 1 and victim.user_attrs["fail_reason"].startswith("interrupted")
     run = {r.info.run_id: r for r in trial_runs(mlflow, "s")}[victim.user_attrs["mlflow_run_id"]]
     assert run.info.status == "KILLED" and run.data.tags["state"] == "interrupted"
     (parent,) = parent_runs(mlflow, "s")
