@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.ao.nn import quantized as nnq
+from torch.ao.nn.intrinsic import quantized as nniq
 
 from autocompress.compress import compress
 from autocompress.data import load_data
@@ -43,7 +44,8 @@ def artifact(tmp_path_factory):
 def deployed(artifact):
     """(TorchScript-frozen, eager) deployments of the artifact."""
     path, _, calib, _ = artifact
-    return deployable(path, calib=calib), deployable(path, calib=calib, script=False)
+    fast = deployable(path, calib=calib)  # engine picked by timing: build the eager twin on the same one
+    return fast, deployable(path, calib=calib, script=False, backend=fast.backend)
 
 
 def test_deployed_model_predicts_like_the_evaluated_model(artifact, deployed):
@@ -103,3 +105,28 @@ def load_like(model):
     plain = _from_compressed(model)
     _strip_act_quant(plain)
     return plain.eval()
+
+
+ENGINES = [e for e in ("x86", "fbgemm") if e in torch.backends.quantized.supported_engines]
+
+
+def test_auto_engine_is_one_of_the_built_engines_and_leaves_the_global_setting(artifact):
+    path, _, calib, _ = artifact
+    before = torch.backends.quantized.engine
+    assert deployable(path, calib=calib).backend in ENGINES
+    assert torch.backends.quantized.engine == before
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_engine_meets_the_tolerance_with_relu_fused_into_the_int8_kernels(artifact, engine):
+    """Whichever engine "auto" picks, predictions stay within TOLERANCE; conv + ReLU and linear +
+    ReLU run as one int8 op (torch.relu in the model is rewritten so the fusion patterns see it)."""
+    path, bundle, calib, _ = artifact
+    eager = deployable(path, calib=calib, script=False, backend=engine)
+    assert eager.backend == engine
+    assert isinstance(eager.conv1, nniq.ConvReLU2d) and isinstance(eager.fc1, nniq.LinearReLU)
+    assert "torch.relu" not in eager.code and eager.code.count(".dequantize()") == 1  # once: before the fp32 fc2
+    evaluated = load(path)
+    with torch.no_grad():
+        a, b = evaluated(bundle.test.x), eager(bundle.test.x)
+    assert float((a.argmax(1) == b.argmax(1)).float().mean()) >= TOLERANCE["agreement"]

@@ -109,7 +109,7 @@ def latency_key(model_name: str, space_layers: dict, example_input: torch.Tensor
     """What a cached predictor depends on: model, input, target, threads, engine, space, torch."""
     return {"model": model_name, "device": device, "batch_size": batch_size, "threads": threads,
             "input": list(example_input.shape[1:]), "torch": torch.__version__, "plans": plans,
-            "engine": torch.backends.quantized.engine if device == "cpu" else "",
+            "engine": "auto (fastest of x86, fbgemm)" if device == "cpu" else "",
             "layers": {n: [_choices(space_layers, n)[0], _choices(space_layers, n)[1]] for n in space_layers}}
 
 
