@@ -69,7 +69,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
            lr: float = 0.01, batch_size: int = 128, max_batches: int | None = None, seed: int = 0,
            device: str = "cpu", limit: int | None = None, val_fraction: float = 0.1,
            early_stopping: bool | str = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
-           final_epochs: int = 2, objectives: str = "accuracy", progress: bool = True,
+           final_epochs: int = 2, final_distill: float = 0.5, objectives: str = "accuracy", progress: bool = True,
            latency_budget: str | float | None = None, latency_batch_size: int = 1,
            latency_threads: int | None = None, latency_plans: int = 24,
            register: str | None = None, workers: int = 1) -> Any:
@@ -80,7 +80,8 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
     budget is tightened into it (more pruning, then fewer bits); without, it is recorded infeasible.
     With `warm_start`, per-layer sensitivity is measured and the best uniform plans and a
     sensitivity-allocated (knapsack) plan are tried first. The `final_top` best plans are then
-    fine-tuned for `final_epochs` and the best of those is exported.
+    fine-tuned for `final_epochs` (distilled from the original with weight at least
+    `final_distill`) and the best of those is exported.
     `latency_budget` ('2ms', '500us'): the deployed model's latency on `device` at batch
     `latency_batch_size`, predicted per trial (a predictor fitted on `latency_plans` timed plans,
     cached in OUT/latency/) and measured for the final pick.
@@ -105,7 +106,7 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
             lr: float = 0.01, batch_size: int = 128, max_batches: int | None = None, seed: int = 0,
             device: str = "cpu", limit: int | None = None, val_fraction: float = 0.1,
             early_stopping: bool | str = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
-            final_epochs: int = 2, objectives: str = "accuracy", progress: bool = True,
+            final_epochs: int = 2, final_distill: float = 0.5, objectives: str = "accuracy", progress: bool = True,
             latency_budget: str | float | None = None, latency_batch_size: int = 1,
             latency_threads: int | None = None, latency_plans: int = 24,
             register: str | None = None) -> tuple[Any, Any]:
@@ -137,6 +138,8 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
         raise UserError(f"--trials must be at least 1, got {trials}")
     if epochs < 0:
         raise UserError(f"--epochs must be >= 0, got {epochs}")
+    if not 0.0 <= final_distill < 1.0:
+        raise UserError(f"--final-distill must be in [0, 1), got {final_distill}")
     storage, tracking_uri = database_url(storage), database_url(tracking_uri)
     check_storage(storage)
     check_tracking(tracking_uri)
@@ -173,7 +176,7 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
         tracking_uri=tracking_uri, trials=trials, timeout=seconds, epochs=epochs, lr=lr,
         batch_size=batch_size, max_batches=max_batches, seed=seed, device=device,
         early_stopping=early_stopping, repair=repair, warm_start=warm_start, final_top=final_top,
-        final_epochs=final_epochs, objectives=objs, progress=progress, latency_budget_ms=latency_ms,
+        final_epochs=final_epochs, final_distill=final_distill, objectives=objs, progress=progress, latency_budget_ms=latency_ms,
         latency_batch_size=latency_batch_size, latency_threads=latency_threads, register=register)
     bundle.train, bundle.val, bundle.test = (bundle.train.to(device), bundle.val.to(device),
                                              bundle.test.to(device))

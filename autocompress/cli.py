@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the sensitivity analysis and the uniform/knapsack plans tried first")
     s.add_argument("--final-top", type=int, default=3, help="plans re-fine-tuned longer at the end (default 3; 0: none)")
     s.add_argument("--final-epochs", type=int, default=2, help="fine-tune epochs for those finalists (default 2)")
+    s.add_argument("--final-distill", type=float, default=0.5,
+                   help="distillation weight (at least) for the finalists' fine-tune, 0 to 1 (default 0.5)")
     s.add_argument("--objectives", default="accuracy",
                    help="accuracy (default), or accuracy plus size and/or latency (accuracy,size,latency): a "
                    "multi-objective search returning the Pareto front")
@@ -113,6 +115,7 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      batch_size=a.batch_size, max_batches=a.max_batches, seed=a.seed, device=a.device,
                      limit=a.limit, early_stopping=a.early_stopping, repair=not a.no_repair,
                      warm_start=not a.no_warm_start, final_top=a.final_top, final_epochs=a.final_epochs,
+                     final_distill=a.final_distill,
                      objectives=a.objectives, latency_budget=a.latency_budget,
                      latency_batch_size=a.latency_batch_size, latency_threads=a.latency_threads,
                      latency_plans=a.latency_plans, progress=not a.no_progress,

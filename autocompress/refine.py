@@ -45,13 +45,16 @@ def best_final(study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
 
 
 def finetune_and_export(model: Any, plan: CompressionPlan, size: int, path: str, settings: Any, ctx: Any, *,
-                        epochs: int, max_batches: int | None, report: Callable[[float, int], None]) -> FinetuneResult:
-    """Fine-tune a compressed model (distilled from the baseline when the plan asks), write its
-    artifact to `path`, and check the file has exactly the `size` bytes the cost model reported.
-    Shared by search trials and finalists so both are trained and stored the same way."""
+                        epochs: int, max_batches: int | None, report: Callable[[float, int], None],
+                        min_distill: float = 0.0) -> FinetuneResult:
+    """Fine-tune a compressed model (distilled from the baseline when the plan asks, or with
+    weight at least `min_distill`), write its artifact to `path`, and check the file has exactly
+    the `size` bytes the cost model reported. Shared by search trials and finalists so both are
+    trained and stored the same way."""
+    distill = max(plan.distill, min_distill)
     config = FinetuneConfig(epochs=epochs, lr=settings.lr, batch_size=settings.batch_size, max_batches=max_batches,
-                            distill=plan.distill, temperature=plan.temperature, l1=plan.l1, seed=settings.seed)
-    result = finetune(model, ctx.data.train, ctx.data.val, config, teacher=ctx.model if plan.distill > 0 else None,
+                            distill=distill, temperature=plan.temperature, l1=plan.l1, seed=settings.seed)
+    result = finetune(model, ctx.data.train, ctx.data.val, config, teacher=ctx.model if distill > 0 else None,
                       report=report, l1_weights=lambda: kept_weights(model), device=settings.device,
                       progress=settings.progress)
     written = export(model.cpu(), path, ctx.spec)
@@ -70,7 +73,9 @@ def refine(study: optuna.Study, settings: Any, ctx: Any, tracker: Tracker, k: in
             continue
         plan = CompressionPlan.from_dict(t.user_attrs["plan"])
         start = time.perf_counter()
-        run_id = tracker.start_trial(t.number, {"phase": "final", "epochs": epochs}, plan.to_dict(), role="final")
+        run_id = tracker.start_trial(t.number, {"phase": "final", "epochs": epochs,
+                                                 "distill": max(plan.distill, settings.final_distill)},
+                                       plan.to_dict(), role="final")
         state = "failed"
         try:
             model = compress(ctx.model, plan, ctx.example_input, ctx.calib)
@@ -81,9 +86,9 @@ def refine(study: optuna.Study, settings: Any, ctx: Any, tracker: Tracker, k: in
                 tracker.log_metrics(run_id, {"val_accuracy": acc}, step=epoch)
 
             res = finetune_and_export(model, plan, size, path, settings, ctx, epochs=epochs, max_batches=None,
-                                      report=report)
+                                      report=report, min_distill=settings.final_distill)
             done[key] = {"val_accuracy": res.val_acc[-1], "size_bytes": size, "artifact": os.path.abspath(path),
-                         "epochs": epochs, "search_val_accuracy": t.values[0]}
+                         "epochs": epochs, "distill": max(plan.distill, settings.final_distill), "search_val_accuracy": t.values[0]}
             study.set_user_attr(FINAL_ATTR, done)
             tracker.log_metrics(run_id, {"val_accuracy_final": res.val_acc[-1], "size_bytes": size,
                                          "trial_seconds": time.perf_counter() - start})

@@ -68,6 +68,7 @@ class SearchSettings:
     warm_start: bool = True
     final_top: int = 3
     final_epochs: int = 2
+    final_distill: float = 0.5  # finalists are distilled from the original at least this much
     calib_batches: int = 4
     latency_budget_ms: float | None = None  # predicted before training, the final pick timed for real
     latency_batch_size: int = 1

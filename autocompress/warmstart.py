@@ -2,6 +2,10 @@
 
 - Uniform plans: one global magnitude threshold over all layers and the same bits everywhere,
   at the smallest sparsity whose real artifact fits the budget (bisection on exact sizes).
+- Uniform channel plans: every layer that may lose channels keeps the same fraction of them
+  (physically removed, so no mask is stored), same bits everywhere, the largest fraction kept
+  that fits. At high ratios these beat unstructured plans, whose masks cost ~log2(1/density)
+  bits per kept weight; and they are faster, not only smaller.
 - A sensitivity-allocated plan: a multiple-choice knapsack over per-layer (amount, bits) options
   that minimises the summed per-layer accuracy drops under the byte budget.
 Both are mapped onto the search space's choices so they can be enqueued as Optuna trials.
@@ -56,6 +60,38 @@ def fit_uniform(model: nn.Module, bits: int, size_of: SizeFn, limit: int, layers
         else:
             lo = mid
     return hi, uniform_plan(model, hi, bits, layers)
+
+
+def channel_plan(space_layers: dict, fraction: float, bits: int) -> CompressionPlan:
+    """Channel pruning by `fraction` of every layer whose space allows it (capped at its largest
+    amount); the others unpruned; `bits` everywhere."""
+    layers = {}
+    for name, c in space_layers.items():
+        if "channel" in c["prune"].values and fraction > 0:
+            layers[name] = LayerPlan(prune="channel", amount=_on_grid(c["amount"], fraction), bits=bits)
+        else:
+            layers[name] = LayerPlan(prune="none", bits=bits)
+    return CompressionPlan(layers=layers)
+
+
+def fit_channels(space_layers: dict, bits: int, size_of: SizeFn, limit: int,
+                 tol: float = 0.01) -> tuple[float, CompressionPlan] | None:
+    """The smallest channel fraction (within tol, on the space's amount grid) whose uniform
+    channel plan fits `limit` bytes; None if the space allows no channel pruning or none fits."""
+    prunable = [c for c in space_layers.values() if "channel" in c["prune"].values and "amount" in c]
+    if not prunable:
+        return None
+    top = min(c["amount"].high if c["amount"].low is not None else max(c["amount"].values) for c in prunable)
+    fits = lambda f: size_of(channel_plan(space_layers, f, bits)) <= limit  # noqa: E731
+    if fits(0.0):
+        return 0.0, channel_plan(space_layers, 0.0, bits)
+    if not fits(top):
+        return None
+    lo, hi = 0.0, top
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi, channel_plan(space_layers, hi, bits)
 
 
 def _entropy_bits(n: int, density: float) -> float:
@@ -122,7 +158,8 @@ def to_params(plan: CompressionPlan, space_layers: dict) -> dict[str, Any] | Non
         c = space_layers.get(name)
         if c is None:
             continue
-        prune = "unstructured" if lp.amount > 0 else ("none" if "none" in c["prune"].values else "unstructured")
+        pruned = "unstructured" if lp.prune == "none" else lp.prune
+        prune = pruned if lp.amount > 0 else ("none" if "none" in c["prune"].values else "unstructured")
         if prune not in c["prune"].values:
             return None
         if not c["prune"].fixed:
@@ -169,8 +206,10 @@ def _grid(choice: Any, limit: int = 40) -> list[float]:
 
 
 def warm_start_plans(model: nn.Module, space_layers: dict, size_of: SizeFn, limit: int,
-                     sens: Sensitivity | None, uniform_bits: tuple[int, ...] = (4, 3, 5)) -> list[tuple[str, CompressionPlan]]:
-    """Named plans to try first: the best uniform plans that fit, and the sensitivity knapsack plan."""
+                     sens: Sensitivity | None, uniform_bits: tuple[int, ...] = (4, 3, 5),
+                     channel_bits: tuple[int, ...] = (4, 3)) -> list[tuple[str, CompressionPlan]]:
+    """Named plans to try first: the best uniform plans that fit, the uniform channel plans, and
+    the sensitivity knapsack plan."""
     layers = list(space_layers)
     shared_bits = set.intersection(*(set(c["bits"].values) for c in space_layers.values()))
     out: list[tuple[str, CompressionPlan]] = []
@@ -181,6 +220,12 @@ def warm_start_plans(model: nn.Module, space_layers: dict, size_of: SizeFn, limi
         fit = fit_uniform(model, b, lambda p: size_of(on_grid(p)), limit, layers)
         if fit is not None and fit[0] <= 0.97:
             out.append((f"uniform-{b}bit-{fit[0]:.3f}", on_grid(fit[1])))
+    for b in channel_bits:
+        if b not in shared_bits:
+            continue
+        fit = fit_channels(space_layers, b, size_of, limit)
+        if fit is not None and fit[0] > 0:
+            out.append((f"channels-{b}bit-{fit[0]:.2f}", fit[1]))
     if sens is not None and all("amount" in c for c in space_layers.values()):
         amounts = sorted(set.intersection(*(set(_grid(c["amount"])) for c in space_layers.values())))
         bits = sorted(b for b in shared_bits if b <= 8)

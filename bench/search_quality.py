@@ -9,7 +9,7 @@ For each budget (default 40x and 100x of LeNet-5's fp32 parameter bytes on Fashi
 Wall time, trials (complete / early-stopped / infeasible / repaired) and the tool's own overhead
 per trial (time outside fine-tune and evaluation) are recorded too.
 
-    python bench/search_quality.py                     # 40x,100x; 20 trials; 3 final epochs
+    python bench/search_quality.py                     # 40x,100x; 20 trials; 3 final epochs; 20-epoch baseline
     python bench/search_quality.py --budgets 40x --trials 8 --final-epochs 2
 
 Writes bench/results/search_quality.jsonl and bench/results/search_quality.md.
@@ -43,7 +43,8 @@ from autocompress.warmstart import fit_uniform  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def best_uniform(model, spec, data, limit: int, epochs: int, lr: float, bits_list=(3, 4, 5)) -> dict:
+def best_uniform(model, spec, data, limit: int, epochs: int, lr: float, distill: float,
+                 bits_list=(3, 4, 5)) -> dict:
     """Fit, fine-tune and score the uniform plans; return the best by validation accuracy."""
     example = data.train.x[:2]
     calib = list(data.train.batches(128, shuffle=True, seed=0, limit=4))
@@ -56,7 +57,8 @@ def best_uniform(model, spec, data, limit: int, epochs: int, lr: float, bits_lis
             continue
         sparsity, plan = fit
         cm = compress(model, plan, example, calib)
-        res = finetune(cm, data.train, data.val, FinetuneConfig(epochs=epochs, lr=lr), l1_weights=lambda: kept_weights(cm))
+        res = finetune(cm, data.train, data.val, FinetuneConfig(epochs=epochs, lr=lr, distill=distill),
+                       teacher=model if distill > 0 else None, l1_weights=lambda: kept_weights(cm))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "u.acz")
             size = export(cm.cpu(), path, spec)
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=1, help="fine-tune epochs per search trial")
     ap.add_argument("--final-epochs", type=int, default=3, help="fine-tune of finalists and uniform plans")
     ap.add_argument("--final-top", type=int, default=3)
-    ap.add_argument("--baseline-epochs", type=int, default=8)
+    ap.add_argument("--final-distill", type=float, default=0.5, help="distillation weight of that fine-tune")
+    ap.add_argument("--baseline-epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--model", default="lenet5")
     ap.add_argument("--data", default="fashion-mnist")
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         limit = parse_budget(budget).limit(original)
         print(f"== {budget}: {limit} bytes")
         t0 = time.perf_counter()
-        uni = best_uniform(model, spec, data, limit, a.final_epochs, a.lr)
+        uni = best_uniform(model, spec, data, limit, a.final_epochs, a.lr, a.final_distill)
         rows.append({"budget": budget, "budget_bytes": limit, "method": f"best uniform ({uni['bits']} bit, "
                      f"global sparsity {uni['sparsity']:.3f})", "test_accuracy": uni["test_accuracy"],
                      "val_accuracy": uni["val_accuracy"], "bytes": uni["bytes"], "wall_s": time.perf_counter() - t0,
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         out = os.path.join(a.out, f"{a.model}-{budget}-{int(time.time())}")
         res = search(budget, model=a.model, data=a.data, out=out, study="bench", trials=a.trials, epochs=a.epochs,
                      baseline_epochs=a.baseline_epochs, lr=a.lr, final_top=a.final_top, final_epochs=a.final_epochs,
-                     device=a.device, progress=False)
+                     final_distill=a.final_distill, device=a.device, progress=False)
         wall = time.perf_counter() - t0
         trials = res.study.trials
         states = [trial_state(t) for t in trials]
@@ -139,7 +142,8 @@ def write_table(rows: list[dict], a: argparse.Namespace, base_test: float, devic
     lines = [f"# Search quality: {a.model} / {a.data}", "",
              f"fp32 baseline test {base_test * 100:.2f}% ({a.baseline_epochs} epochs). Device: {device}. "
              f"Search: {a.trials} trials x {a.epochs} epoch, top {a.final_top} re-fine-tuned {a.final_epochs} epochs; "
-             f"uniform plans fine-tuned {a.final_epochs} epochs. Bytes = the exported file.", "",
+             f"uniform plans fine-tuned {a.final_epochs} epochs; both distilled from the baseline with weight "
+             f"{a.final_distill}. Bytes = the exported file.", "",
              "| budget | method | test acc | val acc | bytes | ratio | wall | trials | overhead / trial |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

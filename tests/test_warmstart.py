@@ -58,6 +58,10 @@ def test_knapsack_and_uniform_plans_fit_the_budget(digits):
     limit = 524_320 // 30
     plans = dict(warm_start_plans(model, layers, size_of, limit, sens))
     assert "knapsack" in plans and any(k.startswith("uniform-4bit") for k in plans)
+    channels = next(p for k, p in plans.items() if k.startswith("channels-4bit"))
+    kept = compress(model, channels, example)
+    assert kept.conv2.weight.shape[0] < model.conv2.weight.shape[0]  # channels really removed
+    assert kept.fc2.weight.shape[0] == model.fc2.weight.shape[0]      # the output layer keeps its classes
     for name, plan in plans.items():
         assert size_of(plan) <= limit, name
         params = to_params(plan, layers)
