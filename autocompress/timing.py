@@ -18,7 +18,8 @@ def time_final(outcome: Any, settings: Any, ctx: Any, tracker: Any, best: Any, p
 
     device = settings.device
     calib = [(x.cpu(), y) for x, y in ctx.calib] if device == "cpu" else None
-    deployed = deployable(path, device=device, calib=calib)
+    deployed = deployable(path, device=device, calib=calib, batch_size=settings.latency_batch_size,
+                          threads=settings.latency_threads)
     example = ctx.example_input.to(device) if device != "cpu" else ctx.example_input.cpu()
     res = measure_latency(deployed, example, device=device, batch_size=settings.latency_batch_size,
                           threads=settings.latency_threads, warmup=10, repeats=100)

@@ -2,9 +2,10 @@
 
 - Uniform plans: one global magnitude threshold over all layers and the same bits everywhere,
   at the smallest sparsity whose real artifact fits the budget (bisection on exact sizes).
-- Uniform channel plans: every layer that may lose channels keeps the same fraction of them
-  (physically removed, so no mask is stored), same bits everywhere, the largest fraction kept
-  that fits. At high ratios these beat unstructured plans, whose masks cost ~log2(1/density)
+- Channel plans: every layer that may lose channels loses the same fraction of them, or a
+  fraction that grows with the layer's size (sqrt of its share: the big fully connected layers
+  lose most, the small first convolution little); physically removed, so no mask is stored; same
+  bits everywhere; the least pruning that fits. At high ratios these beat unstructured plans, whose masks cost ~log2(1/density)
   bits per kept weight; and they are faster, not only smaller.
 - A sensitivity-allocated plan: a multiple-choice knapsack over per-layer (amount, bits) options
   that minimises the summed per-layer accuracy drops under the byte budget.
@@ -62,36 +63,46 @@ def fit_uniform(model: nn.Module, bits: int, size_of: SizeFn, limit: int, layers
     return hi, uniform_plan(model, hi, bits, layers)
 
 
-def channel_plan(space_layers: dict, fraction: float, bits: int) -> CompressionPlan:
-    """Channel pruning by `fraction` of every layer whose space allows it (capped at its largest
-    amount); the others unpruned; `bits` everywhere."""
+def channel_plan(space_layers: dict, fraction: float, bits: int,
+                 weights: dict[str, float] | None = None) -> CompressionPlan:
+    """Channel pruning of every layer whose space allows it by `fraction` (times the layer's weight
+    in `weights`, if given; capped at the space's largest amount); the others unpruned; `bits`
+    everywhere."""
     layers = {}
     for name, c in space_layers.items():
-        if "channel" in c["prune"].values and fraction > 0:
-            layers[name] = LayerPlan(prune="channel", amount=_on_grid(c["amount"], fraction), bits=bits)
+        amount = fraction * (weights or {}).get(name, 1.0)
+        if "channel" in c["prune"].values and amount > 0:
+            layers[name] = LayerPlan(prune="channel", amount=_on_grid(c["amount"], amount), bits=bits)
         else:
             layers[name] = LayerPlan(prune="none", bits=bits)
     return CompressionPlan(layers=layers)
 
 
-def fit_channels(space_layers: dict, bits: int, size_of: SizeFn, limit: int,
+def size_weights(model: nn.Module, layers: list[str]) -> dict[str, float]:
+    """sqrt(parameters / the largest layer's): big layers lose most channels, small ones few."""
+    numel = {n: model.get_submodule(n).weight.numel() for n in layers}
+    top = max(numel.values())
+    return {n: math.sqrt(v / top) for n, v in numel.items()}
+
+
+def fit_channels(space_layers: dict, bits: int, size_of: SizeFn, limit: int, weights: dict[str, float] | None = None,
                  tol: float = 0.01) -> tuple[float, CompressionPlan] | None:
-    """The smallest channel fraction (within tol, on the space's amount grid) whose uniform
-    channel plan fits `limit` bytes; None if the space allows no channel pruning or none fits."""
+    """The smallest channel fraction (within tol, on the space's amount grid) whose channel plan
+    fits `limit` bytes; None if the space allows no channel pruning or none fits."""
     prunable = [c for c in space_layers.values() if "channel" in c["prune"].values and "amount" in c]
     if not prunable:
         return None
     top = min(c["amount"].high if c["amount"].low is not None else max(c["amount"].values) for c in prunable)
-    fits = lambda f: size_of(channel_plan(space_layers, f, bits)) <= limit  # noqa: E731
+    fits = lambda f: size_of(channel_plan(space_layers, f, bits, weights)) <= limit  # noqa: E731
     if fits(0.0):
-        return 0.0, channel_plan(space_layers, 0.0, bits)
+        return 0.0, channel_plan(space_layers, 0.0, bits, weights)
     if not fits(top):
         return None
     lo, hi = 0.0, top
     while hi - lo > tol:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi, channel_plan(space_layers, hi, bits)
+    return hi, channel_plan(space_layers, hi, bits, weights)
 
 
 def _entropy_bits(n: int, density: float) -> float:
@@ -218,14 +229,16 @@ def warm_start_plans(model: nn.Module, space_layers: dict, size_of: SizeFn, limi
         if b not in shared_bits:
             continue
         fit = fit_uniform(model, b, lambda p: size_of(on_grid(p)), limit, layers)
-        if fit is not None and fit[0] <= 0.97:
+        if fit is not None:
             out.append((f"uniform-{b}bit-{fit[0]:.3f}", on_grid(fit[1])))
+    by_size = size_weights(model, layers)
     for b in channel_bits:
         if b not in shared_bits:
             continue
-        fit = fit_channels(space_layers, b, size_of, limit)
-        if fit is not None and fit[0] > 0:
-            out.append((f"channels-{b}bit-{fit[0]:.2f}", fit[1]))
+        for kind, weights in (("channels", None), ("channels-by-size", by_size)):
+            fit = fit_channels(space_layers, b, size_of, limit, weights)
+            if fit is not None and fit[0] > 0:
+                out.append((f"{kind}-{b}bit-{fit[0]:.2f}", fit[1]))
     if sens is not None and all("amount" in c for c in space_layers.values()):
         amounts = sorted(set.intersection(*(set(_grid(c["amount"])) for c in space_layers.values())))
         bits = sorted(b for b in shared_bits if b <= 8)

@@ -51,6 +51,7 @@ BAD = [
     (["--budget", "20x", "--timeout", "soon"], "duration"),
     (["--budget", "20x", "--trials", "0"], "--trials"),
     (["--budget", "20x", "--epochs", "-1"], "--epochs"),
+    (["--budget", "20x", "--final-distill", "1.5"], "--final-distill"),
     (["--budget", "20x", "--workers", "0"], "--workers"),
     (["--budget", "20x", "--storage", "postgresql://nobody@127.0.0.1:1/x"], "cannot reach study storage"),
     (["--budget", "20x", "--storage", "no url at all"], "cannot parse study storage"),

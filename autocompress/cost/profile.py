@@ -78,7 +78,7 @@ def time_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tens
 
     compressed = compress(model.cpu(), replace(plan, distill=0.0), example_input.cpu())
     rows = plan_rows(compressed, example_input)
-    deployed = deployable(compressed, device=device, calib=calib)
+    deployed = deployable(compressed, device=device, calib=calib, batch_size=batch_size, threads=threads)
     return rows, measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
                                  threads=threads, warmup=5, repeats=repeats)
 
@@ -126,7 +126,8 @@ def predictor_for(model: nn.Module, model_name: str, space_layers: dict, example
     from ..deploy import deployable
 
     compressed = compress(model.cpu(), fastest_plan(space_layers), example_input.cpu())
-    fast_rows, deployed = plan_rows(compressed, example_input), deployable(compressed, device=device)
+    fast_rows = plan_rows(compressed, example_input)
+    deployed = deployable(compressed, device=device, batch_size=batch_size, threads=threads)
     # a refusal must not come from one stall of a busy machine: the lowest of three medians
     fast = min((measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
                                 threads=threads, warmup=5, repeats=20) for _ in range(3)), key=lambda r: r.median_ms)
