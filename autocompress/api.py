@@ -176,7 +176,8 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
         tracking_uri=tracking_uri, trials=trials, timeout=seconds, epochs=epochs, lr=lr,
         batch_size=batch_size, max_batches=max_batches, seed=seed, device=device,
         early_stopping=early_stopping, repair=repair, warm_start=warm_start, final_top=final_top,
-        final_epochs=final_epochs, final_distill=final_distill, objectives=objs, progress=progress, latency_budget_ms=latency_ms,
+        final_epochs=final_epochs, final_distill=final_distill, objectives=objs, progress=progress,
+        latency_budget_ms=latency_ms,
         latency_batch_size=latency_batch_size, latency_threads=latency_threads, register=register)
     bundle.train, bundle.val, bundle.test = (bundle.train.to(device), bundle.val.to(device),
                                              bundle.test.to(device))

@@ -88,7 +88,8 @@ def refine(study: optuna.Study, settings: Any, ctx: Any, tracker: Tracker, k: in
             res = finetune_and_export(model, plan, size, path, settings, ctx, epochs=epochs, max_batches=None,
                                       report=report, min_distill=settings.final_distill)
             done[key] = {"val_accuracy": res.val_acc[-1], "size_bytes": size, "artifact": os.path.abspath(path),
-                         "epochs": epochs, "distill": max(plan.distill, settings.final_distill), "search_val_accuracy": t.values[0]}
+                         "epochs": epochs, "distill": max(plan.distill, settings.final_distill),
+                         "search_val_accuracy": t.values[0]}
             study.set_user_attr(FINAL_ATTR, done)
             tracker.log_metrics(run_id, {"val_accuracy_final": res.val_acc[-1], "size_bytes": size,
                                          "trial_seconds": time.perf_counter() - start})

@@ -5,11 +5,11 @@
 - Channel plans: every layer that may lose channels loses the same fraction of them, or a
   fraction that grows with the layer's size (sqrt of its share: the big fully connected layers
   lose most, the small first convolution little); physically removed, so no mask is stored; same
-  bits everywhere; the least pruning that fits. At high ratios these beat unstructured plans, whose masks cost ~log2(1/density)
-  bits per kept weight; and they are faster, not only smaller.
+  bits everywhere; the least pruning that fits. At high ratios these beat unstructured plans,
+  whose masks cost ~log2(1/density) bits per kept weight; and they are faster, not only smaller.
 - A sensitivity-allocated plan: a multiple-choice knapsack over per-layer (amount, bits) options
   that minimises the summed per-layer accuracy drops under the byte budget.
-Both are mapped onto the search space's choices so they can be enqueued as Optuna trials.
+All are mapped onto the search space's choices so they can be enqueued as Optuna trials.
 """
 from __future__ import annotations
 
@@ -219,8 +219,8 @@ def _grid(choice: Any, limit: int = 40) -> list[float]:
 def warm_start_plans(model: nn.Module, space_layers: dict, size_of: SizeFn, limit: int,
                      sens: Sensitivity | None, uniform_bits: tuple[int, ...] = (4, 3, 5),
                      channel_bits: tuple[int, ...] = (4, 3)) -> list[tuple[str, CompressionPlan]]:
-    """Named plans to try first: the best uniform plans that fit, the uniform channel plans, and
-    the sensitivity knapsack plan."""
+    """Named plans to try first: the best uniform plans that fit, the channel plans (uniform and
+    size-weighted), and the sensitivity knapsack plan."""
     layers = list(space_layers)
     shared_bits = set.intersection(*(set(c["bits"].values) for c in space_layers.values()))
     out: list[tuple[str, CompressionPlan]] = []
