@@ -122,7 +122,8 @@ def run_model(name: str, a: argparse.Namespace, write) -> dict:
     t0 = time.perf_counter()
     pred = profile(net, layers, x, plans=a.plans, threads=a.threads, repeats=a.profile_repeats, progress=False)
     rng = random.Random(12345)
-    held = [time_plan(net, random_plan(layers, rng), x, threads=a.threads, repeats=a.profile_repeats)
+    held = [time_plan(net, random_plan(layers, rng), x, threads=a.threads, repeats=a.profile_repeats,
+                      backend=pred.backend)
             for _ in range(a.heldout)]
     err = held_out_error(pred, [(r, res.median_ms) for r, res in held])
     write({"model": name, "kind": "predictor", "fit_plans": a.plans, "heldout_plans": a.heldout,

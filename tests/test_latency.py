@@ -58,7 +58,9 @@ def test_predictor_fits_predicts_positive_and_reports_held_out_error(lenet, tmp_
     import random
 
     rng = random.Random(1)
-    held = [time_plan(model, random_plan(layers, rng), x, threads=1, repeats=5) for _ in range(2)]
+    assert pred.backend in torch.backends.quantized.supported_engines  # one engine for every timed plan
+    held = [time_plan(model, random_plan(layers, rng), x, threads=1, repeats=5, backend=pred.backend)
+            for _ in range(2)]
     assert all(pred.predict_rows(rows) > 0 for rows, _ in held)
     assert held_out_error(pred, [(rows, r.median_ms) for rows, r in held]) >= 0
     pred.save(str(tmp_path / "p.json"))

@@ -156,6 +156,7 @@ class LatencyPredictor:
     key: dict[str, Any] = field(default_factory=dict)
     error: float | None = None  # median absolute relative error on held-out plans
     samples: list[dict[str, Any]] = field(default_factory=list)
+    backend: str = "auto"  # the quantized engine the timed plans were deployed with
 
     def predict_rows(self, rows: list[dict[str, Any]]) -> float:
         v = plan_vector(rows)

@@ -71,22 +71,40 @@ def plan_rows(compressed: nn.Module, example_input: torch.Tensor) -> list[dict[s
 
 def time_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tensor, *, device: str = "cpu",
               batch_size: int = 1, threads: int | None = None, repeats: int = 30,
-              calib: Any = None) -> tuple[list[dict[str, Any]], LatencyResult]:
-    """Compress `model` by `plan`, deploy it, time it: (feature rows, measured latency)."""
+              calib: Any = None, backend: str = "auto") -> tuple[list[dict[str, Any]], LatencyResult]:
+    """Compress `model` by `plan`, deploy it (with `backend`'s int8 engine), time it: (feature rows,
+    measured latency)."""
     from ..compress import compress
     from ..deploy import deployable
 
     compressed = compress(model.cpu(), replace(plan, distill=0.0), example_input.cpu())
     rows = plan_rows(compressed, example_input)
-    deployed = deployable(compressed, device=device, calib=calib, batch_size=batch_size, threads=threads)
+    deployed = deployable(compressed, device=device, calib=calib, batch_size=batch_size, threads=threads,
+                          backend=backend)
     return rows, measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
                                  threads=threads, warmup=5, repeats=repeats)
+
+
+def engine_for(model: nn.Module, space_layers: dict, example_input: torch.Tensor, *, device: str = "cpu",
+               batch_size: int = 1, threads: int | None = None) -> str:
+    """The int8 engine deployable("auto") picks for the model with 8-bit weights everywhere: the
+    predictor's plans are all timed with it, so its fit sees one set of kernels, not a mix."""
+    from ..compress import compress
+    from ..deploy import deployable
+
+    if device != "cpu":
+        return "auto"
+    plan = CompressionPlan(layers={n: LayerPlan(bits=8) for n in space_layers})
+    deployed = deployable(compress(model.cpu(), plan, example_input.cpu()), batch_size=batch_size, threads=threads)
+    return getattr(deployed, "backend", "auto")
 
 
 def profile(model: nn.Module, space_layers: dict, example_input: torch.Tensor, *, plans: int = 24,
             device: str = "cpu", batch_size: int = 1, threads: int | None = None, repeats: int = 30,
             seed: int = 0, progress: bool = True) -> LatencyPredictor:
-    """Time `plans` random plans (plus the original and the fastest plan) and fit the predictor."""
+    """Time `plans` random plans (plus the original and the fastest plan) and fit the predictor.
+    All are deployed with one engine (engine_for), recorded as the predictor's `backend`."""
+    backend = engine_for(model, space_layers, example_input, device=device, batch_size=batch_size, threads=threads)
     rng = random.Random(seed)
     todo = [fastest_plan(space_layers), CompressionPlan(layers={n: LayerPlan() for n in space_layers})]
     todo += [random_plan(space_layers, rng) for _ in range(max(plans - 2, 2))]
@@ -94,14 +112,16 @@ def profile(model: nn.Module, space_layers: dict, example_input: torch.Tensor, *
     start = time.perf_counter()
     for i, plan in enumerate(todo):
         rows, res = time_plan(model, plan, example_input, device=device, batch_size=batch_size,
-                              threads=threads, repeats=repeats)
+                              threads=threads, repeats=repeats, backend=backend)
         samples.append((rows, res.median_ms))
         if progress:
             print(f"\rlatency profile: {i + 1}/{len(todo)} plans timed ({time.perf_counter() - start:.0f}s)",
                   end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    return fit_predictor(samples, seed=seed)
+    pred = fit_predictor(samples, seed=seed)
+    pred.backend = backend
+    return pred
 
 
 def latency_key(model_name: str, space_layers: dict, example_input: torch.Tensor, device: str, batch_size: int,
