@@ -71,9 +71,10 @@ def plan_rows(compressed: nn.Module, example_input: torch.Tensor) -> list[dict[s
 
 def time_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tensor, *, device: str = "cpu",
               batch_size: int = 1, threads: int | None = None, repeats: int = 30,
-              calib: Any = None, backend: str = "auto") -> tuple[list[dict[str, Any]], LatencyResult]:
+              calib: Any = None, backend: str = "auto", rounds: int = 3) -> tuple[list[dict[str, Any]], LatencyResult]:
     """Compress `model` by `plan`, deploy it (with `backend`'s int8 engine), time it: (feature rows,
-    measured latency)."""
+    measured latency). The lowest of `rounds` medians: on a shared machine one round can land in a
+    slow spell (1.5x medians between rounds here), which would teach the predictor noise."""
     from ..compress import compress
     from ..deploy import deployable
 
@@ -81,8 +82,9 @@ def time_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tens
     rows = plan_rows(compressed, example_input)
     deployed = deployable(compressed, device=device, calib=calib, batch_size=batch_size, threads=threads,
                           backend=backend)
-    return rows, measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
-                                 threads=threads, warmup=5, repeats=repeats)
+    timed = [measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
+                             threads=threads, warmup=5, repeats=repeats) for _ in range(max(rounds, 1))]
+    return rows, min(timed, key=lambda r: r.median_ms)
 
 
 def engine_for(model: nn.Module, space_layers: dict, example_input: torch.Tensor, *, device: str = "cpu",
