@@ -45,22 +45,25 @@ def uniform_plan(model: nn.Module, sparsity: float, bits: int, layers: list[str]
                                    for n, a in amounts.items()})
 
 
+def least_that_fits(fits: Callable[[float], bool], top: float, tol: float) -> float | None:
+    """The smallest x in [0, top] (within tol) for which fits(x) holds, by bisection (fits is
+    assumed monotone: more pruning, fewer bytes); None if even `top` does not fit."""
+    if fits(0.0):
+        return 0.0
+    if not fits(top):
+        return None
+    lo, hi = 0.0, top
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
 def fit_uniform(model: nn.Module, bits: int, size_of: SizeFn, limit: int, layers: list[str] | None = None,
                 max_sparsity: float = 0.998, tol: float = 0.001) -> tuple[float, CompressionPlan] | None:
     """The smallest global sparsity (within tol) at which the uniform plan fits `limit` bytes."""
-    plan0 = uniform_plan(model, 0.0, bits, layers)
-    if size_of(plan0) <= limit:
-        return 0.0, plan0
-    if size_of(uniform_plan(model, max_sparsity, bits, layers)) > limit:
-        return None
-    lo, hi = 0.0, max_sparsity
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        if size_of(uniform_plan(model, mid, bits, layers)) <= limit:
-            hi = mid
-        else:
-            lo = mid
-    return hi, uniform_plan(model, hi, bits, layers)
+    x = least_that_fits(lambda sp: size_of(uniform_plan(model, sp, bits, layers)) <= limit, max_sparsity, tol)
+    return None if x is None else (x, uniform_plan(model, x, bits, layers))
 
 
 def channel_plan(space_layers: dict, fraction: float, bits: int,
@@ -93,16 +96,8 @@ def fit_channels(space_layers: dict, bits: int, size_of: SizeFn, limit: int, wei
     if not prunable:
         return None
     top = min(c["amount"].high if c["amount"].low is not None else max(c["amount"].values) for c in prunable)
-    fits = lambda f: size_of(channel_plan(space_layers, f, bits, weights)) <= limit  # noqa: E731
-    if fits(0.0):
-        return 0.0, channel_plan(space_layers, 0.0, bits, weights)
-    if not fits(top):
-        return None
-    lo, hi = 0.0, top
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi, channel_plan(space_layers, hi, bits, weights)
+    x = least_that_fits(lambda f: size_of(channel_plan(space_layers, f, bits, weights)) <= limit, top, tol)
+    return None if x is None else (x, channel_plan(space_layers, x, bits, weights))
 
 
 def _entropy_bits(n: int, density: float) -> float:
