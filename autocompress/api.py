@@ -78,8 +78,8 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
     `budget` is a size ('50KB', '1.5MiB') or a ratio of the fp32 parameter bytes ('20x').
     With no `weights`, the baseline is trained once and cached. With `repair`, a proposal over the
     budget is tightened into it (more pruning, then fewer bits); without, it is recorded infeasible.
-    With `warm_start`, per-layer sensitivity is measured and the best uniform plans and a
-    sensitivity-allocated (knapsack) plan are tried first. The `final_top` best plans are then
+    With `warm_start`, per-layer sensitivity is measured and the best uniform plans, channel
+    plans and a sensitivity-allocated (knapsack) plan are tried first. The `final_top` best plans are then
     fine-tuned for `final_epochs` (distilled from the original with weight at least
     `final_distill`) and the best of those is exported.
     `latency_budget` ('2ms', '500us'): the deployed model's latency on `device` at batch

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-repair", action="store_true",
                    help="record over-budget proposals as infeasible instead of tightening them into the budget")
     s.add_argument("--no-warm-start", action="store_true",
-                   help="skip the sensitivity analysis and the uniform/knapsack plans tried first")
+                   help="skip the sensitivity analysis and the uniform/channel/knapsack plans tried first")
     s.add_argument("--final-top", type=int, default=3, help="plans re-fine-tuned longer at the end (default 3; 0: none)")
     s.add_argument("--final-epochs", type=int, default=2, help="fine-tune epochs for those finalists (default 2)")
     s.add_argument("--final-distill", type=float, default=0.5,
