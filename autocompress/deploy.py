@@ -8,8 +8,10 @@ no faster than the original. `deployable()` turns it into what runs on the targe
   activation quantisation calibrated on real batches, x86 = oneDNN/fbgemm). The int8 weights are
   the artifact's own codes, widened from their packed width, so no second weight rounding
   happens; only activations are rounded to int8 (the stated tolerance: see TOLERANCE);
-- CUDA: float16 (or bfloat16) weights and activations; N:M 2:4 Linear layers become
-  semi-structured sparse where the GPU supports it. Untested here (no GPU on the build machine).
+- CUDA: BatchNorm folded, float16 (or bfloat16) weights and activations in channels-last layout,
+  replayed as a CUDA graph (`graphs`); N:M 2:4 Linear layers become semi-structured sparse where
+  the GPU supports it. The CUDA path is exercised by bench/latency.py --device cuda on a GPU
+  machine; the tests run on CPU only.
 """
 from __future__ import annotations
 
@@ -238,25 +240,88 @@ def _has_vnni() -> bool:
 
 
 class _Cast(nn.Module):
-    """Runs the wrapped model in `dtype` and returns float32 logits (CUDA deployment)."""
+    """Runs the wrapped model in `dtype` (channels-last) and returns float32 logits (CUDA deployment)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.model, self.dtype = model, dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.to(self.dtype)).float()
+        x = x.to(self.dtype)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x).float()
 
 
-def to_cuda(model: nn.Module, header: dict, device: str = "cuda", dtype: torch.dtype = torch.float16) -> nn.Module:
-    """Half precision on the GPU; 2:4 Linear layers semi-structured sparse when supported (untested here)."""
-    model = model.to(device=device, dtype=dtype).eval()
+class _Graphed(nn.Module):
+    """Replays a CUDA graph of the wrapped model, captured once per input shape and dtype.
+
+    At small batches a ResNet's eager forward is bound by the launch of ~50 kernels from Python;
+    one graph replay launches them all at once. Inputs are copied into the graph's static buffer
+    and the output is cloned out (the next replay overwrites it). Used for inference only: no
+    autograd through the graph."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self._graphs: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device, torch.is_inference_mode_enabled())
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(x)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        static_in = x.detach().clone()
+        stream = torch.cuda.Stream(x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.no_grad(), torch.cuda.stream(stream):  # warm-up (cuDNN picks its kernels) off the graph
+            for _ in range(3):
+                self.model(static_in)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            static_out = self.model(static_in)
+        return graph, static_in, static_out
+
+
+def fold_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
+    """Conv+BatchNorm pairs folded into one conv (eval mode, FX-traceable models), kept only when
+    it gives the same outputs on a random input of `input_shape` (no batch dimension); else the
+    model as is. Halves the kernels a ResNet launches at inference."""
+    from torch.fx.experimental.optimization import fuse
+
+    model = model.eval()
+    try:
+        fused = fuse(model, inplace=False)
+        with torch.no_grad():
+            probe = torch.randn(2, *input_shape, device=next(model.parameters()).device)
+            same = torch.allclose(fused(probe), model(probe), rtol=1e-3, atol=1e-4)
+    except Exception:  # not traceable (data-dependent control flow): keep the unfolded model
+        return model
+    return fused.eval() if same else model
+
+
+def to_cuda(model: nn.Module, header: dict, device: str = "cuda", dtype: torch.dtype = torch.float16,
+            graphs: bool = True) -> nn.Module:
+    """The GPU form: BatchNorm folded into the convolutions, `dtype` (half) weights and activations in
+    channels-last layout (tensor-core convolutions), 2:4 N:M Linear layers semi-structured sparse
+    where the GPU and kernels take them, and, with `graphs`, replayed as a CUDA graph."""
+    model = fold_batchnorm(model, tuple(header["record"]["input_shape"]))
+    model = model.to(device=device, dtype=dtype).to(memory_format=torch.channels_last).eval()
     major, _ = torch.cuda.get_device_capability(device)
     if major >= 8:
         rec = header["record"]
         for mname, pname in rec["targets"].items():
             lp = rec["plan"]["layers"][pname]
-            mod = model.get_submodule(mname)
+            try:
+                mod = model.get_submodule(mname)
+            except AttributeError:  # folded away or renamed by the fusion
+                continue
             if isinstance(mod, nn.Linear) and lp["prune"] == "nm" and (lp["n"], lp["m"]) == (2, 4):
                 try:
                     from torch.sparse import to_sparse_semi_structured
@@ -264,12 +329,13 @@ def to_cuda(model: nn.Module, header: dict, device: str = "cuda", dtype: torch.d
                     mod.weight = nn.Parameter(to_sparse_semi_structured(mod.weight.detach()), requires_grad=False)
                 except Exception:  # shape or dtype the sparse kernels do not take: stays dense
                     pass
-    return _Cast(model, dtype)
+    cast = _Cast(model, dtype).eval()
+    return _Graphed(cast).eval() if graphs else cast
 
 
 def deployable(source: Any, *, device: str = "cpu", backend: str = "auto", calib: Iterable | torch.Tensor | None = None,
                int8: bool = True, script: bool = True, dtype: torch.dtype = torch.float16, batch_size: int = 1,
-               threads: int | None = None) -> nn.Module:
+               threads: int | None = None, graphs: bool = True) -> nn.Module:
     """The deployed form of an artifact (path) or of a compressed model, in eval mode.
 
     `calib`: real input batches (tensors or (x, y) pairs) for the int8 activation ranges; without
@@ -279,6 +345,7 @@ def deployable(source: Any, *, device: str = "cpu", backend: str = "auto", calib
     fbgemm) and keep the fastest at `batch_size` / `threads` on this machine: the engines' kernels
     differ by 2x on small convolutions (x86 hands them to oneDNN, whose per-call cost dominates a
     LeNet-5 at batch 1). The chosen engine is in the result's `backend` attribute.
+    CUDA (`device` "cuda"): see to_cuda; `dtype` float16 or bfloat16, `graphs` CUDA-graph replay.
     """
     model, header = _as_artifact(source)
     _strip_act_quant(model)
@@ -286,7 +353,7 @@ def deployable(source: Any, *, device: str = "cpu", backend: str = "auto", calib
     shape = header["record"]["input_shape"]
     example = torch.zeros(1, *shape)
     if str(device).startswith("cuda"):
-        return to_cuda(model, header, device, dtype)
+        return to_cuda(model, header, device, dtype, graphs)
     layers = int8_layers(model, header) if int8 else []
     codes = _codes(source, header) if layers else {}
     engines = [backend]

@@ -130,3 +130,31 @@ def test_every_engine_meets_the_tolerance_with_relu_fused_into_the_int8_kernels(
     with torch.no_grad():
         a, b = evaluated(bundle.test.x), eager(bundle.test.x)
     assert float((a.argmax(1) == b.argmax(1)).float().mean()) >= TOLERANCE["agreement"]
+
+
+def test_batchnorm_folding_for_the_gpu_keeps_outputs_and_removes_every_batchnorm():
+    from autocompress.deploy import fold_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 8, 8)
+    net = warm_bn(TinyResNet(), x).eval()
+    folded = fold_batchnorm(net, (1, 8, 8))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the original is left alone
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net(x), atol=1e-5)
+
+
+def test_batchnorm_folding_keeps_a_model_fx_cannot_trace():
+    from autocompress.deploy import fold_batchnorm
+
+    class Branchy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else self.conv(x)  # data-dependent: not traceable
+
+    net = Branchy().eval()
+    assert fold_batchnorm(net, (1, 8, 8)) is net
