@@ -101,6 +101,8 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
         if report is not None:
             report(acc, step)
 
+    if str(device).startswith("cuda"):  # fixed shapes: let cuDNN time and keep its fastest kernels
+        torch.backends.cudnn.benchmark = True
     model.to(device)
     if config.epochs <= 0:
         check(0)

@@ -39,6 +39,7 @@ def time_final(outcome: Any, settings: Any, ctx: Any, tracker: Any, best: Any, p
                                          else f", OVER the {budget:g} ms budget (the predictor was off)")
     tracker.set_tags(outcome.parent_run_id, {"latency_within_budget": budget is None or res.median_ms <= budget})
     pred = f" (predicted {predicted:.3f} ms)" if predicted is not None else ""
+    threads = f", {res.threads} threads" if device == "cpu" else ""
     print(f"deployed latency on {device}: {res.median_ms:.3f} ms median of {len(res.timings_ms)} runs at batch "
-          f"{res.batch_size}, {res.threads} threads{pred}{verdict}; deployed test accuracy {acc:.4f}")
+          f"{res.batch_size}{threads}{pred}{verdict}; deployed test accuracy {acc:.4f}")
     return res

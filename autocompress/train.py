@@ -25,9 +25,11 @@ CACHE_VERSION = 2  # 2: initial weights drawn from the seed (were whatever the p
 
 
 def evaluate(model: nn.Module, data: TensorData, device: str = "cpu", batch_size: int = 1000) -> float:
-    """Top-1 accuracy in [0, 1] (eval mode, no grad); NaN for an empty split."""
+    """Top-1 accuracy in [0, 1] (eval mode, no grad); NaN for an empty split. The model is moved to
+    `device` (a model loaded from an artifact lands on the CPU)."""
     if len(data) == 0:
         return float("nan")
+    model.to(device)
     was_training = model.training
     model.eval()
     correct = 0
@@ -42,6 +44,8 @@ def evaluate(model: nn.Module, data: TensorData, device: str = "cpu", batch_size
 def train_model(model: nn.Module, train: TensorData, *, epochs: int, lr: float, batch_size: int = 128,
                 seed: int = 0, device: str = "cpu", progress: bool = True) -> list[float]:
     """SGD (momentum 0.9, weight decay 5e-4) with a per-step cosine LR; returns mean loss per epoch."""
+    if str(device).startswith("cuda"):  # fixed shapes: let cuDNN time and keep its fastest kernels
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(seed)
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)

@@ -91,3 +91,17 @@ def test_latency_objective_is_accepted_and_a_bad_one_refused(capsys, tmp_path):
     assert main(["search", "--budget", "8x", "--data", "digits", "--objectives", "accuracy,speed",
                  "--out", str(tmp_path / "o")]) == 2
     assert "latency" in capsys.readouterr().err
+
+
+def test_timing_plans_leaves_the_callers_model_where_it_is(lenet):
+    from autocompress.cost.profile import on_device, time_plan
+    from autocompress.plan import CompressionPlan, LayerPlan
+
+    net, _, x = lenet
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert on_device(net, "cpu") is net
+    plan = CompressionPlan(layers={"conv2": LayerPlan(prune="channel", amount=0.5, bits=8)})
+    rows, res = time_plan(net, plan, x, repeats=3, rounds=1)
+    assert next(net.parameters()).device.type == "cpu"
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert {r["name"]: r["out"] for r in rows}["conv2"] == 25 and res.median_ms > 0

@@ -111,7 +111,8 @@ def layer_features(model: nn.Module, int8: set[str], example_input: torch.Tensor
              for n, m in mods.items()]
     try:
         with torch.no_grad():
-            model.eval()(example_input[:1].cpu())
+            p = next(model.parameters(), None)
+            model.eval()(example_input[:1].to(p.device if p is not None else "cpu"))
     finally:
         for h in hooks:
             h.remove()

@@ -7,6 +7,7 @@ so this runs before the baseline is trained.
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import sys
@@ -57,6 +58,17 @@ def random_plan(space_layers: dict, rng: random.Random) -> CompressionPlan:
     return CompressionPlan(layers=layers)
 
 
+def on_device(model: nn.Module, device: str = "cpu") -> nn.Module:
+    """`model` if it is on `device`, else a copy there: plans are compressed where the model will run
+    (the clipping search and the pruning ranks are 10x faster on a GPU) without moving the caller's
+    model."""
+    p = next(model.parameters(), None)
+    target = torch.device(device)
+    if p is None or (p.device.type == target.type and (target.index is None or p.device.index == target.index)):
+        return model
+    return copy.deepcopy(model).to(device)
+
+
 def plan_rows(compressed: nn.Module, example_input: torch.Tensor) -> list[dict[str, Any]]:
     """Per-layer features of a compressed model (as deployed: int8 layers are those of <= 8 bits)."""
     from ..compress import RECORD_ATTR
@@ -78,7 +90,7 @@ def time_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tens
     from ..compress import compress
     from ..deploy import deployable
 
-    compressed = compress(model.cpu(), replace(plan, distill=0.0), example_input.cpu())
+    compressed = compress(on_device(model, device), replace(plan, distill=0.0), example_input.to(device))
     rows = plan_rows(compressed, example_input)
     deployed = deployable(compressed, device=device, calib=calib, batch_size=batch_size, threads=threads,
                           backend=backend)
@@ -97,7 +109,7 @@ def engine_for(model: nn.Module, space_layers: dict, example_input: torch.Tensor
     if device != "cpu":
         return "auto"
     plan = CompressionPlan(layers={n: LayerPlan(bits=8) for n in space_layers})
-    deployed = deployable(compress(model.cpu(), plan, example_input.cpu()), batch_size=batch_size, threads=threads)
+    deployed = deployable(compress(on_device(model), plan, example_input.cpu()), batch_size=batch_size, threads=threads)
     return getattr(deployed, "backend", "auto")
 
 
@@ -147,7 +159,7 @@ def predictor_for(model: nn.Module, model_name: str, space_layers: dict, example
     from ..compress import compress
     from ..deploy import deployable
 
-    compressed = compress(model.cpu(), fastest_plan(space_layers), example_input.cpu())
+    compressed = compress(on_device(model, device), fastest_plan(space_layers), example_input.to(device))
     fast_rows = plan_rows(compressed, example_input)
     deployed = deployable(compressed, device=device, batch_size=batch_size, threads=threads)
     # a refusal must not come from one stall of a busy machine: the lowest of three medians
