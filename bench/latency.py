@@ -61,13 +61,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def paired(reference, model, x, a: argparse.Namespace, rounds: int = 5) -> tuple:
+def paired(reference, model, x, a: argparse.Namespace, rounds: int = 5, batch_size: int = 1) -> tuple:
     """Time the fp32 reference and `model` alternately, `rounds` times each, and pool each one's
     timings: both see the same machine state, so one slow spell cannot inflate a speed-up."""
     ref, dep = [], []
+    kw = dict(threads=a.threads, repeats=a.repeats // rounds + 1, device=a.device, batch_size=batch_size)
     for _ in range(rounds):
-        ref.append(measure_latency(reference, x, threads=a.threads, repeats=a.repeats // rounds + 1))
-        dep.append(measure_latency(model, x, threads=a.threads, repeats=a.repeats // rounds + 1))
+        ref.append(measure_latency(reference, x, **kw))
+        dep.append(measure_latency(model, x, **kw))
     def pool(rs: list) -> object:
         times = sorted(t for r in rs for t in r.timings_ms)
         return replace(rs[0], timings_ms=times, median_ms=statistics.median(times),
@@ -83,57 +84,100 @@ def fixed_plan(model: torch.nn.Module, amount: float) -> CompressionPlan:
                                                 amount=amount if n != names[-1] else 0.0, bits=8) for n in names})
 
 
+def references(net: torch.nn.Module, a: argparse.Namespace) -> dict:
+    """The fp32 originals the deployed models are compared with: eager PyTorch (as users run it);
+    on a GPU also the same fp32 model replayed as a CUDA graph, so the speed-up that compression
+    brings is told apart from the one the graph runtime brings."""
+    refs = {"fp32": net.eval()}
+    if a.device != "cpu":
+        from autocompress.deploy import _Graphed
+
+        refs["fp32 graph"] = _Graphed(net).eval()
+    return refs
+
+
 def run_model(name: str, a: argparse.Namespace, write) -> dict:
     bundle = load_data(a.data, seed=0, limit=a.limit.get(name))
     spec = ModelSpec(name, bundle.num_classes, bundle.in_channels, bundle.image_size, data=bundle.name)
-    net, _ = baseline(spec, bundle, epochs=a.baseline_epochs[name], weights=a.weights.get(name), progress=False)
+    net, _ = baseline(spec, bundle, epochs=a.baseline_epochs[name], weights=a.weights.get(name), progress=False,
+                      device=a.device)
+    if a.device != "cpu":  # small data sets live on the device
+        bundle.train, bundle.val, bundle.test = (bundle.train.to(a.device), bundle.val.to(a.device),
+                                                 bundle.test.to(a.device))
     x = bundle.test.x[:2]
-    base_acc = evaluate(net, bundle.test)
-    fp32 = min((measure_latency(net, x, threads=a.threads, repeats=a.repeats) for _ in range(3)),
-               key=lambda r: r.median_ms)  # the lowest of 3 medians: the latency budget derives from it
-    write({"model": name, "kind": "fp32", "test_accuracy": base_acc, **fp32.to_dict()})
-    print(f"{name}: fp32 test {base_acc:.4f}, {fp32.median_ms:.3f} ms", flush=True)
+    base_acc = evaluate(net, bundle.test, a.device)
+    refs = references(net, a)
+    fp32 = {}
+    for bs in a.batch_sizes:
+        for kind, ref in refs.items():
+            res = min((measure_latency(ref, x, threads=a.threads, repeats=a.repeats, device=a.device, batch_size=bs)
+                       for _ in range(3)), key=lambda r: r.median_ms)  # the lowest of 3 medians
+            fp32[kind, bs] = res
+            write({"model": name, "kind": kind, "test_accuracy": base_acc, **res.to_dict()})
+            print(f"{name}: {kind} test {base_acc:.4f}, batch {bs}: {res.median_ms:.3f} ms", flush=True)
     calib = list(bundle.train.batches(128, shuffle=True, seed=0, limit=4))
     rows = []
+    deployed_models = []
     for amount in a.amounts:
         plan = fixed_plan(net, amount)
         model = compress(net, plan, bundle.train.x[:2], calib)
         finetune(model, bundle.train, bundle.val, FinetuneConfig(epochs=a.finetune_epochs, max_batches=a.max_batches,
                                                                  distill=a.distill), teacher=net,
-                 l1_weights=lambda: kept_weights(model), progress=False)
+                 l1_weights=lambda: kept_weights(model), progress=False, device=a.device)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "m.acz")
             size = export(model, path, spec)
-            evaluated_acc = evaluate(load(path), bundle.test)
-            deployed = deployable(path, calib=calib)
-        acc = evaluate(deployed, bundle.test)
-        ref, lat = paired(net, deployed, x, a)
-        row = {"model": name, "kind": "deployed", "plan": f"channels -{amount:.0%}, int8 ({deployed.backend})",
-               "amount": amount,
-               "test_accuracy": acc, "evaluated_accuracy": evaluated_acc, "size_bytes": size,
-               "speedup": ref.median_ms / lat.median_ms, "fp32_ms_paired": ref.median_ms, **lat.to_dict()}
-        write(row)
-        rows.append(row)
-        print(f"{name}: {row['plan']}: test {acc:.4f} (evaluated {evaluated_acc:.4f}), {lat.median_ms:.3f} ms, "
-              f"{row['speedup']:.2f}x", flush=True)
+            evaluated_acc = evaluate(load(path), bundle.test, a.device)
+            deployed = deployable(path, calib=calib if a.device == "cpu" else None, device=a.device)
+        deployed_models.append((f"channels -{amount:.0%}, " + ("int8" if a.device == "cpu" else "fp16"),
+                                deployed, size, evaluated_acc, {"amount": amount}))
+    for path in a.artifacts.get(name, []):
+        deployed = deployable(path, calib=calib if a.device == "cpu" else None, device=a.device)
+        deployed_models.append((f"searched artifact {os.path.basename(path)}", deployed, os.path.getsize(path),
+                                evaluate(load(path), bundle.test, a.device), {"artifact": path}))
+    for desc, deployed, size, evaluated_acc, extra in deployed_models:
+        acc = evaluate(deployed, bundle.test, a.device)
+        backend = getattr(deployed, "backend", "fp16 CUDA graph" if a.device != "cpu" else "")
+        for bs in a.batch_sizes:
+            ref_kinds = list(refs.items())
+            timed = {kind: paired(ref, deployed, x, a, batch_size=bs) for kind, ref in ref_kinds}
+            lat = timed["fp32"][1]
+            row = {"model": name, "kind": "deployed", "plan": f"{desc} ({backend})", **extra,
+                   "test_accuracy": acc, "evaluated_accuracy": evaluated_acc, "size_bytes": size,
+                   "speedup": timed["fp32"][0].median_ms / lat.median_ms, "fp32_ms_paired": timed["fp32"][0].median_ms,
+                   **lat.to_dict()}
+            if "fp32 graph" in timed:
+                ref_g, lat_g = timed["fp32 graph"]
+                row.update({"speedup_vs_graph": ref_g.median_ms / lat_g.median_ms, "fp32_graph_ms_paired": ref_g.median_ms})
+            write(row)
+            rows.append(row)
+            extra_txt = f", {row['speedup_vs_graph']:.2f}x vs fp32 graph" if "speedup_vs_graph" in row else ""
+            print(f"{name}: {row['plan']} batch {bs}: test {acc:.4f} (evaluated {evaluated_acc:.4f}), "
+                  f"{lat.median_ms:.3f} ms, {row['speedup']:.2f}x{extra_txt}", flush=True)
     if name in a.search_models:
-        rows.append(searched(name, a, net, bundle, fp32, base_acc, write))
+        rows.append(searched(name, a, net, bundle, fp32["fp32", a.batch_sizes[0]], base_acc, write))
     layers = load_space(None).bind(net).layers
-    t0 = time.perf_counter()
-    pred = profile(net, layers, x, plans=a.plans, threads=a.threads, repeats=a.profile_repeats, progress=False)
-    rng = random.Random(12345)
-    held = [time_plan(net, random_plan(layers, rng), x, threads=a.threads, repeats=a.profile_repeats,
-                      backend=pred.backend)
-            for _ in range(a.heldout)]
-    err = held_out_error(pred, [(r, res.median_ms) for r, res in held])
-    write({"model": name, "kind": "predictor", "fit_plans": a.plans, "heldout_plans": a.heldout,
-           "heldout_mare": err, "split_mare": pred.error, "seconds": time.perf_counter() - t0})
-    print(f"{name}: predictor median abs relative error {err:.1%} on {a.heldout} held-out plans "
-          f"({pred.error:.1%} on its own split)", flush=True)
+    preds = {}
+    for bs in a.batch_sizes if a.plans else []:
+        t0 = time.perf_counter()
+        pred = profile(net, layers, x, plans=a.plans, threads=a.threads, repeats=a.profile_repeats, progress=False,
+                       device=a.device, batch_size=bs)
+        rng = random.Random(12345)
+        held = [time_plan(net, random_plan(layers, rng), x, threads=a.threads, repeats=a.profile_repeats,
+                          backend=pred.backend, device=a.device, batch_size=bs)
+                for _ in range(a.heldout)]
+        err = held_out_error(pred, [(r, res.median_ms) for r, res in held])
+        preds[bs] = (err, pred.error)
+        write({"model": name, "kind": "predictor", "fit_plans": a.plans, "heldout_plans": a.heldout,
+               "heldout_mare": err, "split_mare": pred.error, "seconds": time.perf_counter() - t0, "batch_size": bs,
+               "device": a.device})
+        print(f"{name}: predictor (batch {bs}) median abs relative error {err:.1%} on {a.heldout} held-out plans "
+              f"({pred.error:.1%} on its own split)", flush=True)
     ok = [r for r in rows if (base_acc - r["test_accuracy"]) * 100 <= 1.0]
-    best = max(ok, key=lambda r: r["speedup"]) if ok else None
-    return {"model": name, "data": bundle.name, "fp32_ms": fp32.median_ms, "fp32_acc": base_acc, "best": best,
-            "rows": rows, "pred_err": err, "pred_split_err": pred.error, "limit": a.limit.get(name),
+    best = {bs: max((r for r in ok if r.get("batch_size", 1) == bs), key=lambda r: r["speedup"], default=None)
+            for bs in a.batch_sizes}
+    return {"model": name, "data": bundle.name, "fp32_ms": {k: v.median_ms for k, v in fp32.items()},
+            "fp32_acc": base_acc, "best": best, "rows": rows, "preds": preds, "limit": a.limit.get(name),
             "baseline_epochs": a.baseline_epochs[name], "weights": a.weights.get(name)}
 
 
@@ -147,22 +191,22 @@ def searched(name: str, a: argparse.Namespace, net, bundle, fp32, base_acc: floa
                      epochs=1, baseline_epochs=a.baseline_epochs[name], limit=a.limit.get(name),
                      final_top=2, final_epochs=a.finetune_epochs, final_distill=a.distill,
                      latency_budget=budget_ms, latency_threads=a.threads, latency_plans=a.plans,
-                     progress=False)
+                     latency_batch_size=a.batch_sizes[0], device=a.device, progress=False)
         if res.best is None:
             row = {"model": name, "kind": "search", "plan": f"searched: no plan met {budget_ms:.3f} ms",
                    "test_accuracy": 0.0, "speedup": 0.0, "median_ms": float("nan"), "budget_ms": budget_ms}
             write(row)
             return row
-        calib = list(bundle.train.batches(128, shuffle=True, seed=0, limit=4))
-        deployed = deployable(res.best_path, calib=calib)
+        calib = list(bundle.train.batches(128, shuffle=True, seed=0, limit=4)) if a.device == "cpu" else None
+        deployed = deployable(res.best_path, calib=calib, device=a.device)
         size = os.path.getsize(res.best_path)
         plan = res.best.user_attrs["plan"]["layers"]
-    acc = evaluate(deployed, bundle.test)
-    ref, lat = paired(net, deployed, bundle.test.x[:2], a)
+    acc = evaluate(deployed, bundle.test, a.device)
+    ref, lat = paired(net, deployed, bundle.test.x[:2], a, batch_size=a.batch_sizes[0])
     desc = ", ".join(f"{n} {p['prune']} {p['amount']:.0%} {p['bits']}b" if p["prune"] != "none" and p["amount"] > 0
                      else f"{n} dense {p['bits']}b" for n, p in plan.items())
     row = {"model": name, "kind": "search", "plan": f"searched, latency budget {budget_ms:.3f} ms "
-           f"({a.search_trials} trials): {desc} ({deployed.backend})", "test_accuracy": acc,
+           f"({a.search_trials} trials): {desc} ({getattr(deployed, 'backend', 'fp16 CUDA graph')})", "test_accuracy": acc,
            "search_test_accuracy": res.test_accuracy, "size_bytes": size, "budget_ms": budget_ms,
            "speedup": ref.median_ms / lat.median_ms, "fp32_ms_paired": ref.median_ms,
            "search_seconds": time.perf_counter() - t0, **lat.to_dict()}
@@ -173,27 +217,45 @@ def searched(name: str, a: argparse.Namespace, net, bundle, fp32, base_acc: floa
 
 
 def markdown(results: list[dict], a: argparse.Namespace) -> str:
-    lines = [f"# Latency (batch 1, {a.threads} threads, CPU: {cpu_name()}, torch {torch.__version__})", "",
-             "fp32 = the original model in eager PyTorch; deployed = channel-pruned, int8 weights and "
-             "activations (torch.ao FX, the faster of the x86 and fbgemm engines, named in brackets), "
-             "TorchScript-frozen. Fixed plans, then (searched) a real `search` with a latency budget. "
+    if a.device == "cpu":
+        where = f"{a.threads} threads, CPU: {cpu_name()}"
+        how = ("deployed = channel-pruned, int8 weights and activations (torch.ao FX, the faster of the x86 and "
+               "fbgemm engines, named in brackets), TorchScript-frozen")
+    else:
+        where = f"GPU: {torch.cuda.get_device_name(0)}"
+        how = ("deployed = channel-pruned, BatchNorm folded, fp16 channels-last, replayed as a CUDA graph; "
+               "fp32 graph = the original fp32 model replayed as a CUDA graph too (isolates what compression "
+               "brings from what the graph runtime brings)")
+    lines = [f"# Latency ({where}, torch {torch.__version__})", "",
+             f"fp32 = the original model in eager PyTorch; {how}. Fixed plans, then (searched) a real `search` "
+             "with a latency budget, or searched artifacts timed as they are. "
              f"Fine-tune {a.finetune_epochs} epoch(s), distilled with weight {a.distill}"
              + (f", at most {a.max_batches} batches" if a.max_batches else "")
-             + ". Test accuracy is the deployed (int8) model's. Each deployed model is timed alternately with "
+             + ". Test accuracy is the deployed model's. Each deployed model is timed alternately with "
              "the fp32 original (5 rounds each, timings pooled; the fp32 median of those rounds in brackets) "
-             "and the speed-up is the ratio of those two medians; denormals flushed to zero for both.", "",
-             "| model | data | plan | test acc | ms | speed-up |", "|---|---|---|---|---|---|"]
+             "and the speed-up is the ratio of those two medians"
+             + ("; denormals flushed to zero for both." if a.device == "cpu" else "; torch.cuda.synchronize after each run."),
+             "", "| model | data | plan | batch | test acc | ms | speed-up |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        note = f" (train subset {r['limit']}, {r['baseline_epochs']} epochs)" if r["limit"] else ""
-        lines.append(f"| {r['model']} | {r['data']}{note} | fp32 | {r['fp32_acc']:.2%} | {r['fp32_ms']:.3f} | 1.00x |")
+        note = f" (train subset {r['limit']}, {r['baseline_epochs']} epochs)" if r["limit"] else \
+            f" ({r['baseline_epochs']} epochs)"
+        for (kind, bs), ms in r["fp32_ms"].items():
+            lines.append(f"| {r['model']} | {r['data']}{note} | {kind} | {bs} | {r['fp32_acc']:.2%} | {ms:.3f} | 1.00x |")
         for row in r["rows"]:
-            lines.append(f"| {r['model']} | | {row['plan']} | {row['test_accuracy']:.2%} | {row['median_ms']:.3f} "
-                         f"(fp32 {row.get('fp32_ms_paired', float('nan')):.3f}) | {row['speedup']:.2f}x |")
-    lines += ["", "| model | speed-up at <= 1 point loss (goal >= 2.5x) | predictor error, held-out plans (goal <= 10%) |",
-              "|---|---|---|"]
+            vs_graph = f" ({row['speedup_vs_graph']:.2f}x vs fp32 graph)" if "speedup_vs_graph" in row else ""
+            lines.append(f"| {r['model']} | | {row['plan']} | {row.get('batch_size', 1)} | {row['test_accuracy']:.2%} | "
+                         f"{row['median_ms']:.3f} (fp32 {row.get('fp32_ms_paired', float('nan')):.3f}) | "
+                         f"{row['speedup']:.2f}x{vs_graph} |")
+    goal = "2.5x" if a.device == "cpu" else "2x"
+    lines += ["", f"| model | batch | speed-up at <= 1 point loss (goal >= {goal}) | predictor error, held-out plans "
+              "(goal <= 10%) |", "|---|---|---|---|"]
     for r in results:
-        sp = f"{r['best']['speedup']:.2f}x ({r['best']['plan']})" if r["best"] else "none within 1 point"
-        lines.append(f"| {r['model']} | {sp} | {r['pred_err']:.1%} |")
+        for bs, best in r["best"].items():
+            sp = f"{best['speedup']:.2f}x ({best['plan']})" if best else "none within 1 point"
+            if best and "speedup_vs_graph" in best:
+                sp += f"; {best['speedup_vs_graph']:.2f}x vs fp32 graph"
+            err = r["preds"].get(bs)
+            lines.append(f"| {r['model']} | {bs} | {sp} | " + (f"{err[0]:.1%}" if err else "-") + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heldout", type=int, default=6, help="further timed plans it is scored on")
     ap.add_argument("--profile-repeats", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="smoke test: digits, tiny settings")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (fp16, CUDA graphs)")
+    ap.add_argument("--batch-sizes", default="1", help="batch sizes timed, e.g. 1,256")
+    ap.add_argument("--artifacts", help="model=a.acz:b.acz,... searched artifacts to time as well")
     ap.add_argument("--tag", default="latency")
     a = ap.parse_args(argv)
     if a.quick:
@@ -230,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         a.finetune_epochs, a.search_trials = 1, 2
         a.tag = a.tag + "-quick"
     a.weights, a.limit = _pairs(a.weights, str), _pairs(a.limit, int)
+    a.artifacts = {k: v.split(":") for k, v in _pairs(a.artifacts, str).items()}
+    a.batch_sizes = [int(v) for v in a.batch_sizes.split(",")]
     a.baseline_epochs = {"lenet5": 20, "resnet18": 2, **_pairs(a.baseline_epochs, int)}
     a.search_models = set(a.search_models.split(",")) if a.search_models else set()
     a.amounts = [float(v) for v in a.amounts.split(",")]
@@ -237,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     os.makedirs(RESULTS, exist_ok=True)
     jsonl = os.path.join(RESULTS, f"{a.tag}.jsonl")
-    meta = {"cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M")}
+    meta = {"cpu": cpu_name(), "threads": a.threads, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M"),
+            "device": a.device if a.device == "cpu" else torch.cuda.get_device_name(0)}
 
     def write(row: dict) -> None:
         with open(jsonl, "a") as f:

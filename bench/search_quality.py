@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -44,7 +45,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def best_uniform(model, spec, data, limit: int, epochs: int, lr: float, distill: float,
-                 bits_list=(3, 4, 5)) -> dict:
+                 bits_list=(3, 4, 5), device: str = "cpu") -> dict:
     """Fit, fine-tune and score the uniform plans; return the best by validation accuracy."""
     example = data.train.x[:2]
     calib = list(data.train.batches(128, shuffle=True, seed=0, limit=4))
@@ -58,16 +59,16 @@ def best_uniform(model, spec, data, limit: int, epochs: int, lr: float, distill:
         sparsity, plan = fit
         cm = compress(model, plan, example, calib)
         res = finetune(cm, data.train, data.val, FinetuneConfig(epochs=epochs, lr=lr, distill=distill),
-                       teacher=model if distill > 0 else None, l1_weights=lambda: kept_weights(cm))
+                       teacher=model if distill > 0 else None, l1_weights=lambda: kept_weights(cm), device=device)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "u.acz")
-            size = export(cm.cpu(), path, spec)
+            size = export(cm, path, spec)
             deployed = load(path)
         rows.append({"bits": bits, "sparsity": sparsity, "bytes": size, "val_accuracy": res.val_acc[-1],
                      "deployed": deployed, "seconds": time.perf_counter() - t0})
         print(f"  uniform {bits}b sparsity {sparsity:.3f}: {size} B, val {res.val_acc[-1]:.4f}")
     best = max(rows, key=lambda r: r["val_accuracy"])
-    best["test_accuracy"] = evaluate(best.pop("deployed"), data.test)
+    best["test_accuracy"] = evaluate(best.pop("deployed"), data.test, device)
     best["seconds"] = sum(r["seconds"] for r in rows)
     for r in rows:
         r.pop("deployed", None)
@@ -87,13 +88,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="lenet5")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--limit", type=int, help="train samples used (smoke runs); default all")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "autocompress-bench"))
     ap.add_argument("--tag", default="search_quality")
+    ap.add_argument("--keep", help="folder to copy each search's best artifact to (e.g. to time it later)")
     a = ap.parse_args(argv)
-    data = load_data(a.data, seed=0)
+    data = load_data(a.data, seed=0, limit=a.limit)
     spec = ModelSpec(a.model, data.num_classes, data.in_channels, data.image_size, data=data.name)
     model, _ = baseline(spec, data, epochs=a.baseline_epochs, seed=0, device=a.device)
     original = param_bytes(model)
+    if a.device != "cpu":  # small data sets live on the device, as in the search
+        data.train, data.val, data.test = data.train.to(a.device), data.val.to(a.device), data.test.to(a.device)
     base_test = evaluate(model, data.test, a.device)
     device = f"{platform.machine()} CPU, {torch.get_num_threads()} threads" if a.device == "cpu" else \
         torch.cuda.get_device_name(0)
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         limit = parse_budget(budget).limit(original)
         print(f"== {budget}: {limit} bytes")
         t0 = time.perf_counter()
-        uni = best_uniform(model, spec, data, limit, a.final_epochs, a.lr, a.final_distill)
+        uni = best_uniform(model, spec, data, limit, a.final_epochs, a.lr, a.final_distill, device=a.device)
         rows.append({"budget": budget, "budget_bytes": limit, "method": f"best uniform ({uni['bits']} bit, "
                      f"global sparsity {uni['sparsity']:.3f})", "test_accuracy": uni["test_accuracy"],
                      "val_accuracy": uni["val_accuracy"], "bytes": uni["bytes"], "wall_s": time.perf_counter() - t0,
@@ -112,8 +117,11 @@ def main(argv: list[str] | None = None) -> None:
         out = os.path.join(a.out, f"{a.model}-{budget}-{int(time.time())}")
         res = search(budget, model=a.model, data=a.data, out=out, study="bench", trials=a.trials, epochs=a.epochs,
                      baseline_epochs=a.baseline_epochs, lr=a.lr, final_top=a.final_top, final_epochs=a.final_epochs,
-                     final_distill=a.final_distill, device=a.device, progress=False)
+                     final_distill=a.final_distill, device=a.device, limit=a.limit, progress=False)
         wall = time.perf_counter() - t0
+        if a.keep and res.best_path:
+            os.makedirs(a.keep, exist_ok=True)
+            shutil.copyfile(res.best_path, os.path.join(a.keep, f"{a.model}-{budget}.acz"))
         trials = res.study.trials
         states = [trial_state(t) for t in trials]
         overhead = [t.user_attrs["overhead_seconds"] / t.user_attrs["seconds"] for t in trials

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, as one script for a lent GPU machine (which has torch and torchvision, but
+# neither optuna nor mlflow, nor network): ResNet-18 on Fashion-MNIST, latency at batch 1 and 256
+# (bench/latency.py --device cuda) and search quality at 100x and 40x (bench/search_quality.py).
+#
+# Before the call, run `bash bench/gpu_prepare.sh` on the build machine: it lays the Fashion-MNIST
+# files in data/fashion-mnist/ and the missing packages in .whl/site.tar.xz (both git-ignored;
+# carry both with the call).
+#
+#   bash bench/gpu.sh smoke    # tiny settings: every CUDA code path once (about 2 minutes)
+#   bash bench/gpu.sh          # the real runs (about 9 minutes on an H200)
+#
+# Results land in bench/results/*-gpu.{jsonl,md}, and in $OUT when that is set.
+set -u
+MODE=${1:-full}
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT" /tmp/site
+tar xJf .whl/site.tar.xz -C /tmp/site || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 AUTOCOMPRESS_DATA=$PWD/data/fashion-mnist
+export AUTOCOMPRESS_CACHE=/tmp/autocompress-cache MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, optuna, mlflow, torch_pruning; print('torch', torch.__version__, 'optuna', optuna.__version__, 'mlflow', mlflow.__version__)" || exit 1
+START=$(date +%s)
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $OUT, never stop the script
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s, at $(( $(date +%s) - START ))s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: exit $? after $(( $(date +%s) - START ))s"
+  tail -n 25 "$OUT/$name.log"
+}
+if [ "$MODE" = smoke ]; then
+  stage latency 150 python3 bench/latency.py --device cuda --models resnet18 --batch-sizes 1,256 \
+    --baseline-epochs resnet18=1 --limit resnet18=6000 --amounts 0.5 --finetune-epochs 1 --max-batches 5 \
+    --plans 4 --heldout 2 --profile-repeats 5 --repeats 20 --search-models resnet18 --search-trials 2 \
+    --target-speedup 1.2 --tag latency-gpu-smoke
+  stage quality 150 python3 bench/search_quality.py --model resnet18 --device cuda --budgets 100x --trials 2 \
+    --final-top 1 --final-epochs 1 --baseline-epochs 1 --limit 6000 --tag search_quality-gpu-smoke
+else
+  stage quality 410 python3 bench/search_quality.py --model resnet18 --device cuda --budgets 100x,40x \
+    --trials 8 --final-top 2 --final-epochs 3 --baseline-epochs 15 --keep "$OUT/artifacts" \
+    --tag search_quality-gpu
+  arts=$(ls "$OUT"/artifacts/*.acz 2>/dev/null | paste -sd: -)
+  stage latency 160 python3 bench/latency.py --device cuda --models resnet18 --batch-sizes 1,256 \
+    --baseline-epochs resnet18=15 --limit "" --amounts 0.25,0.5 --finetune-epochs 2 --plans 12 --heldout 6 \
+    --search-models "" ${arts:+--artifacts resnet18=$arts} --tag latency-gpu
+  rm -rf "$OUT/artifacts"
+fi
+cp bench/results/*-gpu*.jsonl bench/results/*-gpu*.md "$OUT"/ 2>/dev/null
+ls -la "$OUT"
