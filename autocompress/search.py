@@ -265,7 +265,7 @@ class Objective:
         """Predicted latency (ms) of the deployed form of a compressed model: no timing run."""
         from .cost.profile import plan_rows
 
-        return self.ctx.latency.predict_rows(plan_rows(compressed, self.ctx.example_input))
+        return self.ctx.latency.predict_rows(plan_rows(compressed, self.ctx.example_input, self.s.device))
 
     def _record_latency(self, trial: optuna.Trial, run_id: str, compressed: nn.Module) -> bool:
         """Log the predicted latency and its constraint; True when it is over the latency budget."""

@@ -69,13 +69,14 @@ def on_device(model: nn.Module, device: str = "cpu") -> nn.Module:
     return copy.deepcopy(model).to(device)
 
 
-def plan_rows(compressed: nn.Module, example_input: torch.Tensor) -> list[dict[str, Any]]:
-    """Per-layer features of a compressed model (as deployed: int8 layers are those of <= 8 bits)."""
+def plan_rows(compressed: nn.Module, example_input: torch.Tensor, device: str = "cpu") -> list[dict[str, Any]]:
+    """Per-layer features of a compressed model as deployed on `device`: on the CPU, layers of <= 8
+    bits run int8 kernels; on a GPU every layer runs in half precision, whatever its bits."""
     from ..compress import RECORD_ATTR
 
     rec = getattr(compressed, RECORD_ATTR)
     plan = rec["plan"]["layers"]
-    int8 = {m for m, p in rec["targets"].items() if plan[p]["bits"] <= 8}
+    int8 = {m for m, p in rec["targets"].items() if plan[p]["bits"] <= 8} if device == "cpu" else set()
     sparsity = {m: LayerPlan(**plan[p]).sparsity for m, p in rec["targets"].items()
                 if plan[p]["prune"] in ("unstructured", "nm", "block")}
     return layer_features(compressed, int8, example_input.cpu(), sparsity)
@@ -91,7 +92,7 @@ def time_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tens
     from ..deploy import deployable
 
     compressed = compress(on_device(model, device), replace(plan, distill=0.0), example_input.to(device))
-    rows = plan_rows(compressed, example_input)
+    rows = plan_rows(compressed, example_input, device)
     deployed = deployable(compressed, device=device, calib=calib, batch_size=batch_size, threads=threads,
                           backend=backend)
     timed = [measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
@@ -143,7 +144,7 @@ def latency_key(model_name: str, space_layers: dict, example_input: torch.Tensor
     """What a cached predictor depends on: model, input, target, threads, engine, space, torch."""
     return {"model": model_name, "device": device, "batch_size": batch_size, "threads": threads,
             "input": list(example_input.shape[1:]), "torch": torch.__version__, "plans": plans,
-            "engine": "auto (fastest of x86, fbgemm)" if device == "cpu" else "",
+            "engine": "auto (fastest of x86, fbgemm)" if device == "cpu" else "fp16, int8 not a feature",
             "layers": {n: [_choices(space_layers, n)[0], _choices(space_layers, n)[1]] for n in space_layers}}
 
 
@@ -160,7 +161,7 @@ def predictor_for(model: nn.Module, model_name: str, space_layers: dict, example
     from ..deploy import deployable
 
     compressed = compress(on_device(model, device), fastest_plan(space_layers), example_input.to(device))
-    fast_rows = plan_rows(compressed, example_input)
+    fast_rows = plan_rows(compressed, example_input, device)
     deployed = deployable(compressed, device=device, batch_size=batch_size, threads=threads)
     # a refusal must not come from one stall of a busy machine: the lowest of three medians
     fast = min((measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
