@@ -65,6 +65,26 @@ def test_predictor_fits_predicts_positive_and_reports_held_out_error(lenet, tmp_
     assert held_out_error(pred, [(rows, r.median_ms) for rows, r in held]) >= 0
     pred.save(str(tmp_path / "p.json"))
     assert LatencyPredictor.load(str(tmp_path / "p.json")).coef == pred.coef
+    assert LatencyPredictor.load(str(tmp_path / "p.json")).reference_ms == pred.reference_ms > 0
+
+
+def test_plans_timed_beside_the_yardstick_are_scaled_by_its_slowdown(lenet):
+    """A yardstick whose base is half its real latency says the machine is 2x slow now: the plan's
+    sample is halved, its raw median left as measured."""
+    from autocompress.cost.profile import Yardstick
+
+    model, layers, x = lenet
+    stick = Yardstick(model, layers, x, threads=1, repeats=5)
+    now = min(stick.time() for _ in range(3))
+    assert 0.5 < stick.base_ms / now < 2.0
+    slow = Yardstick(model, layers, x, threads=1, repeats=5, base_ms=now / 2, backend=stick.backend)
+    rows, res = time_plan(model, fastest_plan(layers), x, threads=1, repeats=5, backend=stick.backend,
+                          yardstick=slow)
+    assert 0.2 < res.scale < 0.8  # about 0.5, give or take the machine's noise
+    assert res.scaled_ms == pytest.approx(res.median_ms * res.scale)
+    import statistics
+
+    assert res.median_ms == statistics.median(res.timings_ms)  # the measured median stays raw
 
 
 def test_fastest_plan_prunes_channels_and_keeps_int8(lenet):

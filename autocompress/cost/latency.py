@@ -28,7 +28,11 @@ FEATURES = ("macs_conv_int8", "macs_conv_float", "macs_linear_int8", "macs_linea
 
 @dataclass
 class LatencyResult:
-    """Median and 90th percentile (ms) of `timings_ms`, measured with `threads` on `device`."""
+    """Median and 90th percentile (ms) of `timings_ms`, measured with `threads` on `device`.
+
+    `scale`: when timed beside a yardstick (cost.profile.Yardstick), the yardstick's base latency
+    over its latency then; `scaled_ms` = median_ms * scale is the median brought back to the
+    machine state of the base (what the latency predictor learns). 1.0 when not normalised."""
 
     median_ms: float
     p90_ms: float
@@ -36,6 +40,11 @@ class LatencyResult:
     threads: int
     device: str
     batch_size: int = 1
+    scale: float = 1.0
+
+    @property
+    def scaled_ms(self) -> float:
+        return self.median_ms * self.scale
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -158,6 +167,7 @@ class LatencyPredictor:
     error: float | None = None  # median absolute relative error on held-out plans
     samples: list[dict[str, Any]] = field(default_factory=list)
     backend: str = "auto"  # the quantized engine the timed plans were deployed with
+    reference_ms: float | None = None  # the yardstick's base latency the samples are scaled to
 
     def predict_rows(self, rows: list[dict[str, Any]]) -> float:
         v = plan_vector(rows)

@@ -82,12 +82,47 @@ def plan_rows(compressed: nn.Module, example_input: torch.Tensor, device: str = 
     return layer_features(compressed, int8, example_input.cpu(), sparsity)
 
 
+class Yardstick:
+    """A fixed deployed model (the space's unpruned plan with 8-bit weights) timed beside each
+    profiled plan, to take the machine's slow spells out of the predictor's samples.
+
+    On a shared machine another tenant's load can slow every model down for tens of seconds (2x
+    for a ResNet-18 on this project's 2-core VM, seen as one plan timing 1.2 ms, then 2.5 ms three
+    times in a row a minute later). A plan's median is multiplied by base_ms / (the yardstick's
+    median timed right after it), so all samples are in the machine state of `base_ms`: measured
+    at creation (lowest of 3 medians), or given, to score held-out plans on the same scale."""
+
+    def __init__(self, model: nn.Module, space_layers: dict, example_input: torch.Tensor, *, device: str = "cpu",
+                 batch_size: int = 1, threads: int | None = None, backend: str = "auto",
+                 base_ms: float | None = None, repeats: int = 20) -> None:
+        from ..compress import compress
+        from ..deploy import deployable
+
+        plan = CompressionPlan(layers={n: LayerPlan(bits=8) for n in space_layers})
+        compressed = compress(on_device(model, device), plan, example_input.to(device))
+        self.deployed = deployable(compressed, device=device, batch_size=batch_size, threads=threads, backend=backend)
+        self.backend = getattr(self.deployed, "backend", "auto") if device == "cpu" else "auto"
+        self._x, self._kw = example_input.cpu(), dict(device=device, batch_size=batch_size, threads=threads,
+                                                       warmup=3, repeats=repeats)
+        self.base_ms = base_ms if base_ms is not None else min(self.time() for _ in range(3))
+
+    def time(self) -> float:
+        """The yardstick's median latency now (ms)."""
+        return measure_latency(self.deployed, self._x, **self._kw).median_ms
+
+    def scale(self) -> float:
+        """base_ms over the yardstick's latency now: > 1 in a fast spell, < 1 in a slow one."""
+        return self.base_ms / self.time()
+
+
 def time_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tensor, *, device: str = "cpu",
               batch_size: int = 1, threads: int | None = None, repeats: int = 30,
-              calib: Any = None, backend: str = "auto", rounds: int = 3) -> tuple[list[dict[str, Any]], LatencyResult]:
+              calib: Any = None, backend: str = "auto", rounds: int = 3,
+              yardstick: Yardstick | None = None) -> tuple[list[dict[str, Any]], LatencyResult]:
     """Compress `model` by `plan`, deploy it (with `backend`'s int8 engine), time it: (feature rows,
-    measured latency). The lowest of `rounds` medians: on a shared machine one round can land in a
-    slow spell (1.5x medians between rounds here), which would teach the predictor noise."""
+    measured latency). The round with the lowest median (scaled by `yardstick` when given, timed
+    after each round; the result's `scale`): on a shared machine one round can land in a slow
+    spell, which would teach the predictor noise."""
     from ..compress import compress
     from ..deploy import deployable
 
@@ -95,31 +130,23 @@ def time_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tens
     rows = plan_rows(compressed, example_input, device)
     deployed = deployable(compressed, device=device, calib=calib, batch_size=batch_size, threads=threads,
                           backend=backend)
-    timed = [measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
-                             threads=threads, warmup=5, repeats=repeats) for _ in range(max(rounds, 1))]
-    return rows, min(timed, key=lambda r: r.median_ms)
-
-
-def engine_for(model: nn.Module, space_layers: dict, example_input: torch.Tensor, *, device: str = "cpu",
-               batch_size: int = 1, threads: int | None = None) -> str:
-    """The int8 engine deployable("auto") picks for the model with 8-bit weights everywhere: the
-    predictor's plans are all timed with it, so its fit sees one set of kernels, not a mix."""
-    from ..compress import compress
-    from ..deploy import deployable
-
-    if device != "cpu":
-        return "auto"
-    plan = CompressionPlan(layers={n: LayerPlan(bits=8) for n in space_layers})
-    deployed = deployable(compress(on_device(model), plan, example_input.cpu()), batch_size=batch_size, threads=threads)
-    return getattr(deployed, "backend", "auto")
+    timed = []
+    for _ in range(max(rounds, 1)):
+        res = measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
+                              threads=threads, warmup=5, repeats=repeats)
+        timed.append(replace(res, scale=yardstick.scale()) if yardstick is not None else res)
+    return rows, min(timed, key=lambda r: r.scaled_ms)
 
 
 def profile(model: nn.Module, space_layers: dict, example_input: torch.Tensor, *, plans: int = 24,
             device: str = "cpu", batch_size: int = 1, threads: int | None = None, repeats: int = 30,
             seed: int = 0, progress: bool = True) -> LatencyPredictor:
     """Time `plans` random plans (plus the original and the fastest plan) and fit the predictor.
-    All are deployed with one engine (engine_for), recorded as the predictor's `backend`."""
-    backend = engine_for(model, space_layers, example_input, device=device, batch_size=batch_size, threads=threads)
+    All are deployed with one engine, the one deployable("auto") picks for the 8-bit unpruned
+    model (so the fit sees one set of kernels, not a mix), recorded as the predictor's `backend`;
+    each is timed beside that model as a Yardstick, whose base latency is `reference_ms`."""
+    stick = Yardstick(model, space_layers, example_input, device=device, batch_size=batch_size, threads=threads)
+    backend = stick.backend
     rng = random.Random(seed)
     todo = [fastest_plan(space_layers), CompressionPlan(layers={n: LayerPlan() for n in space_layers})]
     todo += [random_plan(space_layers, rng) for _ in range(max(plans - 2, 2))]
@@ -127,15 +154,15 @@ def profile(model: nn.Module, space_layers: dict, example_input: torch.Tensor, *
     start = time.perf_counter()
     for i, plan in enumerate(todo):
         rows, res = time_plan(model, plan, example_input, device=device, batch_size=batch_size,
-                              threads=threads, repeats=repeats, backend=backend)
-        samples.append((rows, res.median_ms))
+                              threads=threads, repeats=repeats, backend=backend, yardstick=stick)
+        samples.append((rows, res.scaled_ms))
         if progress:
             print(f"\rlatency profile: {i + 1}/{len(todo)} plans timed ({time.perf_counter() - start:.0f}s)",
                   end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
     pred = fit_predictor(samples, seed=seed)
-    pred.backend = backend
+    pred.backend, pred.reference_ms = backend, stick.base_ms
     return pred
 
 
