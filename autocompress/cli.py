@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--data")
     z.add_argument("--data-dir")
     z.add_argument("--baseline-epochs", type=int)
-    z.add_argument("--amounts", default="0.5,0.7,0.8,0.9,0.95,0.98", help="pruning amounts to test")
+    z.add_argument("--amounts", default="0.5,0.7,0.8,0.9,0.95,0.98,0.99", help="pruning amounts to test")
     z.add_argument("--bits", default="2,3,4,5,6", help="weight bit widths to test")
     z.add_argument("--samples", type=int, default=2000, help="validation samples used (default 2000)")
     z.add_argument("--seed", type=int, default=0)

@@ -22,7 +22,7 @@ from .plan import CompressionPlan, LayerPlan
 from .train import evaluate
 from .jsonfile import read_json, write_json
 
-AMOUNTS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+AMOUNTS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 BITS = (2, 3, 4, 5, 6)
 
 

@@ -38,7 +38,7 @@ def test_repaired_plan_fits_and_stays_in_the_space(setup):
         assert lp.prune == plan.layers[name].prune            # granularity kept
         assert lp.amount >= plan.layers[name].amount - 1e-9  # only tightened
         assert lp.bits in layers[name]["bits"].values
-        assert lp.amount <= 0.98 + 1e-9 and abs(lp.amount / 0.02 - round(lp.amount / 0.02)) < 1e-6
+        assert lp.amount <= 0.9975 + 1e-9 and abs(lp.amount / 0.0025 - round(lp.amount / 0.0025)) < 1e-6
 
 
 def test_impossible_budget_cannot_be_repaired(setup):
@@ -52,7 +52,7 @@ def test_tighten_zero_is_identity(setup):
     plan = CompressionPlan.uniform(list(layers), prune="unstructured", amount=0.3, bits=4)
     assert tighten(plan, layers, 0.0, 0) == plan
     full = tighten(plan, layers, 1.0, 1)
-    assert all(lp.amount == pytest.approx(0.98) and lp.bits == 3 for lp in full.layers.values())
+    assert all(lp.amount == pytest.approx(0.9975) and lp.bits == 3 for lp in full.layers.values())
 
 
 def test_nm_layer_is_loosened_into_unstructured_when_that_is_the_only_way(setup):
