@@ -8,7 +8,12 @@
 # carry both with the call).
 #
 #   bash bench/gpu.sh smoke    # tiny settings: every CUDA code path once (about 2 minutes)
-#   bash bench/gpu.sh          # the real runs (about 9 minutes on an H200)
+#   bash bench/gpu.sh          # both real runs (about 10 minutes on an H200)
+#   bash bench/gpu.sh quality  # only the search quality (BUDGETS, default 100x,40x; QUALITY_S limit)
+#   bash bench/gpu.sh latency  # only the latency run
+#
+# One call may run 10 minutes: on 2026-11-26 (H200) the 15-epoch baseline took 55 s and the 100x
+# budget 260 s (uniform plans and search), so 40x needs the quality stage alone, or BUDGETS=40x.
 #
 # Results land in bench/results/*-gpu.{jsonl,md}, and in $OUT when that is set.
 set -u
@@ -35,10 +40,13 @@ if [ "$MODE" = smoke ]; then
     --target-speedup 1.2 --tag latency-gpu-smoke
   stage quality 150 python3 bench/search_quality.py --model resnet18 --device cuda --budgets 100x --trials 2 \
     --final-top 1 --final-epochs 1 --baseline-epochs 1 --limit 6000 --tag search_quality-gpu-smoke
-else
-  stage quality 410 python3 bench/search_quality.py --model resnet18 --device cuda --budgets 100x,40x \
-    --trials 8 --final-top 2 --final-epochs 3 --baseline-epochs 15 --keep "$OUT/artifacts" \
-    --tag search_quality-gpu
+fi
+if [ "$MODE" = full ] || [ "$MODE" = quality ]; then
+  stage quality "${QUALITY_S:-410}" python3 bench/search_quality.py --model resnet18 --device cuda \
+    --budgets "${BUDGETS:-100x,40x}" --trials 8 --final-top 2 --final-epochs 3 --baseline-epochs 15 \
+    --keep "$OUT/artifacts" --tag search_quality-gpu
+fi
+if [ "$MODE" = full ] || [ "$MODE" = latency ]; then
   arts=$(ls "$OUT"/artifacts/*.acz 2>/dev/null | paste -sd: -)
   stage latency 160 python3 bench/latency.py --device cuda --models resnet18 --batch-sizes 1,256 \
     --baseline-epochs resnet18=15 --limit "" --amounts 0.25,0.5 --finetune-epochs 2 --plans 12 --heldout 6 \
