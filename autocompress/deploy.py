@@ -253,7 +253,7 @@ class _Cast(nn.Module):
         return self.model(x).float()
 
 
-class _Graphed(nn.Module):
+class CudaGraphed(nn.Module):
     """Replays a CUDA graph of the wrapped model, captured once per input shape and dtype.
 
     At small batches a ResNet's eager forward is bound by the launch of ~50 kernels from Python;
@@ -330,7 +330,7 @@ def to_cuda(model: nn.Module, header: dict, device: str = "cuda", dtype: torch.d
                 except Exception:  # shape or dtype the sparse kernels do not take: stays dense
                     pass
     cast = _Cast(model, dtype).eval()
-    return _Graphed(cast).eval() if graphs else cast
+    return CudaGraphed(cast).eval() if graphs else cast
 
 
 def deployable(source: Any, *, device: str = "cpu", backend: str = "auto", calib: Iterable | torch.Tensor | None = None,

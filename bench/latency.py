@@ -90,9 +90,9 @@ def references(net: torch.nn.Module, a: argparse.Namespace) -> dict:
     brings is told apart from the one the graph runtime brings."""
     refs = {"fp32": net.eval()}
     if a.device != "cpu":
-        from autocompress.deploy import _Graphed
+        from autocompress.deploy import CudaGraphed
 
-        refs["fp32 graph"] = _Graphed(net).eval()
+        refs["fp32 graph"] = CudaGraphed(net).eval()
     return refs
 
 

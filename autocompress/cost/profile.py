@@ -82,6 +82,19 @@ def plan_rows(compressed: nn.Module, example_input: torch.Tensor, device: str = 
     return layer_features(compressed, int8, example_input.cpu(), sparsity)
 
 
+def deploy_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tensor, *, device: str = "cpu",
+                batch_size: int = 1, threads: int | None = None, backend: str = "auto",
+                calib: Any = None) -> tuple[nn.Module, nn.Module]:
+    """(compressed, deployed) of `model` under `plan` on `device`: what every timed plan goes through."""
+    from ..compress import compress
+    from ..deploy import deployable
+
+    compressed = compress(on_device(model, device), replace(plan, distill=0.0), example_input.to(device))
+    deployed = deployable(compressed, device=device, calib=calib, batch_size=batch_size, threads=threads,
+                          backend=backend)
+    return compressed, deployed
+
+
 class Yardstick:
     """A fixed deployed model (the space's unpruned plan with 8-bit weights) timed beside each
     profiled plan, to take the machine's slow spells out of the predictor's samples.
@@ -95,12 +108,9 @@ class Yardstick:
     def __init__(self, model: nn.Module, space_layers: dict, example_input: torch.Tensor, *, device: str = "cpu",
                  batch_size: int = 1, threads: int | None = None, backend: str = "auto",
                  base_ms: float | None = None, repeats: int = 20) -> None:
-        from ..compress import compress
-        from ..deploy import deployable
-
         plan = CompressionPlan(layers={n: LayerPlan(bits=8) for n in space_layers})
-        compressed = compress(on_device(model, device), plan, example_input.to(device))
-        self.deployed = deployable(compressed, device=device, batch_size=batch_size, threads=threads, backend=backend)
+        _, self.deployed = deploy_plan(model, plan, example_input, device=device, batch_size=batch_size,
+                                       threads=threads, backend=backend)
         self.backend = getattr(self.deployed, "backend", "auto") if device == "cpu" else "auto"
         self._x, self._kw = example_input.cpu(), dict(device=device, batch_size=batch_size, threads=threads,
                                                        warmup=3, repeats=repeats)
@@ -123,13 +133,9 @@ def time_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tens
     measured latency). The round with the lowest median (scaled by `yardstick` when given, timed
     after each round; the result's `scale`): on a shared machine one round can land in a slow
     spell, which would teach the predictor noise."""
-    from ..compress import compress
-    from ..deploy import deployable
-
-    compressed = compress(on_device(model, device), replace(plan, distill=0.0), example_input.to(device))
+    compressed, deployed = deploy_plan(model, plan, example_input, device=device, batch_size=batch_size,
+                                       threads=threads, backend=backend, calib=calib)
     rows = plan_rows(compressed, example_input, device)
-    deployed = deployable(compressed, device=device, calib=calib, batch_size=batch_size, threads=threads,
-                          backend=backend)
     timed = []
     for _ in range(max(rounds, 1)):
         res = measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
@@ -184,12 +190,9 @@ def predictor_for(model: nn.Module, model_name: str, space_layers: dict, example
     from ..errors import UserError
 
     threads = threads or torch.get_num_threads()
-    from ..compress import compress
-    from ..deploy import deployable
-
-    compressed = compress(on_device(model, device), fastest_plan(space_layers), example_input.to(device))
+    compressed, deployed = deploy_plan(model, fastest_plan(space_layers), example_input, device=device,
+                                       batch_size=batch_size, threads=threads)
     fast_rows = plan_rows(compressed, example_input, device)
-    deployed = deployable(compressed, device=device, batch_size=batch_size, threads=threads)
     # a refusal must not come from one stall of a busy machine: the lowest of three medians
     fast = min((measure_latency(deployed, example_input.cpu(), device=device, batch_size=batch_size,
                                 threads=threads, warmup=5, repeats=20) for _ in range(3)), key=lambda r: r.median_ms)
