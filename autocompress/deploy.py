@@ -25,7 +25,7 @@ from torch import nn
 
 from .compress import RECORD_ATTR, compressed_layers, compressor
 from .compress import quantize as fq
-from .models import prunable_layers
+from .models import device_of, prunable_layers
 
 # Deployed int8 model vs evaluated (fake-quantised) model, on a test split: argmax agreement at
 # least this fraction, accuracy within this many points. Activations are the only new rounding.
@@ -299,7 +299,7 @@ def fold_batchnorm(model: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
     try:
         fused = fuse(model, inplace=False)
         with torch.no_grad():
-            probe = torch.randn(2, *input_shape, device=next(model.parameters()).device)
+            probe = torch.randn(2, *input_shape, device=device_of(model))
             same = torch.allclose(fused(probe), model(probe), rtol=1e-3, atol=1e-4)
     except Exception:  # not traceable (data-dependent control flow): keep the unfolded model
         return model

@@ -180,6 +180,12 @@ def load_weights(model: nn.Module, path: str) -> None:
         raise UserError(f"checkpoint {path} does not fit the model: {first}") from None
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (the CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def prunable_layers(model: nn.Module) -> list[str]:
     """Names of the Linear and Conv2d layers, in module order: the layers a plan can address."""
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models import device_of
+
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
@@ -158,7 +160,7 @@ def act_quant_hook(module: nn.Module, args: tuple) -> tuple | None:
 
 def attach_act_quant(module: nn.Module, bits: int, scale: float = 1.0, zero_point: float = 0.0) -> None:
     """Give a module an input fake-quantiser: buffers act_scale/act_zero_point plus the pre-hook."""
-    device = next(module.parameters()).device
+    device = device_of(module)
     module.act_bits = bits
     module.register_buffer("act_scale", torch.tensor(scale, dtype=torch.float32, device=device))
     module.register_buffer("act_zero_point", torch.tensor(zero_point, dtype=torch.float32, device=device))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import prunable_layers
+from ..models import device_of, prunable_layers
 from ..jsonfile import read_json, write_json
 
 FEATURES = ("macs_conv_int8", "macs_conv_float", "macs_linear_int8", "macs_linear_float",
@@ -120,8 +120,7 @@ def layer_features(model: nn.Module, int8: set[str], example_input: torch.Tensor
              for n, m in mods.items()]
     try:
         with torch.no_grad():
-            p = next(model.parameters(), None)
-            model.eval()(example_input[:1].to(p.device if p is not None else "cpu"))
+            model.eval()(example_input[:1].to(device_of(model)))
     finally:
         for h in hooks:
             h.remove()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models import device_of
 from ..plan import CompressionPlan, LayerPlan
 from .latency import (LatencyPredictor, LatencyResult, cache_path, fit_predictor, layer_features,
                       measure_latency)
@@ -62,9 +63,8 @@ def on_device(model: nn.Module, device: str = "cpu") -> nn.Module:
     """`model` if it is on `device`, else a copy there: plans are compressed where the model will run
     (the clipping search and the pruning ranks are 10x faster on a GPU) without moving the caller's
     model."""
-    p = next(model.parameters(), None)
-    target = torch.device(device)
-    if p is None or (p.device.type == target.type and (target.index is None or p.device.index == target.index)):
+    have, target = device_of(model), torch.device(device)
+    if have.type == target.type and (target.index is None or have.index == target.index):
         return model
     return copy.deepcopy(model).to(device)
 
