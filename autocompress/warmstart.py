@@ -206,8 +206,11 @@ def _grid(choice: Any, limit: int = 40) -> list[float]:
         values = [round(choice.low + i * step, 6) for i in range(n)]
     else:
         values = sorted(float(v) for v in choice.values)
-    if len(values) > limit:
-        values = values[:: math.ceil(len(values) / limit)] + [values[-1]]
+    if len(values) > limit:  # bytes follow the density kept, so thin the grid evenly in log(density)
+        low = math.log(max(1.0 - values[-1], 1e-6))
+        picks = {min(values, key=lambda v: abs(math.log(max(1.0 - v, 1e-6)) - low * i / (limit - 1)))
+                 for i in range(limit)}
+        values = sorted(picks | {values[0], values[-1]})
     return values
 
 

@@ -11,7 +11,7 @@ from autocompress.api import search
 from autocompress.compress import compress
 from autocompress.cost import artifact_size
 from autocompress.data import TensorData, load_data
-from autocompress.models import MLP, LeNet5, ModelSpec
+from autocompress.models import MLP, LeNet5, ModelSpec, build_model
 from autocompress.sensitivity import analyse
 from autocompress.space import load_space
 from autocompress.train import evaluate, train_model
@@ -126,3 +126,12 @@ def test_pareto_mode_returns_only_non_dominated_trials(tmp_path):
     for t in done:
         if t not in front:
             assert any(f.values[0] >= t.values[0] and f.values[1] <= t.values[1] for f in front)
+
+
+def test_thinned_amount_grid_keeps_the_high_amounts_where_bytes_change_fastest():
+    from autocompress.warmstart import _grid
+
+    model = build_model(ModelSpec("lenet5", 10, 1, 28))
+    grid = _grid(load_space(None).bind(model).layers["fc1"]["amount"])
+    assert len(grid) <= 41 and grid[0] == 0.0 and grid[-1] == pytest.approx(0.9975)
+    assert {0.985, 0.99, 0.995} <= set(grid)  # each halves or so the weights kept at 100x
