@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cost.latency import PLANS
 from .errors import UserError
 from .plan import Budget, PlanError, format_bytes, parse_budget
 
@@ -71,7 +72,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
            early_stopping: bool | str = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
            final_epochs: int = 2, final_distill: float = 0.5, objectives: str = "accuracy", progress: bool = True,
            latency_budget: str | float | None = None, latency_batch_size: int = 1,
-           latency_threads: int | None = None, latency_plans: int = 24,
+           latency_threads: int | None = None, latency_plans: int | None = None,
            register: str | None = None, workers: int = 1) -> Any:
     """Search compression plans for `model` on `data` under `budget`; returns a SearchOutcome.
 
@@ -83,7 +84,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
     fine-tuned for `final_epochs` (distilled from the original with weight at least
     `final_distill`) and the best of those is exported.
     `latency_budget` ('2ms', '500us'): the deployed model's latency on `device` at batch
-    `latency_batch_size`, predicted per trial (a predictor fitted on `latency_plans` timed plans,
+    `latency_batch_size`, predicted per trial (a predictor fitted on `latency_plans` timed plans, default PLANS,
     cached in OUT/latency/) and measured for the final pick.
     `register` names an MLflow registered model to add the best model to.
     `workers` > 1 runs that many processes on the study (after the baseline is cached, so none of
@@ -108,7 +109,7 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
             early_stopping: bool | str = True, repair: bool = True, warm_start: bool = True, final_top: int = 3,
             final_epochs: int = 2, final_distill: float = 0.5, objectives: str = "accuracy", progress: bool = True,
             latency_budget: str | float | None = None, latency_batch_size: int = 1,
-            latency_threads: int | None = None, latency_plans: int = 24,
+            latency_threads: int | None = None, latency_plans: int | None = None,
             register: str | None = None) -> tuple[Any, Any]:
     """Check every input, then load data and the (cached or trained) baseline: (SearchSettings, SearchContext).
 
@@ -165,7 +166,7 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
 
         predictor, floor = predictor_for(net, model, bound.layers, example, os.path.join(out, "latency"),
                                          device=device, batch_size=latency_batch_size, threads=latency_threads,
-                                         plans=latency_plans, budget_ms=latency_ms, progress=progress)
+                                         plans=latency_plans or PLANS, budget_ms=latency_ms, progress=progress)
         print(f"latency predictor on {device}: fastest plan {floor:.3f} ms; held-out error "
               + (f"{predictor.error:.1%}" if predictor.error is not None else "n/a"))
     base_epochs = baseline_epochs if baseline_epochs is not None else DEFAULT_BASELINE_EPOCHS.get(model, 5)

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-budget", help="latency of the deployed model on --device: 2ms, 500us, 0.01s")
     s.add_argument("--latency-batch-size", type=int, default=1, help="batch size the latency is for (default 1)")
     s.add_argument("--latency-threads", type=int, help="CPU threads for latency (default: torch's current)")
-    s.add_argument("--latency-plans", type=int, default=24, help="plans timed to fit the latency predictor (default 24)")
+    s.add_argument("--latency-plans", type=int,
+                   help="plans timed to fit the latency predictor (default 48: cost.latency.PLANS)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_common(s)
 

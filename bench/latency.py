@@ -287,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--search-trials", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=100)
-    ap.add_argument("--plans", type=int, default=24, help="timed plans the predictor is fitted on (the search's default)")
-    ap.add_argument("--heldout", type=int, default=6, help="further timed plans it is scored on")
+    ap.add_argument("--plans", type=int, default=PLANS, help="timed plans the predictor is fitted on (the search's default)")
+    ap.add_argument("--heldout", type=int, default=12,
+                    help="further timed plans it is scored on (the median of 6 swings by several points)")
     ap.add_argument("--profile-repeats", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="smoke test: digits, tiny settings")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (fp16, CUDA graphs)")

@@ -87,6 +87,28 @@ def test_plans_timed_beside_the_yardstick_are_scaled_by_its_slowdown(lenet):
     assert res.median_ms == statistics.median(res.timings_ms)  # the measured median stays raw
 
 
+def test_profile_reference_is_the_yardsticks_typical_latency_not_its_first_reading(lenet, monkeypatch):
+    """A yardstick whose first reading caught a 10x slow spell must not put every sample on a 10x
+    scale: the profile's reference is its median reading over the whole profile."""
+    from autocompress.cost.profile import Yardstick
+
+    model, layers, x = lenet
+    real_init = Yardstick.__init__
+
+    def slow_first_reading(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.base_ms *= 10
+
+    monkeypatch.setattr(Yardstick, "__init__", slow_first_reading)
+    pred = profile(model, layers, x, plans=4, repeats=5, threads=1, progress=False)
+    monkeypatch.undo()
+    typical = Yardstick(model, layers, x, threads=1, repeats=5, backend=pred.backend).base_ms
+    assert 0.4 < pred.reference_ms / typical < 2.5
+    fastest = pred.samples[0]["ms"]  # the first timed plan: the fastest the space allows
+    rows, res = time_plan(model, fastest_plan(layers), x, threads=1, repeats=5, backend=pred.backend)
+    assert 0.4 < fastest / res.median_ms < 2.5
+
+
 def test_fastest_plan_prunes_channels_and_keeps_int8(lenet):
     _, layers, _ = lenet
     plan = fastest_plan(layers)

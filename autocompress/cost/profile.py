@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..models import device_of
 from ..plan import CompressionPlan, LayerPlan
-from .latency import (LatencyPredictor, LatencyResult, cache_path, fit_predictor, layer_features,
+from .latency import (PLANS, LatencyPredictor, LatencyResult, cache_path, fit_predictor, layer_features,
                       measure_latency)
 
 
@@ -144,31 +145,35 @@ def time_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Tens
     return rows, min(timed, key=lambda r: r.scaled_ms)
 
 
-def profile(model: nn.Module, space_layers: dict, example_input: torch.Tensor, *, plans: int = 24,
+def profile(model: nn.Module, space_layers: dict, example_input: torch.Tensor, *, plans: int = PLANS,
             device: str = "cpu", batch_size: int = 1, threads: int | None = None, repeats: int = 30,
             seed: int = 0, progress: bool = True) -> LatencyPredictor:
     """Time `plans` random plans (plus the original and the fastest plan) and fit the predictor.
     All are deployed with one engine, the one deployable("auto") picks for the 8-bit unpruned
     model (so the fit sees one set of kernels, not a mix), recorded as the predictor's `backend`;
-    each is timed beside that model as a Yardstick, whose base latency is `reference_ms`."""
+    each is timed beside that model as a Yardstick and brought to its median latency over the
+    profile, which is `reference_ms`."""
     stick = Yardstick(model, space_layers, example_input, device=device, batch_size=batch_size, threads=threads)
     backend = stick.backend
     rng = random.Random(seed)
     todo = [fastest_plan(space_layers), CompressionPlan(layers={n: LayerPlan() for n in space_layers})]
     todo += [random_plan(space_layers, rng) for _ in range(max(plans - 2, 2))]
-    samples = []
+    timed = []
     start = time.perf_counter()
     for i, plan in enumerate(todo):
-        rows, res = time_plan(model, plan, example_input, device=device, batch_size=batch_size,
-                              threads=threads, repeats=repeats, backend=backend, yardstick=stick)
-        samples.append((rows, res.scaled_ms))
+        timed.append(time_plan(model, plan, example_input, device=device, batch_size=batch_size,
+                               threads=threads, repeats=repeats, backend=backend, yardstick=stick))
         if progress:
             print(f"\rlatency profile: {i + 1}/{len(todo)} plans timed ({time.perf_counter() - start:.0f}s)",
                   end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
+    # The yardstick's base, measured once at the start, may have caught a slow spell (another job
+    # ending just then); its typical latency over the whole profile is the steadier reference.
+    base = statistics.median(stick.base_ms / res.scale for _, res in timed)
+    samples = [(rows, res.scaled_ms * base / stick.base_ms) for rows, res in timed]
     pred = fit_predictor(samples, seed=seed)
-    pred.backend, pred.reference_ms = backend, stick.base_ms
+    pred.backend, pred.reference_ms = backend, base
     return pred
 
 
@@ -182,7 +187,7 @@ def latency_key(model_name: str, space_layers: dict, example_input: torch.Tensor
 
 
 def predictor_for(model: nn.Module, model_name: str, space_layers: dict, example_input: torch.Tensor, folder: str,
-                  *, device: str = "cpu", batch_size: int = 1, threads: int | None = None, plans: int = 24,
+                  *, device: str = "cpu", batch_size: int = 1, threads: int | None = None, plans: int = PLANS,
                   budget_ms: float | None = None, progress: bool = True) -> tuple[LatencyPredictor, float]:
     """The latency predictor of this model / space / target (cached in `folder`) and the floor: the
     latency of the space's fastest plan. A `budget_ms` below the floor raises UserError before
