@@ -281,14 +281,15 @@ class Objective:
 
     def _load(self, plan: CompressionPlan) -> float:
         """Largest share of a budget a plan uses (size, and predicted latency): <= 1 fits both."""
-        compressed, size = self._size(plan)
+        compressed, size = self._size(plan, calibrate=False)
         load = size / self.limit
         if self.s.latency_budget_ms is not None:
             load = max(load, self.predicted_latency(compressed) / self.s.latency_budget_ms)
         return load
 
-    def _size(self, plan: CompressionPlan) -> tuple[nn.Module, int]:
-        compressed = compress(self.ctx.model, plan, self.ctx.example_input, self.ctx.calib)
+    def _size(self, plan: CompressionPlan, calibrate: bool = True) -> tuple[nn.Module, int]:
+        """(compressed model, artifact bytes); calibrate=False when only the bytes are wanted."""
+        compressed = compress(self.ctx.model, plan, self.ctx.example_input, self.ctx.calib, calibrate=calibrate)
         return compressed, artifact_size(compressed, self.ctx.spec)
 
     def _fit(self, proposed: CompressionPlan) -> tuple[CompressionPlan, nn.Module, int]:
@@ -455,7 +456,7 @@ def _enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Sear
           + ", ".join(sens.ranking()[:5]))
     tracker.log_file(parent, cache)
     study.set_user_attr("sensitivity", sens.table())  # the heat map of the review
-    plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: objective._size(p)[1], limit, sens)
+    plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: objective._size(p, calibrate=False)[1], limit, sens)
     plans = sorted(plans, key=lambda np_: np_[0] != "knapsack")[:remaining]  # never more than the trials asked
     for name, plan in plans:
         params = to_params(plan, ctx.space.layers)

@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     a.batch_sizes = [int(v) for v in a.batch_sizes.split(",")]
     a.baseline_epochs = {"lenet5": 20, "resnet18": 2, **_pairs(a.baseline_epochs, int)}
     a.search_models = set(a.search_models.split(",")) if a.search_models else set()
-    a.amounts = [float(v) for v in a.amounts.split(",")]
+    a.amounts = [float(v) for v in a.amounts.split(",")] if a.amounts else []
     torch.manual_seed(0)
     torch.set_num_threads(a.threads)
     os.makedirs(RESULTS, exist_ok=True)

@@ -40,6 +40,24 @@ def test_magnitude_mask_keeps_the_largest_weights(lenet, data):
     assert w[kept].min() >= w[~kept].max()
 
 
+def test_mask_removes_exactly_the_lowest_scores_ties_in_index_order():
+    """The selection (kthvalue) gives the same mask as a stable sort of the scores."""
+    from autocompress.compress.prune import unstructured_mask
+
+    score = torch.tensor([3.0, 1.0, 2.0, 1.0, 0.5, 1.0, 4.0, 1.0])
+    assert unstructured_mask(score, 0.5).tolist() == [1, 0, 1, 0, 0, 0, 1, 1]  # 0.5, then the first 1.0s
+    assert unstructured_mask(score, 0.0).sum() == 8 and unstructured_mask(score, 1.0).sum() == 0
+    g = torch.Generator().manual_seed(0)
+    for ties in (False, True):
+        s = torch.randint(0, 7, (4, 37), generator=g).float() if ties else torch.rand(4, 37, generator=g)
+        for amount in (0.1, 0.33, 0.9, 0.99):
+            removed = int(round(amount * s.numel()))
+            order = torch.argsort(s.flatten(), stable=True)[:removed]
+            expected = torch.ones(s.numel())
+            expected[order] = 0
+            assert torch.equal(unstructured_mask(s, amount).flatten(), expected)
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4)])
 def test_nm_pattern_holds_in_every_group(lenet, data, n, m):
     plan = _plan(conv2=dict(prune="nm", n=n, m=m), fc1=dict(prune="nm", n=n, m=m, bits=4))
@@ -144,6 +162,23 @@ def test_channel_pruning_residual_bn_equals_masking():
     masked = _zero_groups(copy.deepcopy(net), x[:1], c.autocompress_record["channel_replay"])
     with torch.no_grad():
         assert torch.allclose(c(x), masked(x), atol=1e-5)
+
+
+def test_sizing_without_calibration_gives_the_same_bytes():
+    """compress(calibrate=False), used by the repair and warm-start bisections, skips the BN and
+    activation calibration passes but must size the artifact exactly as the calibrated model."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8)
+    net = warm_bn(TinyResNet(), x)
+    batches = [(x, torch.randint(0, 10, (16,)))]
+    plan = _plan(stem=dict(prune="channel", amount=0.5, bits=4, act_bits=8),
+                 **{"layer2.conv1": dict(prune="unstructured", amount=0.8, importance="taylor", bits=3)},
+                 **{"layer2.conv2": dict(prune="nm", n=2, m=4, bits=5, act_bits=8)}, fc=dict(rank_ratio=0.5, bits=6))
+    calibrated = compress(net, plan, x[:1], batches)
+    sized = compress(net, plan, x[:1], batches, calibrate=False)
+    spec = ModelSpec("tinyresnet", 10, 1, 8)
+    assert artifact_size(sized, spec) == artifact_size(calibrated, spec)
+    assert not torch.equal(sized.bn.running_mean, calibrated.bn.running_mean)  # the pass really was skipped
 
 
 def test_lowrank_layers_have_the_planned_rank(lenet, data):
