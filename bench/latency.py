@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autocompress.api import search  # noqa: E402
 from autocompress.compress import compress, kept_weights  # noqa: E402
-from autocompress.cost.latency import held_out_error, measure_latency  # noqa: E402
+from autocompress.cost.latency import PLANS, held_out_error, measure_latency  # noqa: E402
 from autocompress.cost.profile import Yardstick, profile, random_plan, time_plan  # noqa: E402
 from autocompress.data import load_data  # noqa: E402
 from autocompress.deploy import deployable  # noqa: E402
