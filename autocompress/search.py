@@ -20,7 +20,7 @@ import optuna
 import torch
 from torch import nn
 
-from .compress import compress
+from .compress import calibrate_model, compress
 from .cost import artifact_size
 from .cost.repair import repair
 from .refine import best_final, finetune_and_export, refine
@@ -281,27 +281,31 @@ class Objective:
 
     def _load(self, plan: CompressionPlan) -> float:
         """Largest share of a budget a plan uses (size, and predicted latency): <= 1 fits both."""
-        compressed, size = self._size(plan, calibrate=False)
+        compressed, size = self._size(plan)
         load = size / self.limit
         if self.s.latency_budget_ms is not None:
             load = max(load, self.predicted_latency(compressed) / self.s.latency_budget_ms)
         return load
 
-    def _size(self, plan: CompressionPlan, calibrate: bool = True) -> tuple[nn.Module, int]:
-        """(compressed model, artifact bytes); calibrate=False when only the bytes are wanted."""
-        compressed = compress(self.ctx.model, plan, self.ctx.example_input, self.ctx.calib, calibrate=calibrate)
+    def _size(self, plan: CompressionPlan) -> tuple[nn.Module, int]:
+        """(compressed model, artifact bytes), uncalibrated: the bytes do not depend on calibration."""
+        compressed = compress(self.ctx.model, plan, self.ctx.example_input, self.ctx.calib, calibrate=False)
         return compressed, artifact_size(compressed, self.ctx.spec)
 
     def _fit(self, proposed: CompressionPlan) -> tuple[CompressionPlan, nn.Module, int]:
-        """Compress the proposal; if it is over budget (and repair is on), tighten it into the budget."""
+        """Compress the proposal; if it is over budget (and repair is on), tighten it into the budget.
+        Plans are sized uncalibrated; only the one returned is calibrated (BN statistics, activation
+        ranges), so an over-budget proposal costs no calibration passes."""
         compressed, size = self._size(proposed)
         latency_ok = self.s.latency_budget_ms is None or self.predicted_latency(compressed) <= self.s.latency_budget_ms
-        if size <= self.limit and latency_ok or not self.s.repair:
-            return proposed, compressed, size
-        fixed = repair(proposed, self.ctx.space.layers, self._load, 1.0)  # share of the budget(s) used <= 1
-        if fixed is None:
-            return proposed, compressed, size
-        return (fixed, *self._size(fixed))
+        plan = proposed
+        if not (size <= self.limit and latency_ok) and self.s.repair:
+            fixed = repair(proposed, self.ctx.space.layers, self._load, 1.0)  # share of the budget(s) used <= 1
+            if fixed is not None:
+                plan = fixed
+                compressed, size = self._size(fixed)
+        calibrate_model(compressed, self.ctx.calib)
+        return plan, compressed, size
 
     def _reporter(self, trial: optuna.Trial, run_id: str) -> Any:
         last_epoch = self.s.epochs  # finetune reports epochs 1..E (or 0 when E == 0)
@@ -456,7 +460,7 @@ def _enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Sear
           + ", ".join(sens.ranking()[:5]))
     tracker.log_file(parent, cache)
     study.set_user_attr("sensitivity", sens.table())  # the heat map of the review
-    plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: objective._size(p, calibrate=False)[1], limit, sens)
+    plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: objective._size(p)[1], limit, sens)
     plans = sorted(plans, key=lambda np_: np_[0] != "knapsack")[:remaining]  # never more than the trials asked
     for name, plan in plans:
         params = to_params(plan, ctx.space.layers)

@@ -10,7 +10,7 @@ import torch_pruning as tp
 from conftest_models import GroupedNet, TinyResNet, warm_bn
 from torch import nn
 
-from autocompress.compress import compress, compressed_layers, kept_weights, sparsity_report
+from autocompress.compress import calibrate_model, compress, compressed_layers, kept_weights, sparsity_report
 from autocompress.cost import artifact_size
 from autocompress.export import artifact_bytes
 from autocompress.models import ModelSpec, prunable_layers
@@ -179,6 +179,10 @@ def test_sizing_without_calibration_gives_the_same_bytes():
     spec = ModelSpec("tinyresnet", 10, 1, 8)
     assert artifact_size(sized, spec) == artifact_size(calibrated, spec)
     assert not torch.equal(sized.bn.running_mean, calibrated.bn.running_mean)  # the pass really was skipped
+    calibrate_model(sized, batches)  # calibrated later (what a search does with the plan it trains)
+    assert all(torch.equal(a, b) for a, b in zip(sized.state_dict().values(), calibrated.state_dict().values()))
+    with torch.no_grad():
+        assert torch.equal(sized.eval()(x), calibrated.eval()(x))
 
 
 def test_lowrank_layers_have_the_planned_rank(lenet, data):

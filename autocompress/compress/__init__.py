@@ -125,10 +125,10 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
              batches: Batches | None = None, calibrate: bool = True) -> nn.Module:
     """Return a compressed deep copy of `model` following `plan` (raises PlanError on a bad plan).
 
-    `calibrate=False` leaves BatchNorm statistics and activation ranges as they are: for sizing
-    only (the artifact's bytes do not depend on them), it skips the forward passes that make up
-    most of compress()'s time (85% for a ResNet-18 on CPU), which the repair's and the warm
-    start's bisections pay dozens of times."""
+    `calibrate=False` leaves BatchNorm statistics and activation ranges as they are (see
+    calibrate_model): for sizing (the artifact's bytes do not depend on them), it skips the forward
+    passes that make up most of compress()'s time (85% for a ResNet-18 on CPU), which the repair's
+    and the warm start's bisections pay dozens of times."""
     training = model.training
     model = copy.deepcopy(model).eval()
     output = _check_static(model, plan, batches)
@@ -156,13 +156,9 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
     if plan.float_bits == 16:
         _round_floats(model, set(targets))
 
-    if batches and calibrate:
-        _recalibrate_bn(model, batches)
     acts = [n for n, lp in plan.layers.items() if lp.act_bits < 32]
     for n in acts:
         quantize.attach_act_quant(model.get_submodule(n), plan.layers[n].act_bits)
-    if acts and calibrate:
-        _calibrate_acts(model, acts, batches or [])
 
     record: dict[str, Any] = {
         "plan": plan.to_dict(),
@@ -175,7 +171,25 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
         "original_out": original_out,
     }
     setattr(model, RECORD_ATTR, record)
+    if calibrate:
+        calibrate_model(model, batches)
     return model.train(training)
+
+
+def calibrate_model(model: nn.Module, batches: Batches | None) -> None:
+    """Calibrate a compressed model in place: BatchNorm statistics re-estimated on `batches`, then
+    activation ranges observed. compress() does this unless calibrate=False; a search sizes plans
+    uncalibrated and calibrates only the one it trains."""
+    acts = list(getattr(model, RECORD_ATTR)["acts"])
+    mods = [model.get_submodule(n) for n in acts]
+    for m in mods:  # the activation quantisers only observe (pass through) while BN statistics are gathered
+        m.act_observing, m.act_range = True, (float("inf"), float("-inf"))
+    if batches:
+        _recalibrate_bn(model, batches)
+    for m in mods:
+        del m.act_observing, m.act_range
+    if acts:
+        _calibrate_acts(model, acts, batches or [])
 
 
 def compressed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
