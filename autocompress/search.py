@@ -298,13 +298,14 @@ class Objective:
         ranges), so an over-budget proposal costs no calibration passes."""
         compressed, size = self._size(proposed)
         latency_ok = self.s.latency_budget_ms is None or self.predicted_latency(compressed) <= self.s.latency_budget_ms
-        plan = proposed
-        if not (size <= self.limit and latency_ok) and self.s.repair:
+        plan, fits = proposed, size <= self.limit and latency_ok
+        if not fits and self.s.repair:
             fixed = repair(proposed, self.ctx.space.layers, self._load, 1.0)  # share of the budget(s) used <= 1
             if fixed is not None:
-                plan = fixed
+                plan, fits = fixed, True
                 compressed, size = self._size(fixed)
-        calibrate_model(compressed, self.ctx.calib)
+        if fits:  # an infeasible plan is recorded, never trained
+            calibrate_model(compressed, self.ctx.calib)
         return plan, compressed, size
 
     def _reporter(self, trial: optuna.Trial, run_id: str) -> Any:

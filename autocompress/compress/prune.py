@@ -38,8 +38,9 @@ def _keep_top(score: torch.Tensor, amount: float) -> torch.Tensor:
     keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
     if remove == 0:
         return keep.view_as(score)
-    # the remove-th lowest score by selection, not a full sort (10x faster for a ResNet-18 conv
-    # on CPU); of the entries tied at it, the first ones in index order go, as a stable sort does
+    # the remove-th lowest score by selection, not a full sort (6x faster for a 2.4M-weight
+    # ResNet-18 conv on CPU); of the entries tied at it, the first ones in index order go, as a
+    # stable sort does
     cut = torch.kthvalue(flat, remove).values
     keep &= flat >= cut
     tied = torch.nonzero(flat == cut).flatten()[: remove - int((~keep).sum())]
