@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--data")
     z.add_argument("--data-dir")
     z.add_argument("--baseline-epochs", type=int)
-    z.add_argument("--amounts", default="0.5,0.7,0.8,0.9,0.95,0.98,0.99", help="pruning amounts to test")
-    z.add_argument("--bits", default="2,3,4,5,6", help="weight bit widths to test")
+    z.add_argument("--amounts", help="pruning amounts to test (default: sensitivity.AMOUNTS, 0.5 to 0.99)")
+    z.add_argument("--bits", help="weight bit widths to test (default: sensitivity.BITS, 2 to 6)")
     z.add_argument("--samples", type=int, default=2000, help="validation samples used (default 2000)")
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--device", default="cpu")
@@ -135,13 +135,13 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
     from .api import DEFAULT_BASELINE_EPOCHS, load_inputs
     from .errors import UserError
     from .plots import sensitivity_heatmap
-    from .sensitivity import cached_analyse, format_table
+    from .sensitivity import AMOUNTS, BITS, cached_analyse, format_table
     from .tracking import Tracker, default_tracking_uri
     from .train import baseline
 
     try:
-        amounts = tuple(float(v) for v in a.amounts.split(","))
-        bits = tuple(int(v) for v in a.bits.split(","))
+        amounts = tuple(float(v) for v in a.amounts.split(",")) if a.amounts else AMOUNTS
+        bits = tuple(int(v) for v in a.bits.split(",")) if a.bits else BITS
     except ValueError:
         raise UserError("--amounts and --bits take comma-separated numbers, e.g. --amounts 0.5,0.9 --bits 2,4") from None
     spec, bundle, _ = load_inputs(a.model, a.data, a.weights, a.data_dir, a.seed, None, 0.1)
@@ -156,7 +156,8 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
     print(format_table(sens))
     tracker = Tracker(a.tracking_uri or default_tracking_uri(a.out), "sensitivity", os.path.join(a.out, "mlartifacts"))
     run = tracker.start_parent(f"{a.model}-{bundle.name}", {"model": a.model, "data": bundle.name,
-                                                             "amounts": a.amounts, "bits": a.bits})
+                                                             "amounts": ",".join(map(str, amounts)),
+                                                             "bits": ",".join(map(str, bits))})
     tracker.log_file(run, path)
     tracker.log_text(run, format_table(sens), "sensitivity.txt")
     tracker.log_file(run, sensitivity_heatmap(sens.table(), os.path.splitext(path)[0] + ".png"))

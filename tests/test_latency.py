@@ -82,8 +82,6 @@ def test_plans_timed_beside_the_yardstick_are_scaled_by_its_slowdown(lenet):
                           yardstick=slow)
     assert 0.2 < res.scale < 0.8  # about 0.5, give or take the machine's noise
     assert res.scaled_ms == pytest.approx(res.median_ms * res.scale)
-    import statistics
-
     assert res.median_ms == statistics.median(res.timings_ms)  # the measured median stays raw
 
 
