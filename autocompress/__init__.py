@@ -17,8 +17,8 @@ __all__ = ["Budget", "CompressionPlan", "LayerPlan", "PlanError", "UserError", "
            "search", "load", "export", "read_header", "compress", "artifact_size", "SearchSpace"]
 __version__ = "0.1.0"
 
-_LAZY = {"search": ".api", "load": ".export", "export": ".export", "read_header": ".export",
-         "compress": ".compress", "artifact_size": ".cost", "SearchSpace": ".space"}
+_LAZY = {"search": ".api", "load": ".artifact", "export": ".artifact", "read_header": ".artifact",
+         "compress": ".compression", "artifact_size": ".cost", "SearchSpace": ".space"}
 
 
 def __getattr__(name: str) -> Any:

@@ -37,7 +37,7 @@ def default_study_name(model: str, data: str, budget: Budget) -> str:
 
 def space_floor(model: nn.Module, space: Any, spec: Any, example: torch.Tensor) -> int:
     """Bytes of the most compressed plan the space allows: no plan can be smaller than this."""
-    from .compress import compress
+    from .compression import compress
     from .cost import artifact_size
 
     return artifact_size(compress(model, space.smallest(), example), spec)

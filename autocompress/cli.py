@@ -259,7 +259,7 @@ def _copy_artifact(src: str, dst: str, label: str) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .data import load_data
     from .errors import UserError
-    from .export import load, read_header
+    from .artifact import load, read_header
     from .train import evaluate
 
     if not os.path.isfile(a.artifact):

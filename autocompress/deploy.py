@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compress import RECORD_ATTR, compressed_layers, compressor
-from .compress import quantize as fq
+from .compression import RECORD_ATTR, compressed_layers, compressor
+from .compression import quantize as fq
 from .models import device_of, prunable_layers
 
 # Deployed int8 model vs evaluated (fake-quantised) model, on a test split: argmax agreement at
@@ -33,12 +33,12 @@ TOLERANCE = {"agreement": 0.99, "accuracy_points": 0.5}
 
 def _as_artifact(source: Any) -> tuple[nn.Module, dict]:
     """(float model, header) from an artifact path, or from a compressed model (same values as load())."""
-    from .export import load, read_header
+    from .artifact import load, read_header
 
     if isinstance(source, nn.Module):
         record = getattr(source, RECORD_ATTR, None)
         if record is None:
-            raise ValueError("deployable() needs an artifact path or a model from autocompress.compress()")
+            raise ValueError("deployable() needs an artifact path or a model from autocompress.compression()")
         return _from_compressed(source), {"record": record}
     with torch.enable_grad():  # the channel replay traces the model with autograd
         return load(source), read_header(source)
@@ -48,7 +48,7 @@ def _from_compressed(model: nn.Module) -> nn.Module:
     """A float copy of a compressed model whose compressed layers are plain layers holding the
     evaluated (masked, dequantised) weights. Parametrized modules are replaced, not unparametrized:
     a deep copy shares their generated class with the original, which removal would break."""
-    from .export import _set_module
+    from .artifact import _set_module
 
     plain = copy.deepcopy(model).cpu().eval()
     for name, mod in compressed_layers(plain):
@@ -96,7 +96,7 @@ def _codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, torch.Ten
                     k = k * comp.mask.cpu().reshape(k.shape[0], -1)
                 out[name] = (k.reshape(w.shape), s.flatten())
         return out
-    from .export import _read
+    from .artifact import _read
 
     hdr, payload = _read(source)
     pos = 0

@@ -12,9 +12,9 @@ from typing import Any, Callable
 
 import optuna
 
-from .compress import compress, kept_weights
+from .compression import compress, kept_weights
 from .cost import artifact_size
-from .export import export
+from .artifact import export
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .plan import CompressionPlan, format_bytes
 from .tracking import Tracker

@@ -151,7 +151,7 @@ def log_best_model(tracker: Any, run_id: str, artifact: str, register: str | Non
     import torch
     from mlflow.models import infer_signature
 
-    from .export import load, read_header
+    from .artifact import load, read_header
 
     model = load(artifact)
     example = torch.zeros(1, *read_header(artifact)["record"]["input_shape"])

@@ -20,7 +20,7 @@ import optuna
 import torch
 from torch import nn
 
-from .compress import calibrate_model, compress
+from .compression import calibrate_model, compress
 from .cost import artifact_size
 from .cost.repair import repair
 from .refine import best_final, finetune_and_export, refine
@@ -472,7 +472,7 @@ def _enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Sear
 
 def _finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchContext, tracker: Tracker) -> None:
     """Copy the best artifact to OUT/best.acz, load it back and measure test accuracy once."""
-    from .export import load
+    from .artifact import load
     from .train import evaluate
 
     best = outcome.best

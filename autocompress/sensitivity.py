@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compress import compress
+from .compression import compress
 from .data import TensorData
 from .models import prunable_layers
 from .plan import CompressionPlan, LayerPlan

@@ -34,12 +34,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autocompress.api import search  # noqa: E402
-from autocompress.compress import compress, kept_weights  # noqa: E402
+from autocompress.compression import compress, kept_weights  # noqa: E402
 from autocompress.cost.latency import PLANS, held_out_error, measure_latency  # noqa: E402
 from autocompress.cost.profile import Yardstick, profile, random_plan, time_plan  # noqa: E402
 from autocompress.data import load_data  # noqa: E402
 from autocompress.deploy import deployable  # noqa: E402
-from autocompress.export import export, load  # noqa: E402
+from autocompress.artifact import export, load  # noqa: E402
 from autocompress.finetune import FinetuneConfig, finetune  # noqa: E402
 from autocompress.models import ModelSpec, prunable_layers  # noqa: E402
 from autocompress.plan import CompressionPlan, LayerPlan  # noqa: E402

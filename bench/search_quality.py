@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autocompress.api import search  # noqa: E402
-from autocompress.compress import compress, kept_weights  # noqa: E402
+from autocompress.compression import compress, kept_weights  # noqa: E402
 from autocompress.cost import artifact_size  # noqa: E402
 from autocompress.data import load_data  # noqa: E402
-from autocompress.export import export, load  # noqa: E402
+from autocompress.artifact import export, load  # noqa: E402
 from autocompress.finetune import FinetuneConfig, finetune  # noqa: E402
 from autocompress.models import ModelSpec, param_bytes  # noqa: E402
 from autocompress.plan import parse_budget  # noqa: E402

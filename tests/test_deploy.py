@@ -6,10 +6,10 @@ import torch
 from torch.ao.nn import quantized as nnq
 from torch.ao.nn.intrinsic import quantized as nniq
 
-from autocompress.compress import compress
+from autocompress.compression import compress
 from autocompress.data import load_data
 from autocompress.deploy import TOLERANCE, deployable
-from autocompress.export import export, load
+from autocompress.artifact import export, load
 from autocompress.finetune import FinetuneConfig, finetune
 from autocompress.models import ModelSpec, build_model
 from autocompress.plan import CompressionPlan, LayerPlan

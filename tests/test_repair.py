@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autocompress.compress import compress
+from autocompress.compression import compress
 from autocompress.cost import artifact_size
 from autocompress.cost.repair import repair, tighten
 from autocompress.models import LeNet5, ModelSpec

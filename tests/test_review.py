@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from autocompress import cli, plots
 from autocompress.api import search
-from autocompress.export import load
+from autocompress.artifact import load
 from autocompress.review import granularity_mix, plan_csv
 from autocompress.tracking import Tracker
 

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from autocompress.api import search
-from autocompress.export import load
+from autocompress.artifact import load
 from autocompress.train import evaluate
 
 QUICK = dict(model="lenet5", data="digits", trials=3, epochs=1, baseline_epochs=3, max_batches=4,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from autocompress.api import search
-from autocompress.compress import compress
+from autocompress.compression import compress
 from autocompress.cost import artifact_size
 from autocompress.data import TensorData, load_data
 from autocompress.models import MLP, LeNet5, ModelSpec, build_model

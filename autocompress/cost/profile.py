@@ -73,7 +73,7 @@ def on_device(model: nn.Module, device: str = "cpu") -> nn.Module:
 def plan_rows(compressed: nn.Module, example_input: torch.Tensor, device: str = "cpu") -> list[dict[str, Any]]:
     """Per-layer features of a compressed model as deployed on `device`: on the CPU, layers of <= 8
     bits run int8 kernels; on a GPU every layer runs in half precision, whatever its bits."""
-    from ..compress import RECORD_ATTR
+    from ..compression import RECORD_ATTR
 
     rec = getattr(compressed, RECORD_ATTR)
     plan = rec["plan"]["layers"]
@@ -87,7 +87,7 @@ def deploy_plan(model: nn.Module, plan: CompressionPlan, example_input: torch.Te
                 batch_size: int = 1, threads: int | None = None, backend: str = "auto",
                 calib: Any = None) -> tuple[nn.Module, nn.Module]:
     """(compressed, deployed) of `model` under `plan` on `device`: what every timed plan goes through."""
-    from ..compress import compress
+    from ..compression import compress
     from ..deploy import deployable
 
     compressed = compress(on_device(model, device), replace(plan, distill=0.0), example_input.to(device))

@@ -8,14 +8,14 @@ from ..models import ModelSpec
 
 def artifact_size(model: nn.Module, spec: ModelSpec) -> int:
     """Bytes of the artifact (equals os.path.getsize of the exported file)."""
-    from ..export import artifact_bytes
+    from ..artifact import artifact_bytes
 
     return len(artifact_bytes(model, spec))
 
 
 def size_breakdown(model: nn.Module, spec: ModelSpec) -> dict[str, int]:
     """Bytes per stored tensor plus 'header' (framing + compressed JSON) and 'total'."""
-    from ..export import _entries, artifact_bytes
+    from ..artifact import _entries, artifact_bytes
 
     header, streams = _entries(model, spec)
     out: dict[str, int] = {}

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .compress import RECORD_ATTR, channel, codec, compressed_layers, compressor, lowrank, quantize
-from .compress.prune import blocks_of
+from .compression import RECORD_ATTR, channel, codec, compressed_layers, compressor, lowrank, quantize
+from .compression.prune import blocks_of
 from .errors import UserError
 from .models import ModelSpec, build_model
 

@@ -10,9 +10,9 @@ import torch_pruning as tp
 from conftest_models import GroupedNet, TinyResNet, warm_bn
 from torch import nn
 
-from autocompress.compress import calibrate_model, compress, compressed_layers, kept_weights, sparsity_report
+from autocompress.compression import calibrate_model, compress, compressed_layers, kept_weights, sparsity_report
 from autocompress.cost import artifact_size
-from autocompress.export import artifact_bytes
+from autocompress.artifact import artifact_bytes
 from autocompress.models import ModelSpec, prunable_layers
 from autocompress.plan import CompressionPlan, LayerPlan, PlanError
 
@@ -42,7 +42,7 @@ def test_magnitude_mask_keeps_the_largest_weights(lenet, data):
 
 def test_mask_removes_exactly_the_lowest_scores_ties_in_index_order():
     """The selection (kthvalue) gives the same mask as a stable sort of the scores."""
-    from autocompress.compress.prune import unstructured_mask
+    from autocompress.compression.prune import unstructured_mask
 
     score = torch.tensor([3.0, 1.0, 2.0, 1.0, 0.5, 1.0, 4.0, 1.0])
     assert unstructured_mask(score, 0.5).tolist() == [1, 0, 1, 0, 0, 0, 1, 1]  # 0.5, then the first 1.0s

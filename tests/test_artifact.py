@@ -10,10 +10,10 @@ from torch import nn
 
 import numpy as np
 
-from autocompress.compress import codec, compress, refresh_clipping
+from autocompress.compression import codec, compress, refresh_clipping
 from autocompress.cost import artifact_size, size_breakdown
 from autocompress.errors import UserError
-from autocompress.export import export, load, read_header
+from autocompress.artifact import export, load, read_header
 from autocompress.models import LeNet5, ModelSpec, param_bytes
 from autocompress.plan import CompressionPlan, LayerPlan
 
