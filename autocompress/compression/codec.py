@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 MAX_RICE_K = 30
+CHUNK = 1 << 22  # values per step of the chunked loops (a multiple of 8)
 
 
 def nbytes(nbits: int) -> int:
@@ -17,13 +18,21 @@ def nbytes(nbits: int) -> int:
 
 
 def pack_uint(values: np.ndarray, width: int) -> bytes:
-    """Pack non-negative integers at `width` bits each, MSB first, into ceil(n*width/8) bytes."""
-    v = np.asarray(values, dtype=np.uint64).ravel()
+    """Pack non-negative integers at `width` bits each, MSB first, into ceil(n*width/8) bytes.
+
+    Works through CHUNK values at a time (a multiple of 8, so every chunk ends on a byte): the
+    bit matrix is width bytes per value, which for a whole VGG fc layer would be gigabytes."""
+    v = np.asarray(values).ravel()
     if width == 0 or v.size == 0:
         return b""
-    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
-    bits = ((v[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bits.ravel()).tobytes()
+    dtype = ">u1" if width <= 8 else ">u4" if width <= 32 else ">u8"
+    nbits = np.dtype(dtype).itemsize * 8
+    out = []
+    for i in range(0, v.size, CHUNK):
+        part = v[i:i + CHUNK].astype(dtype).view(np.uint8).reshape(-1, nbits // 8)
+        bits = np.unpackbits(part, axis=1)[:, nbits - width:]
+        out.append(np.packbits(bits.ravel()).tobytes())
+    return b"".join(out)
 
 
 def unpack_uint(buf: bytes, count: int, width: int) -> np.ndarray:
@@ -48,15 +57,62 @@ def rice_bits(gaps: np.ndarray, k: int) -> tuple[int, int]:
 
 def best_rice_k(gaps: np.ndarray) -> tuple[int, int]:
     """The Rice parameter with the fewest bytes, and that byte count."""
+    return _best_k(gaps.size, _shifted_sums([gaps]))
+
+
+def _shifted_sums(gap_chunks) -> list[int]:
+    """sum(gap >> k) for k = 0..MAX_RICE_K over an iterable of gap arrays."""
+    totals = [0] * (MAX_RICE_K + 1)
+    for gaps in gap_chunks:
+        for k in range(MAX_RICE_K + 1):
+            part = int((gaps >> k).sum())
+            if part == 0:
+                break
+            totals[k] += part
+    return totals
+
+
+def _best_k(count: int, shifted: list[int]) -> tuple[int, int]:
     best = (0, 1 << 62)
     for k in range(MAX_RICE_K + 1):
-        u, r = rice_bits(gaps, k)
-        size = nbytes(u) + nbytes(r)
+        size = nbytes(shifted[k] + count) + nbytes(count * k)
         if size < best[1]:
             best = (k, size)
-        if k and (gaps >> k).sum() == 0:
+        if k and shifted[k] == 0:
             break
     return best
+
+
+def _gap_chunks(mask: np.ndarray, count: list[int]):
+    """gaps_of(mask) in pieces of CHUNK mask entries (adds the number of gaps to count[0])."""
+    last = -1
+    for i in range(0, mask.size, CHUNK):
+        pos = np.flatnonzero(mask[i:i + CHUNK]) + i
+        if pos.size:
+            count[0] += pos.size
+            yield np.diff(pos, prepend=last) - 1
+            last = int(pos[-1])
+
+
+def mask_code(mask: np.ndarray, nm: tuple[int, int] | None = None) -> tuple[dict, list[int]]:
+    """The cheapest coding of a flat boolean mask (bitmap, Rice gaps of ones or of zeros, N:M
+    index) and its stream lengths in bytes, without building the streams: what encode_mask
+    writes, in a fraction of the time and memory (the artifact is sized many times per search)."""
+    mask = mask.astype(bool, copy=False).ravel()
+    options: list[tuple[int, dict, list[int]]] = [(nbytes(mask.size), {"kind": "bitmap"}, [nbytes(mask.size)])]
+    for invert in (False, True):
+        count = [0]
+        shifted = _shifted_sums(_gap_chunks(~mask if invert else mask, count))
+        k, size = _best_k(count[0], shifted)
+        sizes = [nbytes(shifted[k] + count[0]), nbytes(count[0] * k)]
+        options.append((size, {"kind": "rice", "k": k, "invert": invert, "count": count[0]}, sizes))
+    if nm is not None and mask.size % nm[1] == 0:
+        n, m = nm
+        if (np.count_nonzero(mask.reshape(-1, m), axis=1) == n).all():
+            size = nbytes(mask.size // m * nm_width(n, m))
+            options.append((size, {"kind": "nm", "n": n, "m": m}, [size]))
+    _, info, sizes = min(options, key=lambda o: o[0])
+    return info, sizes
 
 
 def rice_encode(gaps: np.ndarray, k: int) -> list[bytes]:
@@ -115,25 +171,16 @@ def nm_unrank(ranks: np.ndarray, n: int, m: int) -> np.ndarray:
 
 
 def encode_mask(mask: np.ndarray, nm: tuple[int, int] | None = None) -> tuple[dict, list[bytes]]:
-    """The cheapest coding of a flat boolean mask: bitmap, Rice gaps of ones or of zeros, N:M index."""
-    mask = mask.astype(bool).ravel()
-    options: list[tuple[int, dict, object]] = [(nbytes(mask.size), {"kind": "bitmap"}, None)]
-    for invert in (False, True):
-        gaps = gaps_of(mask != invert)
-        k, size = best_rice_k(gaps)
-        options.append((size, {"kind": "rice", "k": k, "invert": invert, "count": int(gaps.size)}, gaps))
-    if nm is not None and mask.size % nm[1] == 0:
-        ranks = nm_rank(mask, *nm)
-        if ranks is not None:
-            options.append((nbytes(ranks.size * nm_width(*nm)), {"kind": "nm", "n": nm[0], "m": nm[1]}, ranks))
-    size, info, data = min(options, key=lambda o: o[0])
+    """The cheapest coding of a flat boolean mask (chosen by mask_code), and its streams."""
+    mask = mask.astype(bool, copy=False).ravel()
+    info, sizes = mask_code(mask, nm)
     if info["kind"] == "bitmap":
         streams = [np.packbits(mask).tobytes()]
     elif info["kind"] == "rice":
-        streams = rice_encode(data, info["k"])
+        streams = rice_encode(gaps_of(mask != info["invert"]), info["k"])
     else:
-        streams = [pack_uint(data, nm_width(*nm))]
-    assert sum(map(len, streams)) == size
+        streams = [pack_uint(nm_rank(mask, *nm), nm_width(*nm))]
+    assert [len(s) for s in streams] == sizes
     return info, streams
 
 

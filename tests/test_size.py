@@ -1,0 +1,75 @@
+"""Fast sizing (cost.size) computes exactly the bytes the writer (artifact.py) produces, without
+building the payload: same header, same stream lengths, for every kind of plan."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest_models import TinyResNet, warm_bn
+
+from autocompress import artifact
+from autocompress.compression import compress
+from autocompress.cost import artifact_size, size_breakdown
+from autocompress.cost.size import layout
+from autocompress.models import ModelSpec
+from autocompress.plan import CompressionPlan, LayerPlan
+
+SPEC = ModelSpec("lenet5", 10, 1, 28)
+L = ("conv1", "conv2", "fc1", "fc2")
+
+PLANS = {
+    "dense 32": CompressionPlan(layers={n: LayerPlan() for n in L}),
+    "dense 4": CompressionPlan(layers={n: LayerPlan(bits=4) for n in L}),
+    "unstructured": CompressionPlan(layers={n: LayerPlan(prune="unstructured", amount=a, bits=b)
+                                            for n, a, b in zip(L, (0.3, 0.6, 0.97, 0.5), (8, 5, 3, 6))}),
+    "sparse float": CompressionPlan(layers={"fc1": LayerPlan(prune="unstructured", amount=0.9, bits=16),
+                                            "conv2": LayerPlan(prune="unstructured", amount=0.5)}),
+    "n:m": CompressionPlan(layers={"conv2": LayerPlan(prune="nm", n=2, m=4, bits=4),
+                                   "fc1": LayerPlan(prune="nm", n=1, m=8, bits=2)}),
+    "block": CompressionPlan(layers={"fc1": LayerPlan(prune="block", amount=0.8, block_size=8, bits=4),
+                                     "conv2": LayerPlan(prune="block", amount=0.5, block_size=4, bits=3)}),
+    "channel": CompressionPlan(layers={"conv1": LayerPlan(prune="channel", amount=0.5, bits=8),
+                                       "fc1": LayerPlan(prune="channel", amount=0.3, bits=4)}),
+    "low rank": CompressionPlan(layers={"fc1": LayerPlan(rank_ratio=0.25, bits=4, prune="unstructured", amount=0.5),
+                                        "conv2": LayerPlan(rank_ratio=0.5, bits=6)}),
+    "floats 16": CompressionPlan(layers={"fc1": LayerPlan(bits=4, prune="unstructured", amount=0.9)}, float_bits=16),
+    "act bits": CompressionPlan(layers={"conv2": LayerPlan(bits=4, act_bits=8),
+                                        "fc1": LayerPlan(bits=4, act_bits=4, prune="unstructured", amount=0.95)}),
+    "1 bit asym": CompressionPlan(layers={"fc1": LayerPlan(bits=1, prune="unstructured", amount=0.9),
+                                          "conv2": LayerPlan(bits=3, symmetric=False, prune="unstructured",
+                                                             amount=0.99)}),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_sizing_equals_the_written_artifact(lenet, data, tmp_path, name):
+    c = compress(lenet, PLANS[name], data[0][:1], data[1][:1], calibrate=name == "act bits")
+    header, sizes = layout(c, SPEC)
+    written_header, streams = artifact._entries(c, SPEC)
+    assert header == written_header  # the same entries, codecs and stream lengths
+    n = 0
+    for e, size in zip(header["entries"], sizes):  # each entry's bytes are its streams' bytes
+        k = len(e["sizes"]) if e["t"] == "q" else 1
+        assert size == sum(len(s) for s in streams[n:n + k])
+        n += k
+    path = tmp_path / "m.acz"
+    assert artifact_size(c, SPEC) == artifact.export(c, path, SPEC) == os.path.getsize(path)
+    parts = size_breakdown(c, SPEC)
+    assert parts["total"] == os.path.getsize(path) == sum(v for k, v in parts.items() if k != "total")
+
+
+def test_sizing_a_residual_bn_net_with_every_technique(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    net = warm_bn(TinyResNet(), x)
+    plan = CompressionPlan(layers={
+        "stem": LayerPlan(prune="channel", amount=0.5, bits=8),
+        "layer1.conv1": LayerPlan(prune="unstructured", amount=0.5, bits=4, act_bits=8),
+        "layer2.conv1": LayerPlan(prune="channel", amount=0.25, bits=4, symmetric=False),
+        "layer2.conv2": LayerPlan(prune="nm", n=2, m=4, bits=3, rank_ratio=0.5),
+        "fc": LayerPlan(bits=8)}, float_bits=16)
+    spec = ModelSpec("tests/conftest_models.py:TinyResNet", 10, 1, 8)
+    c = compress(net, plan, x[:1], [(x, y)])
+    assert layout(c, spec)[0] == artifact._entries(c, spec)[0]
+    assert artifact_size(c, spec) == artifact.export(c, tmp_path / "r.acz", spec)
