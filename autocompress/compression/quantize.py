@@ -45,11 +45,20 @@ def _quant(w: torch.Tensor, bits: int, symmetric: bool, r: torch.Tensor) -> tupl
     return q, s, zp
 
 
-def search_clip(w: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Per output channel, the ratio of CLIP_RATIOS with the smallest squared error: shape (out, 1)."""
+def search_clip(w: torch.Tensor, bits: int, symmetric: bool, rows: int = 1 << 20) -> torch.Tensor:
+    """Per output channel, the ratio of CLIP_RATIOS with the smallest squared error: shape (out, 1).
+
+    Works through about `rows` weights at a time (whole output channels): the temporaries of
+    each try are then a few MB instead of several copies of the layer (a VGG fc layer is 400 MB),
+    and stay in cache."""
     w2 = w.detach().reshape(w.shape[0], -1)
     if bits > 8:
         return torch.ones(w2.shape[0], 1, device=w2.device)
+    step = max(1, rows // max(w2.shape[1], 1))
+    return torch.cat([_search_clip_rows(w2[i:i + step], bits, symmetric) for i in range(0, w2.shape[0], step)])
+
+
+def _search_clip_rows(w2: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     ratios = torch.tensor(CLIP_RATIOS, dtype=w2.dtype, device=w2.device)
     best_err = torch.full((w2.shape[0],), float("inf"), device=w2.device)
     best = torch.ones(w2.shape[0], 1, device=w2.device)
