@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--baseline-epochs", type=int)
     z.add_argument("--amounts", help="pruning amounts to test (default: sensitivity.AMOUNTS, 0.5 to 0.99)")
     z.add_argument("--bits", help="weight bit widths to test (default: sensitivity.BITS, 2 to 6)")
-    z.add_argument("--samples", type=int, default=2000, help="validation samples used (default 2000)")
+    z.add_argument("--samples", type=int, help="validation samples used (default: sensitivity.SAMPLES, 128)")
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--device", default="cpu")
     z.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
@@ -135,10 +135,11 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
     from .api import DEFAULT_BASELINE_EPOCHS, load_inputs
     from .errors import UserError
     from .plots import sensitivity_heatmap
-    from .sensitivity import AMOUNTS, BITS, cached_analyse, format_table
+    from .sensitivity import AMOUNTS, BITS, SAMPLES, cached_analyse, format_table
     from .tracking import Tracker, default_tracking_uri
     from .train import baseline
 
+    a.samples = a.samples or SAMPLES
     try:
         amounts = tuple(float(v) for v in a.amounts.split(",")) if a.amounts else AMOUNTS
         bits = tuple(int(v) for v in a.bits.split(",")) if a.bits else BITS

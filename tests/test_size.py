@@ -73,3 +73,22 @@ def test_sizing_a_residual_bn_net_with_every_technique(tmp_path):
     c = compress(net, plan, x[:1], [(x, y)])
     assert layout(c, spec)[0] == artifact._entries(c, spec)[0]
     assert artifact_size(c, spec) == artifact.export(c, tmp_path / "r.acz", spec)
+
+
+def test_rice_sizes_from_runs_equal_the_gaps_coded():
+    """mask_code sizes Rice streams from the mask's runs; the writer codes the gaps themselves."""
+    import numpy as np
+
+    from autocompress.compression import codec
+
+    rng = np.random.default_rng(0)
+    masks = [rng.random(n) < d for n in (1, 2, 9, 64, 1000) for d in (0.0, 0.02, 0.5, 0.97, 1.0)]
+    masks += [np.repeat(rng.random(40) < 0.3, 25), np.array([True, False, False, True, True, False])]
+    for m in masks:
+        info, streams = codec.encode_mask(m, (2, 4) if m.size % 4 == 0 else None)
+        assert (codec.decode_mask(info, streams, m.size) == m).all()
+        for invert, gaps in zip((False, True), codec._run_gaps(m)):
+            full = codec.gaps_of(m != invert)
+            assert sorted(gaps.tolist()) == sorted(full[full > 0].tolist())
+        sizes = [codec.nbytes(m.size)] + [codec.best_rice_k(codec.gaps_of(m != inv))[1] for inv in (False, True)]
+        assert sum(map(len, streams)) <= min(sizes)

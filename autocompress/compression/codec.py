@@ -83,15 +83,21 @@ def _best_k(count: int, shifted: list[int]) -> tuple[int, int]:
     return best
 
 
-def _gap_chunks(mask: np.ndarray, count: list[int]):
-    """gaps_of(mask) in pieces of CHUNK mask entries (adds the number of gaps to count[0])."""
-    last = -1
-    for i in range(0, mask.size, CHUNK):
-        pos = np.flatnonzero(mask[i:i + CHUNK]) + i
-        if pos.size:
-            count[0] += pos.size
-            yield np.diff(pos, prepend=last) - 1
-            last = int(pos[-1])
+def _run_gaps(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero gaps of gaps_of(mask) and of gaps_of(~mask), from the mask's runs.
+
+    Every gap before a set position is 0 except the first of a run of ones, whose gap is the run
+    of zeros before it: so the non-zero gaps are the zero runs not at the end (one-runs for the
+    inverted mask). Runs are far fewer than positions, and gaps of 0 add nothing to a Rice size."""
+    if mask.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(mask[1:] != mask[:-1]) + 1
+    lengths = np.diff(starts, prepend=0, append=mask.size)
+    first_is_one = bool(mask[0])
+    ones = lengths[0 if first_is_one else 1::2]
+    zeros = lengths[1 if first_is_one else 0::2]
+    last_is_one = bool(mask[-1])
+    return (zeros if last_is_one else zeros[:-1]), (ones[:-1] if last_is_one else ones)
 
 
 def mask_code(mask: np.ndarray, nm: tuple[int, int] | None = None) -> tuple[dict, list[int]]:
@@ -100,12 +106,12 @@ def mask_code(mask: np.ndarray, nm: tuple[int, int] | None = None) -> tuple[dict
     writes, in a fraction of the time and memory (the artifact is sized many times per search)."""
     mask = mask.astype(bool, copy=False).ravel()
     options: list[tuple[int, dict, list[int]]] = [(nbytes(mask.size), {"kind": "bitmap"}, [nbytes(mask.size)])]
-    for invert in (False, True):
-        count = [0]
-        shifted = _shifted_sums(_gap_chunks(~mask if invert else mask, count))
-        k, size = _best_k(count[0], shifted)
-        sizes = [nbytes(shifted[k] + count[0]), nbytes(count[0] * k)]
-        options.append((size, {"kind": "rice", "k": k, "invert": invert, "count": count[0]}, sizes))
+    ones = int(np.count_nonzero(mask))
+    for invert, gaps, count in zip((False, True), _run_gaps(mask), (ones, mask.size - ones)):
+        shifted = _shifted_sums([gaps])
+        k, size = _best_k(count, shifted)
+        sizes = [nbytes(shifted[k] + count), nbytes(count * k)]
+        options.append((size, {"kind": "rice", "k": k, "invert": invert, "count": count}, sizes))
     if nm is not None and mask.size % nm[1] == 0:
         n, m = nm
         if (np.count_nonzero(mask.reshape(-1, m), axis=1) == n).all():
