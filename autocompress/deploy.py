@@ -25,7 +25,7 @@ from torch import nn
 
 from .compression import RECORD_ATTR, compressed_layers, compressor
 from .compression import quantize as fq
-from .models import device_of, prunable_layers
+from .models import device_of, prunable_layers, set_submodule
 
 # Deployed int8 model vs evaluated (fake-quantised) model, on a test split: argmax agreement at
 # least this fraction, accuracy within this many points. Activations are the only new rounding.
@@ -48,8 +48,6 @@ def _from_compressed(model: nn.Module) -> nn.Module:
     """A float copy of a compressed model whose compressed layers are plain layers holding the
     evaluated (masked, dequantised) weights. Parametrized modules are replaced, not unparametrized:
     a deep copy shares their generated class with the original, which removal would break."""
-    from .artifact import _set_module
-
     plain = copy.deepcopy(model).cpu().eval()
     for name, mod in compressed_layers(plain):
         w = mod.weight.detach().clone()
@@ -68,7 +66,7 @@ def _from_compressed(model: nn.Module) -> nn.Module:
                 new.register_buffer(key, getattr(mod, key).clone())
         if hasattr(mod, "act_bits"):
             new.act_bits = mod.act_bits
-        _set_module(plain, name, new)
+        set_submodule(plain, name, new)
     return plain.eval()
 
 
@@ -96,21 +94,13 @@ def _codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, torch.Ten
                     k = k * comp.mask.cpu().reshape(k.shape[0], -1)
                 out[name] = (k.reshape(w.shape), s.flatten())
         return out
-    from .artifact import _read
+    from .artifact import read_artifact, walk_payload
 
-    hdr, payload = _read(source)
-    pos = 0
-    for e in hdr["entries"]:
-        if e["t"] == "q":
-            if e["bits"] <= 8:
-                n = e["sizes"][0]
-                s = np.frombuffer(bytes(payload[pos:pos + n]), dtype="<f2").astype("float32")
-                out[e["module"]] = (None, torch.from_numpy(s.copy()))  # codes follow from the loaded weights
-            pos += sum(e["sizes"])
-        elif e["t"] == "f":
-            pos += int(torch.tensor(e["shape"]).prod()) * e["bits"] // 8
-        else:
-            pos += 5
+    hdr, payload = read_artifact(source)
+    for e, chunks in walk_payload(hdr["entries"], payload):
+        if e["t"] == "q" and e["bits"] <= 8:  # the first chunk holds the per-channel float16 scales
+            s = np.frombuffer(chunks[0], dtype="<f2").astype("float32")
+            out[e["module"]] = (None, torch.from_numpy(s.copy()))  # codes follow from the loaded weights
     return out
 
 

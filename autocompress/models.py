@@ -180,6 +180,12 @@ def load_weights(model: nn.Module, path: str) -> None:
         raise UserError(f"checkpoint {path} does not fit the model: {first}") from None
 
 
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of the submodule called `name` (a dotted path, as named_modules gives it)."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of a model's first parameter (the CPU for a model without parameters)."""
     p = next(model.parameters(), None)
