@@ -100,8 +100,7 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
             if mod.in_channels != in_channels:
                 new = nn.Conv2d(in_channels, mod.out_channels, mod.kernel_size, mod.stride,
                                 mod.padding, mod.dilation, mod.groups, mod.bias is not None)
-                parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-                setattr(parent, name.rpartition(".")[2], new)
+                set_submodule(model, name, new)
             return
 
 
