@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from ..artifact import load, read_header
 from ..compression import RECORD_ATTR, compressed_layers
 from ..compression import quantize as fq
 from ..models import set_submodule
@@ -40,8 +41,6 @@ TOLERANCE = {"agreement": 0.99, "accuracy_points": 0.5}
 
 def _as_artifact(source: Any) -> tuple[nn.Module, dict]:
     """(float model, header) from an artifact path, or from a compressed model (same values as load())."""
-    from ..artifact import load, read_header
-
     if isinstance(source, nn.Module):
         record = getattr(source, RECORD_ATTR, None)
         if record is None:

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..artifact import read_artifact, walk_payload
 from ..compression import compressed_layers, compressor
+from ..cost.latency import measure_latency
 from ..models import prunable_layers
 
 def artifact_codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -34,8 +36,6 @@ def artifact_codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, t
                     k = k * comp.mask.cpu().reshape(k.shape[0], -1)
                 out[name] = (k.reshape(w.shape), s.flatten())
         return out
-    from ..artifact import read_artifact, walk_payload
-
     hdr, payload = read_artifact(source)
     for e, chunks in walk_payload(hdr["entries"], payload):
         if e["t"] == "q" and e["bits"] <= 8:  # the first chunk holds the per-channel float16 scales
@@ -194,8 +194,6 @@ def to_cpu(model: nn.Module, header: dict, source: Any, *, backend: str = "auto"
         torch.backends.quantized.engine = previous
     if len(built) == 1:
         return built[0]
-    from ..cost.latency import measure_latency
-
     probe = torch.randn(1, *shape)
     times = [min(measure_latency(m, probe, batch_size=batch_size, threads=threads, warmup=3, repeats=15).median_ms
                  for _ in range(2)) for m in built]
