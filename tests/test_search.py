@@ -86,7 +86,8 @@ def test_resume_adds_trials_instead_of_starting_over(first, tmp_path):
 def test_over_budget_plan_is_never_fine_tuned(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("layer:\n  prune: [none]\n  bits: [2, 32]\nrecovery:\n  distill: [0.0]\n")
-    from autocompress.search import SearchSettings, open_study
+    from autocompress.settings import SearchSettings
+    from autocompress.study import open_study
     from autocompress.plan import parse_budget
 
     study = open_study(SearchSettings(budget=parse_budget("8x"), out=str(tmp_path), study="b"))
@@ -108,7 +109,8 @@ def test_over_budget_proposal_is_repaired_into_the_budget(tmp_path):
     space.write_text("layer:\n  prune: [unstructured]\n  amount: {low: 0.0, high: 0.98, step: 0.02}\n"
                      "  bits: [4, 8]\nrecovery:\n  distill: [0.0]\n")
     from autocompress.plan import parse_budget
-    from autocompress.search import SearchSettings, open_study
+    from autocompress.settings import SearchSettings
+    from autocompress.study import open_study
 
     study = open_study(SearchSettings(budget=parse_budget("40x"), out=str(tmp_path), study="r"))
     study.enqueue_trial({**{f"{n}.amount": 0.0 for n in ("conv1", "conv2", "fc1", "fc2")},

@@ -94,7 +94,8 @@ def test_early_stopping_stops_a_hopeless_trial(tmp_path):
     space.write_text("layer:\n  prune: [unstructured]\n  amount: [0.0, 0.98]\n  bits: [1, 8]\n"
                      "recovery:\n  distill: [0.0]\n")
     from autocompress.plan import parse_budget
-    from autocompress.search import SearchSettings, open_study
+    from autocompress.settings import SearchSettings
+    from autocompress.study import open_study
 
     study = open_study(SearchSettings(budget=parse_budget("3x"), out=str(tmp_path), study="e"))
     names = ("conv1", "conv2", "fc1", "fc2")
@@ -110,7 +111,7 @@ def test_early_stopping_stops_a_hopeless_trial(tmp_path):
 
 
 def test_pareto_mode_returns_only_non_dominated_trials(tmp_path):
-    from autocompress.search import pareto_trials
+    from autocompress.trials import pareto_trials
 
     outcome = search("6x", out=str(tmp_path), study="p", objectives="accuracy,size",
                      **{**QUICK, "trials": 5, "warm_start": False})
