@@ -46,7 +46,7 @@ PLANS = {
 def test_sizing_equals_the_written_artifact(lenet, data, tmp_path, name):
     c = compress(lenet, PLANS[name], data[0][:1], data[1][:1], calibrate=name == "act bits")
     header, sizes = layout(c, SPEC)
-    written_header, streams = artifact._entries(c, SPEC)
+    written_header, streams = artifact.encode(c, SPEC)
     assert header == written_header  # the same entries, codecs and stream lengths
     n = 0
     for e, size in zip(header["entries"], sizes):  # each entry's bytes are its streams' bytes
@@ -71,7 +71,7 @@ def test_sizing_a_residual_bn_net_with_every_technique(tmp_path):
         "fc": LayerPlan(bits=8)}, float_bits=16)
     spec = ModelSpec("tests/conftest_models.py:TinyResNet", 10, 1, 8)
     c = compress(net, plan, x[:1], [(x, y)])
-    assert layout(c, spec)[0] == artifact._entries(c, spec)[0]
+    assert layout(c, spec)[0] == artifact.encode(c, spec)[0]
     assert artifact_size(c, spec) == artifact.export(c, tmp_path / "r.acz", spec)
 
 

@@ -84,8 +84,8 @@ def _float_shapes(model: nn.Module) -> dict[str, list[int]]:
 
 
 def layout(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[int]]:
-    """(the artifact's header, each entry's payload bytes), as artifact._entries would write them."""
-    from ..artifact import FORMAT_VERSION, _layer_plan
+    """(the artifact's header, each entry's payload bytes), as artifact.encode would write them."""
+    from ..artifact import FORMAT_VERSION, _layer_plan, chunk_sizes
     from ..compression import RECORD_ATTR, compressed_layers
     from ..errors import UserError
 
@@ -94,21 +94,18 @@ def layout(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[int]]:
         raise UserError("the model was not produced by autocompress.compress(); nothing to export")
     plan_fb = record["plan"].get("float_bits", 32)
     entries: list[dict] = []
-    sizes: list[int] = []
     qnames = set()
     for name, mod in compressed_layers(model):
         e = _layer_entry(name, mod, _layer_plan(record, name))
         entries.append(e)
-        sizes.append(sum(e["sizes"]))
         qnames.add(e["name"])
     for key, shape in _float_shapes(model).items():
         if key in qnames:
             continue
         entries.append({"t": "f", "name": key, "shape": shape, "bits": plan_fb})
-        sizes.append(int(np.prod(shape)) * plan_fb // 8)
     for name in record["acts"]:
         entries.append({"t": "act", "module": name, "bits": model.get_submodule(name).act_bits})
-        sizes.append(5)  # float32 scale + uint8 zero point
+    sizes = [sum(chunk_sizes(e)) for e in entries]  # the writer's and reader's size rule per entry
     rec = {k: record[k] for k in ("plan", "input_shape", "channel_replay", "ranks", "targets", "acts")}
     header = {"format": FORMAT_VERSION, "spec": spec.to_dict(), "record": rec, "entries": entries}
     return header, sizes
