@@ -121,7 +121,7 @@ class SearchSettings:
     limit: int | None = option(None, "use at most this many training samples (quick runs)", check=at_least(1))
     val_fraction: float = option(0.1, "share of the training data held out as the validation split",
                                  check=between(0, 1, low_open=True, high_open=True))
-    space: str | None = option(None, "search-space YAML (default: search_spaces/default.yaml)")
+    space: str | None = option(None, "bundled search space by name (default, full, quantize-only) or a YAML file path (default: default)")
     # where results go
     out: str = option("runs", "output folder of the search: study DB, MLflow store, artifacts", flags=("--runs",))
     study: str | None = option(None, "study name (default: MODEL-DATA-BUDGET)")
