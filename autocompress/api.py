@@ -148,8 +148,8 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
         raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     bound_space_src = load_space(space)
     spec, bundle, net = load_inputs(model, data, weights, data_dir, seed, limit, val_fraction)
-    bound = bound_space_src.bind(net)
     example = bundle.train.x[:2]
+    bound = bound_space_src.bind(net, example)
     original = param_bytes(net)
     cap = b.limit(original)
     try:
