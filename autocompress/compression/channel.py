@@ -10,7 +10,7 @@ Torch-Pruning's dependency graph finds every layer whose channels go with a prun
   shuffle permutes channels, which the graph cannot map), so ShuffleNet keeps the layers whose
   channels stay inside a unit;
 - refuses groups whose index lists explode through reshapes (Swin's windows), before they use
-  the memory;
+  the memory, and maps reshapes once per graph rather than before every group;
 - re-derives attributes that hold a width (ViT's hidden_dim) after pruning.
 A layer whose group is refused raises PlanError; `check_layers` finds those once per model.
 """
@@ -29,7 +29,8 @@ from torch import nn
 from ..plan import PlanError
 
 _OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)
-MAX_GROUP_INDICES = 2_000_000  # a coupled group this long comes from reshapes the graph cannot map
+MAX_GROUP_INDICES = 500_000  # a coupled group this long comes from reshapes the graph cannot map
+MAX_GROUP_DEPS = 3_000  # (Torch-Pruning's group building is quadratic in its length)
 _SHUFFLE = "_ChannelShuffleBackward"
 
 
@@ -67,18 +68,37 @@ def _tracing() -> Iterator[None]:
     class Bounded(base):  # type: ignore[misc, valid-type]
         def add_dep(self, dep, idxs):  # noqa: ANN001
             self._count = getattr(self, "_count", 0) + len(idxs)
-            if self._count > MAX_GROUP_INDICES:
+            if self._count > MAX_GROUP_INDICES or len(self._group) >= MAX_GROUP_DEPS:
                 raise _GroupTooLarge()
             super().add_dep(dep, idxs)
+
+    update = tp_graph.index_mapping.update_index_mapping
+
+    def update_once(graph):  # noqa: ANN001
+        """Reshape mappings in full once per graph: pruning keeps their strides, and re-deriving them
+        before every group costs minutes on Swin. Concatenations and splits follow every prune."""
+        if not getattr(graph, "_reshapes_mapped", False):
+            update(graph)
+            graph._reshapes_mapped = True
+            return
+        for node in graph.module2node.values():
+            if node.type == tp.ops.OPTYPE.CONCAT:
+                tp_graph.index_mapping.update_concat_index_mapping(graph, node)
+            elif node.type == tp.ops.OPTYPE.SPLIT:
+                tp_graph.index_mapping.update_split_index_mapping(graph, node)
+            elif node.type == tp.ops.OPTYPE.SLICE:
+                tp_graph.index_mapping.update_slice_index_mapping(graph, node)
 
     shuffle = shufflenet.channel_shuffle
     shufflenet.channel_shuffle = _ChannelShuffle.apply
     tp_graph.Group = Bounded
+    tp_graph.index_mapping.update_index_mapping = update_once
     try:
         yield
     finally:
         shufflenet.channel_shuffle = shuffle
         tp_graph.Group = base
+        tp_graph.index_mapping.update_index_mapping = update
 
 
 def _train_forward(model: nn.Module, x: torch.Tensor):
