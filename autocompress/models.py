@@ -180,6 +180,12 @@ def load_weights(model: nn.Module, path: str) -> None:
         raise UserError(f"checkpoint {path} does not fit the model: {first}") from None
 
 
+def logits_of(output: Any) -> torch.Tensor:
+    """A model's main logits: the first field of a tuple output (GoogLeNet and Inception-v3 return
+    their auxiliary classifiers' logits after the main ones in training mode)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of a model's first parameter (the CPU for a model without parameters)."""
     p = next(model.parameters(), None)
