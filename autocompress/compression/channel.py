@@ -311,7 +311,7 @@ def _check(model: nn.Module, x: torch.Tensor, names: list[str], output_layer: st
                 group.prune()
         except Exception:  # the copy may be half pruned: test the rest on a fresh one
             bad[name] = "pruning its coupled group fails"
-            _check(model, x, [n for n in names if n not in bad and n not in members], output_layer, amount, bad)
+            _check(model, x, [n for n in names if n not in bad], output_layer, amount, bad)
             return
         members[name] = (touched | {name}) & set(names)
     _sync_widths(net)
