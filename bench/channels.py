@@ -124,7 +124,8 @@ def probe(name: str, size: int | None = None, amount: float = 0.3, bits: int = 4
 def _one(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """Run probe(name) in a subprocess under ulimit -v and a timeout."""
     cmd = (f"ulimit -v {int(args.mem_gb * 1024 * 1024)}; exec timeout {args.timeout} {sys.executable} "
-           f"{os.path.abspath(__file__)} --one {name} --size {args.size} --amount {args.amount} --bits {args.bits}")
+           f"{os.path.abspath(__file__)} --one {name} --size {args.size} --amount {args.amount} --bits {args.bits} "
+           f"--max-params {args.max_params}")
     t = time.perf_counter()
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
@@ -172,9 +173,13 @@ def main() -> None:
     args = ap.parse_args()
     size = None if args.size == "natural" else int(args.size)
     if args.one:
-        print(json.dumps(probe(args.one, size, args.amount, args.bits)), flush=True)
+        import torchvision
+
+        params = sum(p.numel() for p in torchvision.models.get_model(args.one, weights=None).parameters())
+        row = {"model": args.one, "params": params, "skipped": True} if params > args.max_params else \
+            probe(args.one, size, args.amount, args.bits)
+        print(json.dumps(row), flush=True)
         return
-    import torch
     import torchvision
 
     names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
@@ -183,13 +188,10 @@ def main() -> None:
     jsonl = os.path.join(RESULTS, f"{args.out}.jsonl")
     open(jsonl, "w").close()
     for name in names:
-        with torch.device("meta"):
-            params = sum(p.numel() for p in torchvision.models.get_model(name, weights=None, num_classes=10).parameters())
-        if params > args.max_params:
-            print(f"{name}: {params / 1e6:.0f}M parameters, skipped (--max-params)", flush=True)
-            continue
         row = _one(args, name)
-        row.setdefault("params", params)
+        if row.get("skipped"):
+            print(f"{name}: {row['params'] / 1e6:.0f}M parameters, skipped (--max-params)", flush=True)
+            continue
         rows.append(row)
         with open(jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
