@@ -104,8 +104,8 @@ def prepare(settings: SearchSettings) -> tuple[SearchSettings, SearchContext]:
     bound_space_src = load_space(s.space)
     spec, bundle, net = load_inputs(s.model, s.data, s.weights, s.data_dir, s.seed, s.limit, s.val_fraction,
                                     image_size=s.image_size)
-    bound = bound_space_src.bind(net)
     example = bundle.train.x[:2]
+    bound = bound_space_src.bind(net, example)
     original = param_bytes(net)
     cap = s.budget.limit(original)
     try:

@@ -90,6 +90,7 @@ def test_report_and_export_without_a_study(capsys, out):
     assert code == 2 and not out.exists()
 
 
+@pytest.mark.slow  # trains a baseline and runs the analysis end to end
 def test_sensitivity_command_prints_one_row_per_layer_and_caches(capsys, tmp_path):
     args = ["sensitivity", "--data", "digits", "--out", str(tmp_path), "--baseline-epochs", "2",
             "--amounts", "0.5,0.9", "--bits", "2,4"]
