@@ -155,7 +155,7 @@ def write_md(rows: list[dict], path: str, note: str) -> None:
              "Each row is the latest run of that model and plan (bench/results/scale.jsonl has every run, "
              "with its time and load).", "",
              "| model | input | plan | compress s (cpu s) | sizing s (cpu s), median | bytes | "
-             "peak RSS MB | bound MB | within |", "|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS MB | bound MB | within | load |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("plan") == "sensitivity" or "model" not in r:
             continue
@@ -165,15 +165,15 @@ def write_md(rows: list[dict], path: str, note: str) -> None:
         exact = "" if "bytes_written" not in r else (" (= written)" if r["bytes_written"] == r["bytes"] else " (!= written)")
         lines.append(f"| {r['model']} | {r['input']} | {r['plan']} | {r['compress_s']:.2f} ({r['compress_cpu_s']:.2f}) | "
                      f"{r['size_s']:.3f} ({r['size_cpu_s']:.3f}) | {r['bytes']:,}{exact} | {_mb(r['peak_rss'])} | "
-                     f"{_mb(r['bound'])} | {'yes' if r['peak_rss'] <= r['bound'] else 'NO'} |")
+                     f"{_mb(r['bound'])} | {'yes' if r['peak_rss'] <= r['bound'] else 'NO'} | {r.get('load_at_start', '')} |")
     sens = [r for r in rows if r.get("plan") == "sensitivity"]
     if sens:
-        lines += ["", "| sensitivity | layers | settings | samples | threads | wall s (median, runs) | cpu s |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| sensitivity | layers | settings | samples | threads | wall s (median, runs) | cpu s | load |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in sens:
             lines.append(f"| {r['model']} {r['input']}x{r['input']} | {r['layers']} | {r['settings']} | {r['samples']} | "
                          f"{r['threads']} | {r['sensitivity_s']:.1f} ({', '.join(map(str, r['runs_s']))}) | "
-                         f"{r['sensitivity_cpu_s']:.1f} |")
+                         f"{r['sensitivity_cpu_s']:.1f} | {r.get('load_at_start', '')} |")
     errors = [r for r in rows if "error" in r and "model" not in r]
     lines += [f"- {r['child']}: {r['error']}" for r in errors]
     with open(path, "w") as f:
@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     threads = ["--threads", str(a.threads)] if a.threads else []
     load = os.getloadavg()
     note = (f"{platform.machine()}, {os.cpu_count()} cores, torch threads {a.threads or 'default'}; "
-            f"load average at start {load[0]:.1f} (the machine was shared with other jobs: wall times are "
-            f"inflated, CPU seconds less so).")
+            "the load column is the 1-minute load average when that run started (the machine was shared with "
+            "other jobs: wall times are inflated, CPU seconds less so).")
     rows: list[dict] = []
     all_kinds = ";".join(["unstructured 90% 4b", "dense 4b", "n:m 2:4 4b", "block 80% 3b", "channel 30% 4b",
                           "low rank 0.5 6b", "float16 unstructured 95% 16b", "act 8b, floats 16"])
