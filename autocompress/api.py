@@ -44,18 +44,19 @@ def space_floor(model: nn.Module, space: Any, spec: Any, example: torch.Tensor) 
 
 
 def load_inputs(model: str, data: str | None, weights: str | None, data_dir: str | None, seed: int,
-                limit: int | None, val_fraction: float) -> tuple[Any, Any, nn.Module]:
+                limit: int | None, val_fraction: float, image_size: int | None = None) -> tuple[Any, Any, nn.Module]:
     """The data bundle (default: Fashion-MNIST, else digits with a notice), the model spec, and the
     model with its checkpoint loaded (untrained otherwise), in eval mode."""
     from .data import default_data, load_data
     from .models import ModelSpec, build_model, load_weights
 
     if data is None:
-        bundle = default_data(seed)
+        bundle = default_data(seed, image_size=image_size)
         if bundle.notice:
             print(bundle.notice)
     else:
-        bundle = load_data(data, data_dir=data_dir, seed=seed, limit=limit, val_fraction=val_fraction)
+        bundle = load_data(data, data_dir=data_dir, seed=seed, limit=limit, val_fraction=val_fraction,
+                           image_size=image_size, model=model)
     spec = ModelSpec(model, bundle.num_classes, bundle.in_channels, bundle.image_size, data=bundle.name)
     net = build_model(spec)
     if weights:
@@ -73,7 +74,7 @@ def search(budget: str | Budget, *, model: str = "lenet5", data: str | None = No
            final_epochs: int = 2, final_distill: float = 0.5, objectives: str = "accuracy", progress: bool = True,
            latency_budget: str | float | None = None, latency_batch_size: int = 1,
            latency_threads: int | None = None, latency_plans: int | None = None,
-           register: str | None = None, workers: int = 1) -> Any:
+           register: str | None = None, workers: int = 1, image_size: int | None = None) -> Any:
     """Search compression plans for `model` on `data` under `budget`; returns a SearchOutcome.
 
     `budget` is a size ('50KB', '1.5MiB') or a ratio of the fp32 parameter bytes ('20x').
@@ -110,7 +111,7 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
             final_epochs: int = 2, final_distill: float = 0.5, objectives: str = "accuracy", progress: bool = True,
             latency_budget: str | float | None = None, latency_batch_size: int = 1,
             latency_threads: int | None = None, latency_plans: int | None = None,
-            register: str | None = None) -> tuple[Any, Any]:
+            register: str | None = None, image_size: int | None = None) -> tuple[Any, Any]:
     """Check every input, then load data and the (cached or trained) baseline: (SearchSettings, SearchContext).
 
     Nothing is written before all checks pass; an unreachable storage is found before any training.
@@ -147,7 +148,7 @@ def prepare(budget: str | Budget, *, model: str = "lenet5", data: str | None = N
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     bound_space_src = load_space(space)
-    spec, bundle, net = load_inputs(model, data, weights, data_dir, seed, limit, val_fraction)
+    spec, bundle, net = load_inputs(model, data, weights, data_dir, seed, limit, val_fraction, image_size)
     bound = bound_space_src.bind(net)
     example = bundle.train.x[:2]
     original = param_bytes(net)

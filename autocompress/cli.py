@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="fashion-mnist | digits | imagefolder:DIR | torchvision:NAME | module:callable "
                    "(default: fashion-mnist, else digits)")
     s.add_argument("--data-dir", help="where to look for the data set files")
+    s.add_argument("--image-size", type=int, help="resize images to N x N (image folders: default the model's size)")
     s.add_argument("--space", help="search-space YAML (default: search_spaces/default.yaml)")
     s.add_argument("--trials", type=int, default=12, help="total finished trials wanted in the study (default 12)")
     s.add_argument("--workers", type=int, default=1,
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--weights")
     z.add_argument("--data")
     z.add_argument("--data-dir")
+    z.add_argument("--image-size", type=int)
     z.add_argument("--baseline-epochs", type=int)
     z.add_argument("--amounts", help="pruning amounts to test (default: sensitivity.AMOUNTS, 0.5 to 0.99)")
     z.add_argument("--bits", help="weight bit widths to test (default: sensitivity.BITS, 2 to 6)")
@@ -120,7 +122,7 @@ def _cmd_search(a: argparse.Namespace) -> int:
                      objectives=a.objectives, latency_budget=a.latency_budget,
                      latency_batch_size=a.latency_batch_size, latency_threads=a.latency_threads,
                      latency_plans=a.latency_plans, progress=not a.no_progress,
-                     register=a.register, workers=a.workers)
+                     register=a.register, workers=a.workers, image_size=a.image_size)
     if outcome.best is not None:
         if a.tracking_uri is None:
             print(f"review in MLflow: autocompress ui --out {a.out}")
@@ -144,7 +146,7 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
         bits = tuple(int(v) for v in a.bits.split(",")) if a.bits else BITS
     except ValueError:
         raise UserError("--amounts and --bits take comma-separated numbers, e.g. --amounts 0.5,0.9 --bits 2,4") from None
-    spec, bundle, _ = load_inputs(a.model, a.data, a.weights, a.data_dir, a.seed, None, 0.1)
+    spec, bundle, _ = load_inputs(a.model, a.data, a.weights, a.data_dir, a.seed, None, 0.1, a.image_size)
     epochs = a.baseline_epochs if a.baseline_epochs is not None else DEFAULT_BASELINE_EPOCHS.get(a.model, 5)
     net, val_acc = baseline(spec, bundle, epochs=epochs, seed=a.seed, device=a.device, weights=a.weights)
     sens, path, cached = cached_analyse(net.to(a.device), bundle.val.to(a.device), bundle.train.x[:2].to(a.device),
@@ -270,7 +272,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     if not data_spec:
         raise UserError("the artifact does not say which data it was compressed on: pass --data")
     model = load(a.artifact).to(a.device)
-    bundle = load_data(data_spec, data_dir=a.data_dir)
+    bundle = load_data(data_spec, data_dir=a.data_dir, image_size=spec.get("image_size"))
     acc = evaluate(model, bundle.test.to(a.device), device=a.device)
     size = os.path.getsize(a.artifact)
     print(f"{a.artifact}: test accuracy {acc:.4f} on {bundle.name} ({len(bundle.test)} samples), {size} bytes")
