@@ -313,7 +313,8 @@ def _image_folder(path: str, image_size: int | None, spec_root: str) -> Any:
 
 
 def _load_imagefolder(root: str, image_size: int | None, seed: int) -> tuple[dict[str, Any], int]:
-    """Tensors of an ImageFolder tree: root/train + root/test (or val) or one folder, test carved.
+    """Tensors of an ImageFolder tree: root/train + root/test (or val), or one folder (root or
+    root/train alone) with the test split carved from it.
 
     With both test/ and val/, val/ is the validation split instead of one carved from train/.
     Returns (keyword arguments for _finish, number of classes).
@@ -333,10 +334,11 @@ def _load_imagefolder(root: str, image_size: int | None, seed: int) -> tuple[dic
         out.update(zip(("test_x", "test_y"), tensors[held[0]]))
         if len(held) == 2:
             out["val"] = tensors["val"]
-    else:
-        whole = _image_folder(root, image_size, root)
+    else:  # one folder of class folders (root/train alone counts as that folder); test carved from it
+        only = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+        whole = _image_folder(only, image_size, root)
         classes = whole.classes
-        x, y = _stack(whole, root)
+        x, y = _stack(whole, only)
         kept, test_idx = (torch.as_tensor(i) for i in _split(y.numpy(), 0.2, seed))
         out = dict(train_x=x[kept], train_y=y[kept], test_x=x[test_idx], test_y=y[test_idx])
     return out, len(classes)

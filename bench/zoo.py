@@ -183,9 +183,13 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
         row["floor_bytes"] = sized
         row["floor_ratio"] = round(row["fp32_bytes"] / sized, 2)
         row["untouchable_bytes"] = untouchable_bytes(fm, spec)
-        row.update(round_trip(fm, spec, example, folder, "floor"))
     except Exception as e:
         row["floor"] = _first_line(e)
+        return
+    try:
+        row.update(round_trip(fm, spec, example, folder, "floor"))
+    except Exception as e:
+        row["floor_round_trip"] = _first_line(e)
     row.pop("channel_path", None)
     row.pop("floor_path", None)
 
@@ -257,6 +261,7 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
     for r in rows:
         equal = [r.get(f"{t}_bytes_equal") for t in ("channel", "floor") if f"{t}_bytes_equal" in r]
         load = [r.get(f"{t}_load_equal") for t in ("channel", "floor") if f"{t}_load_equal" in r]
+        trip = "; ".join(f"{t}: {r[f'{t}_round_trip']}" for t in ("channel", "floor") if f"{t}_round_trip" in r)
         rss = r.get("peak_rss_bytes")
         rss_txt = f"{rss / 1e9:.2f} ({r['rss_limit_bytes'] / 1e9:.1f})" if rss and "rss_limit_bytes" in r else "-"
         if rss and r.get("rss_limit_bytes") and rss > r["rss_limit_bytes"]:
@@ -269,7 +274,8 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
             status = f"error: {r.get('error', '')}"
         lines.append(" | ".join([
             f"| {r['model']}", _mb(r.get("params")), str(r.get("input", "-")), chan.replace("|", "/"),
-            _yes(all(equal)) if equal else "-", _yes(all(load)) if load else "-",
+            _yes(all(equal)) if equal else "-", (_yes(all(load)) if load else "") + (f" {trip}" if trip else "")
+            or "-",
             r.get("deploy", "-").replace("|", "/"), f"{r['floor_ratio']:.1f}x" if "floor_ratio" in r else "-",
             _mb(r.get("untouchable_bytes")), str(r.get("compress_s", "-")), str(r.get("size_s", "-")), rss_txt,
             status.replace("|", "/")]) + " |")
@@ -287,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
     ap.add_argument("--resume", action="store_true", help="keep rows already in zoo.jsonl, run the others")
     ap.add_argument("--results", default=RESULTS)
+    ap.add_argument("--table", action="store_true", help="only rewrite zoo.md from zoo.jsonl")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(a.results, exist_ok=True)
     jsonl, md = os.path.join(a.results, "zoo.jsonl"), os.path.join(a.results, "zoo.md")
     rows: list[dict[str, Any]] = []
-    if a.resume and os.path.isfile(jsonl):
+    if (a.resume or a.table) and os.path.isfile(jsonl):
         with open(jsonl) as f:
             rows = [json.loads(line) for line in f if line.strip()]
     elif os.path.exists(jsonl):
@@ -313,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{os.getloadavg()[0]:.1f} at the start: times are from a shared machine), 1 thread per model, torch {torch.__version__}, "
             f"torchvision {torchvision.__version__}; random weights, 10 classes; address space capped at "
             f"{a.mem_gb:g} GiB, {a.timeout:.0f} s per model. `python bench/zoo.py` (ordered by size).")
+    if a.table:
+        todo = []
     for name in todo:
         if name in have:
             continue

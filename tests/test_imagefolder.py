@@ -69,6 +69,12 @@ def test_train_and_val_folders_are_train_and_test(tmp_path):
     assert sorted(b.test.y.tolist()) == [0, 0, 1, 1, 2, 2]
 
 
+def test_train_folder_alone_is_the_single_folder(tmp_path):
+    write_folder(tmp_path, per_class=5, layout=("train",))
+    b = load_data(f"imagefolder:{tmp_path}", image_size=8)
+    assert b.num_classes == 3 and len(b.test) == 3 and len(b.train) + len(b.val) == 12
+
+
 def test_val_folder_beside_test_is_the_validation_split(tmp_path):
     write_folder(tmp_path, per_class=5, layout=("train",))
     write_folder(tmp_path, per_class=2, layout=("val",), seed=1)
