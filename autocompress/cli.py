@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: fashion-mnist, else digits)")
     s.add_argument("--data-dir", help="where to look for the data set files")
     s.add_argument("--image-size", type=int, help="resize images to N x N (image folders: default the model's size)")
-    s.add_argument("--space", help="search-space YAML (default: search_spaces/default.yaml)")
+    s.add_argument("--space", help="bundled search space by name (default, full, quantize-only) "
+                   "or a YAML file path (default: default)")
     s.add_argument("--trials", type=int, default=12, help="total finished trials wanted in the study (default 12)")
     s.add_argument("--workers", type=int, default=1,
                    help="worker processes on this machine sharing the study (default 1); for several machines "

@@ -11,7 +11,9 @@ import fnmatch
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from torch import nn
@@ -20,12 +22,26 @@ from .errors import UserError
 from .plan import (IMPORTANCE_KINDS, PRUNE_KINDS, VALID_ACT_BITS, VALID_BITS, CompressionPlan,
                    LayerPlan)
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 LAYER_KEYS = ("prune", "amount", "nm", "block_size", "importance", "bits", "symmetric",
               "rank_ratio", "act_bits")
 RECOVERY_KEYS = ("distill", "temperature", "l1", "float_bits")
 TOP_KEYS = ("include", "exclude", "layer", "overrides", "recovery")
 
-SPACES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces")
+
+def _bundled_spaces() -> Traversable:
+    """The folder of bundled spaces: the package data autocompress.search_spaces of an installed
+    wheel (pyproject.toml maps the top-level search_spaces/ folder to it), or that folder itself
+    when the package runs from a source checkout, where the mapped package does not exist."""
+    try:
+        return resources.files("autocompress.search_spaces")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+SPACES_DIR = str(_bundled_spaces())
 
 _ALLOWED = {
     "prune": set(PRUNE_KINDS), "importance": set(IMPORTANCE_KINDS), "bits": set(VALID_BITS),
@@ -150,17 +166,20 @@ class SearchSpace:
 
     @classmethod
     def from_yaml(cls, path: str) -> SearchSpace:
-        """Read a YAML space; a bare name like 'default' means search_spaces/default.yaml."""
-        if not os.path.exists(path) and os.path.exists(os.path.join(SPACES_DIR, f"{path}.yaml")):
-            path = os.path.join(SPACES_DIR, f"{path}.yaml")
+        """Read a YAML space file."""
         if not os.path.isfile(path):
             raise UserError(f"search space file not found: {path}")
+        with open(path) as f:
+            return cls.from_text(f.read(), os.path.basename(path))
+
+    @classmethod
+    def from_text(cls, text: str, source: str) -> SearchSpace:
+        """Parse a space from YAML text; `source` names it in error messages."""
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f)
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise UserError(f"search space {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        return cls.from_dict(raw, source=os.path.basename(path))
+            raise UserError(f"search space {source} is not valid YAML: {str(e).splitlines()[0]}") from None
+        return cls.from_dict(raw, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -287,6 +306,20 @@ def _layer_plan(v: dict[str, Any]) -> LayerPlan:
     return LayerPlan(**kw)
 
 
-def load_space(path: str | None) -> SearchSpace:
-    """The space at `path`, or search_spaces/default.yaml."""
-    return SearchSpace.from_yaml(path or os.path.join(SPACES_DIR, "default.yaml"))
+def bundled_space_names() -> list[str]:
+    """Names of the spaces shipped with the package ('default', 'full', ...), for `--space NAME`."""
+    return sorted(p.name[:-len(".yaml")] for p in _bundled_spaces().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_space(space: str | None) -> SearchSpace:
+    """A bundled space by name ('default' when None), or the space in a YAML file at path `space`."""
+    space = space or "default"
+    if os.path.isfile(space):
+        return SearchSpace.from_yaml(space)
+    bundled = _bundled_spaces() / f"{space}.yaml"
+    if bundled.is_file():
+        return SearchSpace.from_text(bundled.read_text(encoding="utf-8"), f"{space}.yaml")
+    if os.sep in space or space.endswith((".yaml", ".yml")):
+        raise UserError(f"search space file not found: {space}")
+    raise UserError(f"unknown search space {space!r}: bundled spaces are {', '.join(bundled_space_names())}; "
+                    f"or pass the path of a YAML file")

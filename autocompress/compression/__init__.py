@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..models import prunable_layers
+from ..models import prunable_layers, set_submodule
 from ..plan import CompressionPlan, LayerPlan, PlanError
 from . import channel, lowrank, prune, quantize
 from .quantize import HalfRound, WeightCompressor
@@ -25,11 +25,6 @@ __all__ = ["compress", "compressed_layers", "compressor", "kept_weights", "spars
 
 RECORD_ATTR = "autocompress_record"
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 def _check_static(model: nn.Module, plan: CompressionPlan, batches: Batches | None) -> str:
@@ -141,7 +136,7 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
         if lp.rank_ratio < 1.0:
             layer = model.get_submodule(name)
             ranks[name] = lowrank.rank_for(layer, lp.rank_ratio)
-            _set_module(model, name, lowrank.factorise(layer, ranks[name]))
+            set_submodule(model, name, lowrank.factorise(layer, ranks[name]))
 
     targets = _targets(model, plan, ranks)
     taylor = {n: model.get_submodule(n).weight for n, lp in targets.items()
