@@ -83,16 +83,10 @@ def channel_plan(bound: Any) -> Any:
 def untouchable_bytes(compressed: Any, spec: Any) -> int:
     """Bytes of the artifact's float tensors outside every planned layer's weight: no plan of the
     space changes them (biases, BatchNorm, attention in-projections, embeddings...)."""
-    from autocompress.artifact import _entries
+    from autocompress.artifact import chunk_sizes, encode
 
-    header, streams = _entries(compressed, spec)
-    total, i = 0, 0
-    for e in header["entries"]:
-        n = len(e["sizes"]) if e["t"] == "q" else 1
-        if e["t"] == "f":
-            total += len(streams[i])
-        i += n
-    return total
+    header, _ = encode(compressed, spec)
+    return sum(sum(chunk_sizes(e)) for e in header["entries"] if e["t"] == "f")
 
 
 def round_trip(compressed: Any, spec: Any, example: Any, folder: str, tag: str) -> dict[str, Any]:
