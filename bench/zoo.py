@@ -297,10 +297,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import torchvision
 
-    names = a.models.split(",") if a.models else torchvision.models.list_models(module=torchvision.models)
+    names = torchvision.models.list_models(module=torchvision.models)
     counts = {n: listed_params(n) for n in names}
     skipped = [(n, p) for n, p in counts.items() if p is not None and p > a.max_params]
-    todo = sorted((n for n in names if (n, counts[n]) not in skipped), key=lambda n: (counts[n] or 0, n))
+    wanted = a.models.split(",") if a.models else names
+    todo = sorted((n for n in wanted if (n, counts.get(n)) not in skipped), key=lambda n: (counts.get(n) or 0, n))
     os.makedirs(a.results, exist_ok=True)
     jsonl, md = os.path.join(a.results, "zoo.jsonl"), os.path.join(a.results, "zoo.md")
     rows: list[dict[str, Any]] = []
