@@ -13,6 +13,7 @@ import os
 import struct
 import tempfile
 import zlib
+from collections import OrderedDict
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -314,6 +315,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     if missing or extra or bad:
         what = sorted(missing)[:3] + sorted(extra)[:3] + sorted(bad)[:3]
         raise UserError(f"{path}: the artifact does not fit model {spec.spec!r} (mismatched: {', '.join(what)})")
+    state = OrderedDict(state)  # with the model's own metadata: MNASNet refuses a state dict without its version
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=False)
     for name, (bits, scale, zp) in acts.items():
         quantize.attach_act_quant(model.get_submodule(name), bits, scale, zp)

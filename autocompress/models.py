@@ -202,6 +202,12 @@ def load_weights(model: nn.Module, path: str) -> None:
         raise UserError(f"checkpoint {path} does not fit the model: {first}") from None
 
 
+def logits_of(output: Any) -> torch.Tensor:
+    """A model's main logits: the first field of a tuple output (GoogLeNet and Inception-v3 return
+    their auxiliary classifiers' logits after the main ones in training mode)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` in place of the submodule called `name` (a dotted path, as named_modules gives it)."""
     parent, _, leaf = name.rpartition(".")

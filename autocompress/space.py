@@ -7,6 +7,7 @@ the best plan without a study.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 import os
@@ -15,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -189,8 +191,13 @@ class SearchSpace:
             "recovery": {k: c.to_obj() for k, c in self.recovery.items()},
         }
 
-    def bind(self, model: nn.Module) -> BoundSpace:
-        """Resolve the choices for each layer of this model (drops impossible options per layer)."""
+    def bind(self, model: nn.Module, example_input: torch.Tensor | None = None) -> BoundSpace:
+        """Resolve the choices for each layer of this model (drops impossible options per layer).
+
+        With `example_input` (a batch the model takes), every option left is also tried once on a
+        copy: a real compress and forward per layer and option kind (channel pruning per coupled
+        group, on the whole model), and the options that fail are dropped for that layer. So no
+        trial fails on an option its layer cannot take, and the study's parameters stay fixed."""
         from .models import prunable_layers
 
         names = prunable_layers(model)
@@ -210,6 +217,8 @@ class SearchSpace:
                     choices.update(o)
                     break
             layers[name] = _feasible(choices, model.get_submodule(name), name == output_layer)
+        if example_input is not None:
+            _drop_failing(layers, model, example_input, output_layer)
         return BoundSpace(layers=layers, recovery=dict(self.recovery))
 
 
@@ -244,6 +253,73 @@ def _feasible(choices: dict[str, Choice], module: nn.Module, is_output: bool) ->
         prune.remove("block")
     out["prune"] = Choice(values=tuple(prune or ["none"]))
     return out
+
+
+def _probe_input(module: nn.Module) -> torch.Tensor:
+    """A small batch a lone Linear/Conv2d layer takes."""
+    if isinstance(module, nn.Linear):
+        return torch.randn(2, module.in_features)
+    k = max((k - 1) * d + 1 for k, d in zip(module.kernel_size, module.dilation))
+    side = k + 2 * max(module.stride)
+    return torch.randn(2, module.in_channels, side, side)
+
+
+def _trial_options(c: dict[str, Choice]) -> list[tuple[str, dict[str, Any]]]:
+    """One layer plan per option kind left in the choices (other than none and channel)."""
+    bits = min(c["bits"].values) if "bits" in c and not c["bits"].low else 8
+    base = {"bits": bits, "amount": 0.5}
+    out = [(kind, {**base, "prune": kind, **({"nm": c["nm"].values[0]} if kind == "nm" else {}),
+                   **({"block_size": c["block_size"].values[0]} if kind == "block" else {})})
+           for kind in c["prune"].values if kind not in ("none", "channel")]
+    if "rank_ratio" in c and any(float(v) < 1 for v in c["rank_ratio"].values):
+        low = min(float(v) for v in c["rank_ratio"].values)
+        out.append(("rank_ratio", {**base, "prune": "none", "rank_ratio": low}))
+    return out
+
+
+def _layer_fails(module: nn.Module, values: dict[str, Any]) -> bool:
+    """Whether compressing this layer alone with these options fails or gives a model that does not run."""
+    from .compression import compress
+
+    net = nn.Sequential(copy.deepcopy(module))
+    plan = CompressionPlan(layers={"0": _layer_plan(values)})
+    try:
+        x = _probe_input(module)
+        with torch.no_grad():
+            compress(net, plan, x, calibrate=False).eval()(x)
+        return False
+    except Exception:
+        return True
+
+
+def _drop_failing(layers: dict[str, dict[str, Choice]], model: nn.Module, example_input: torch.Tensor,
+                  output_layer: str) -> None:
+    """Try each option once (per layer shape and option kind) and drop the ones that fail."""
+    from .compression.channel import check_layers
+
+    cache: dict[tuple, bool] = {}
+    for name, c in layers.items():
+        module = model.get_submodule(name)
+        key = (type(module), tuple(module.weight.shape), getattr(module, "groups", 1))
+        for kind, values in _trial_options(c):
+            k = key + (kind, tuple(sorted(values.items())))
+            if k not in cache:
+                cache[k] = _layer_fails(module, values)
+            if not cache[k]:
+                continue
+            if kind == "rank_ratio":
+                c["rank_ratio"] = Choice(values=(1.0,))
+            else:
+                c["prune"] = Choice(values=tuple(v for v in c["prune"].values if v != kind) or ("none",))
+    wants = [n for n, c in layers.items() if "channel" in c["prune"].values]
+    for name in check_layers(model, example_input, wants, output_layer):
+        c = layers[name]
+        c["prune"] = Choice(values=tuple(v for v in c["prune"].values if v != "channel") or ("none",))
+    for c in layers.values():
+        if "nm" in c and "nm" not in c["prune"].values:
+            del c["nm"]
+        if "block_size" in c and "block" not in c["prune"].values:
+            del c["block_size"]
 
 
 @dataclass
