@@ -45,10 +45,10 @@ CHANNEL_BITS = 4
 
 def input_size(name: str) -> int:
     """A small input size the model accepts: 224 where its architecture fixes it, else 64
-    (inception_v3's auxiliary classifier, run in training mode, needs 128)."""
+    (inception_v3's auxiliary classifier, run in training mode by calibration, needs its 299)."""
     if name.startswith(FIXED_224):
         return 224
-    return 128 if name == "inception_v3" else SMALL_SIZE
+    return 299 if name == "inception_v3" else SMALL_SIZE
 
 
 def listed_params(name: str) -> int | None:
@@ -252,7 +252,7 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
     head = ("| model | params M | input | channel pruning | bytes = size | load equal | deployable | floor ratio "
             "| untouchable MB | compress s | size s | peak RSS GB (limit) | status |")
     lines = ["# torchvision zoo through the engine", "", meta, "", head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r.get("params") or 0):
         equal = [r.get(f"{t}_bytes_equal") for t in ("channel", "floor") if f"{t}_bytes_equal" in r]
         load = [r.get(f"{t}_load_equal") for t in ("channel", "floor") if f"{t}_load_equal" in r]
         trip = "; ".join(f"{t}: {r[f'{t}_round_trip']}" for t in ("channel", "floor") if f"{t}_round_trip" in r)
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = (f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, load average "
             f"{os.getloadavg()[0]:.1f} at the start: times are from a shared machine), 1 thread per model, torch {torch.__version__}, "
             f"torchvision {torchvision.__version__}; random weights, 10 classes; address space capped at "
-            f"{a.mem_gb:g} GiB, {a.timeout:.0f} s per model. `python bench/zoo.py` (ordered by size).")
+            f"{a.mem_gb:g} GiB, {a.timeout:.0f} s per model. `python bench/zoo.py` (ordered by parameters).")
     if a.table:
         todo = []
     for name in todo:
