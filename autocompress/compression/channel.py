@@ -105,8 +105,8 @@ def _train_forward(model: nn.Module, x: torch.Tensor):
     """A training-mode forward with the buffers (BatchNorm statistics) left as they were."""
     saved = {n: b.clone() for n, b in model.named_buffers()}
     model.train()
-    try:
-        return model(x)
+    try:  # two samples at least: training-mode BatchNorm refuses one value per channel (load() traces one)
+        return model(x if x.shape[0] > 1 else torch.cat([x, x]))
     finally:
         model.eval()
         with torch.no_grad():
