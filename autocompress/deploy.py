@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compression import RECORD_ATTR, compressed_layers, compressor
+from .compression import RECORD_ATTR, compressed_weights, compressor, plain_copy
 from .compression import quantize as fq
-from .models import device_of, prunable_layers
+from .models import device_of, prunable_layers, weight_slot
 
 # Deployed int8 model vs evaluated (fake-quantised) model, on a test split: argmax agreement at
 # least this fraction, accuracy within this many points. Activations are the only new rounding.
@@ -45,31 +45,8 @@ def _as_artifact(source: Any) -> tuple[nn.Module, dict]:
 
 
 def _from_compressed(model: nn.Module) -> nn.Module:
-    """A float copy of a compressed model whose compressed layers are plain layers holding the
-    evaluated (masked, dequantised) weights. Parametrized modules are replaced, not unparametrized:
-    a deep copy shares their generated class with the original, which removal would break."""
-    from .artifact import _set_module
-
-    plain = copy.deepcopy(model).cpu().eval()
-    for name, mod in compressed_layers(plain):
-        w = mod.weight.detach().clone()
-        if isinstance(mod, nn.Conv2d):
-            new: nn.Module = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                                       mod.dilation, mod.groups, mod.bias is not None, mod.padding_mode)
-        else:
-            new = nn.Linear(mod.in_features, mod.out_features, mod.bias is not None)
-        with torch.no_grad():
-            new.weight.copy_(w)
-            if mod.bias is not None:
-                new.bias.copy_(mod.bias.detach())
-        new._forward_pre_hooks.update(mod._forward_pre_hooks)
-        for key in ("act_scale", "act_zero_point"):
-            if hasattr(mod, key):
-                new.register_buffer(key, getattr(mod, key).clone())
-        if hasattr(mod, "act_bits"):
-            new.act_bits = mod.act_bits
-        _set_module(plain, name, new)
-    return plain.eval()
+    """A float copy of a compressed model as load() rebuilds it (see compression.plain_copy)."""
+    return plain_copy(model)
 
 
 def _strip_act_quant(model: nn.Module) -> None:
@@ -84,17 +61,20 @@ def _codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, torch.Ten
     """Per int8-able module: (integer codes widened to int8, per-channel scale), from the artifact."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if isinstance(source, nn.Module):
+        training = source.training
+        source.eval()
         with torch.no_grad():
-            for name, mod in compressed_layers(source):
-                comp = compressor(mod)
-                if comp.bits > 8:
+            for name, attr, mod in compressed_weights(source):
+                comp = compressor(mod, attr)
+                if comp.bits > 8 or attr != "weight":
                     continue
-                w = comp.masked(mod.parametrizations.weight.original.detach()).cpu()
+                w = comp.effective(mod.parametrizations.weight.original.detach()).cpu()
                 q, s, zp = (t.cpu() for t in comp.quantize(w))
                 k = (q.reshape(q.shape[0], -1) - zp)
                 if comp.mask is not None:
                     k = k * comp.mask.cpu().reshape(k.shape[0], -1)
                 out[name] = (k.reshape(w.shape), s.flatten())
+        source.train(training)
         return out
     from .artifact import _read
 
@@ -102,7 +82,7 @@ def _codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, torch.Ten
     pos = 0
     for e in hdr["entries"]:
         if e["t"] == "q":
-            if e["bits"] <= 8:
+            if e["bits"] <= 8 and e["name"] == f"{e['module']}.weight":
                 n = e["sizes"][0]
                 s = np.frombuffer(bytes(payload[pos:pos + n]), dtype="<f2").astype("float32")
                 out[e["module"]] = (None, torch.from_numpy(s.copy()))  # codes follow from the loaded weights
@@ -115,10 +95,13 @@ def _codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, torch.Ten
 
 
 def int8_layers(model: nn.Module, header: dict) -> list[str]:
-    """Layers of the plan whose stored weights have <= 8 bits (they run int8 kernels on CPU)."""
+    """Layers of the plan whose stored weights have <= 8 bits and whose kind the int8 kernels take
+    (models.WEIGHT_SLOTS); the other kinds stay float in the deployed model."""
     rec = header["record"]
     layers = rec["plan"]["layers"]
-    return [m for m, p in rec["targets"].items() if layers[p]["bits"] <= 8 and m in dict(model.named_modules())]
+    mods = dict(model.named_modules())
+    return [m for m, p in rec["targets"].items() if layers[p]["bits"] <= 8 and m in mods
+            and weight_slot(mods[m]) is not None and weight_slot(mods[m]).int8]
 
 
 def _calibration(calib: Any, example: torch.Tensor) -> list[torch.Tensor]:

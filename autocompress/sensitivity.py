@@ -17,7 +17,7 @@ from torch import nn
 
 from .compression import compress
 from .data import TensorData
-from .models import prunable_layers
+from .models import layer_numel, layer_weight, prunable_layers
 from .plan import CompressionPlan, LayerPlan
 from .train import evaluate
 from .jsonfile import read_json, write_json
@@ -82,7 +82,7 @@ def hutchinson_trace(model: nn.Module, layers: list[str], data: TensorData, samp
     """Per-layer trace of the loss Hessian, divided by the layer's weight count (E[v'Hv], Rademacher v)."""
     gen = torch.Generator().manual_seed(seed)
     model = model.eval()
-    params = [model.get_submodule(n).weight for n in layers]
+    params = [layer_weight(model.get_submodule(n)) for n in layers]
     x, y = data.x[:batch_size], data.y[:batch_size]
     loss = F.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -103,7 +103,7 @@ def analyse(model: nn.Module, val: TensorData, example: torch.Tensor, *, amounts
     sub = val.subset(min(samples, len(val)), seed=0).to(device)
     base = evaluate(model, sub, device)
     result = Sensitivity(baseline_accuracy=base,
-                         numel={n: model.get_submodule(n).weight.numel() for n in layers})
+                         numel={n: layer_numel(model.get_submodule(n)) for n in layers})
     jobs = [(n, "prune", a) for n in layers for a in amounts] + [(n, "bits", b) for n in layers for b in bits]
     if progress:
         from tqdm import tqdm

@@ -176,7 +176,7 @@ class SearchSpace:
 
         names = prunable_layers(model)
         if not names:
-            raise UserError("the model has no Linear or Conv2d layer to compress")
+            raise UserError("the model has no layer to compress (Linear, Conv, Embedding, MultiheadAttention)")
         output_layer = names[-1]
         chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.include)
                   and not any(fnmatch.fnmatchcase(n, p) for p in self.exclude)]
@@ -195,18 +195,26 @@ class SearchSpace:
 
 
 def _fan_in(module: nn.Module) -> int:
-    w = module.weight
-    return int(math.prod(w.shape[1:]))
+    from .models import layer_weight
+
+    return int(math.prod(layer_weight(module).shape[1:]))
 
 
 def _feasible(choices: dict[str, Choice], module: nn.Module, is_output: bool) -> dict[str, Choice]:
     """Remove choices that cannot apply to this layer (channel pruning of the output layer,
     N:M patterns or blocks that do not divide its fan-in); fixed per study, so names stay fixed."""
+    from .models import weight_slot
+
     out = dict(choices)
     fan_in = _fan_in(module)
     prune = list(out["prune"].values)
-    if is_output and "channel" in prune:
+    slot = weight_slot(module)
+    if (is_output or not slot.channel) and "channel" in prune:
         prune.remove("channel")
+    if not slot.lowrank and "rank_ratio" in out:
+        out["rank_ratio"] = Choice(values=(1.0,))
+    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and "act_bits" in out:
+        out["act_bits"] = Choice(values=(32,))
     if "nm" in out:
         nms = tuple(v for v in out["nm"].values if fan_in % int(v.split(":")[1]) == 0)
         if nms:
@@ -262,7 +270,8 @@ class BoundSpace:
             v["act_bits"] = 32  # activation scales only add bytes, and need calibration data
             v["importance"] = "magnitude"
             layer_plans[name] = _layer_plan({**v, **best})
-        return CompressionPlan(layers=layer_plans)
+        float_bits = self.recovery["float_bits"].extreme(largest=False) if "float_bits" in self.recovery else 32
+        return CompressionPlan(layers=layer_plans, float_bits=int(float_bits))
 
     def param_names(self) -> list[str]:
         names = [f"{n}.{k}" for n, c in self.layers.items() for k, ch in c.items() if not ch.fixed]

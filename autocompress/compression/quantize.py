@@ -93,6 +93,23 @@ class WeightCompressor(nn.Module):
         self.symmetric = symmetric
         self.register_buffer("mask", mask)
         self.register_buffer("clip", None)
+        self.fold_axis: int | None = None
+
+    def set_fold(self, bn: nn.Module, axis: int) -> None:
+        """Fold BatchNorm `bn` (a reference, not a submodule) along weight axis `axis` in eval mode."""
+        self.__dict__["fold_bn"] = bn
+        self.fold_axis = axis
+
+    def effective(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight that is quantised and stored: masked, times the folded BatchNorm scale."""
+        w = self.masked(w)
+        if self.fold_axis is None:
+            return w
+        from .fold import fold_factor
+
+        shape = [1] * w.dim()
+        shape[self.fold_axis] = -1
+        return w * fold_factor(self.__dict__["fold_bn"]).view(shape)
 
     def choose_clip(self, w: torch.Tensor) -> None:
         """(Re)choose the per-channel clipping ratios for the current weight (MSE search)."""
@@ -118,7 +135,7 @@ class WeightCompressor(nn.Module):
         return deq if self.mask is None else deq * self.mask
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        w = self.masked(w)
+        w = self.masked(w) if self.training else self.effective(w)
         if self.bits == 32:
             return w
         return self.values(w) + (w - w.detach())
