@@ -32,9 +32,11 @@ _ACT_BUFFERS = ("act_scale", "act_zero_point")
 _FLOAT_DTYPE = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
 
 
-def _plain_state(model: nn.Module, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
+def _plain_state(model: nn.Module, skip: set[str] = frozenset(), skip_keys: set[str] = frozenset()
+                 ) -> dict[str, torch.Tensor]:
     """Effective float tensors (parametrizations evaluated) under their plain state-dict names,
-    leaving out the modules in `skip` (folded BatchNorms) and everything below them."""
+    leaving out the modules in `skip` (folded BatchNorms) and everything below them, and the
+    tensors named in `skip_keys` (stored elsewhere: not evaluated)."""
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for mname, mod in model.named_modules():
@@ -45,7 +47,8 @@ def _plain_state(model: nn.Module, skip: set[str] = frozenset()) -> dict[str, to
             if parametrize.is_parametrized(mod):
                 names += list(mod.parametrizations.keys())
             for k in names:
-                out[prefix + k] = getattr(mod, k).detach()
+                if prefix + k not in skip_keys:
+                    out[prefix + k] = getattr(mod, k).detach()
             for k, t in mod._buffers.items():
                 if t is None or k in mod._non_persistent_buffers_set or k in _ACT_BUFFERS:
                     continue
@@ -119,7 +122,7 @@ def _entries(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[bytes]]:
         entries.append(e)
         streams += s
         qnames.add(e["name"])
-    state = _plain_state(model, {bn for _, bn in record.get("folded", [])})
+    state = _plain_state(model, {bn for _, bn in record.get("folded", [])}, qnames)
     model.train(training)
     for key, t in state.items():
         if key in qnames:

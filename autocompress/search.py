@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .compression import calibrate_model, compress
-from .cost import artifact_size
+from .cost import artifact_size, space_untouchable
 from .cost.repair import repair
 from .refine import best_final, finetune_and_export, refine
 from .data import DataBundle
@@ -375,10 +375,12 @@ def run_search(settings: SearchSettings, ctx: SearchContext, workers: int = 1,
     tracker.log_text(parent, _space_yaml(ctx.space), "search_space.json")
     done, running = study_counts(study)
     remaining = max(settings.trials - done, 0)
+    study.set_user_attr("untouchable_bytes", space_untouchable(ctx.model, ctx.space, ctx.spec, ctx.example_input))
     print(f"study {settings.study}: {done} trials done, {remaining} to run"
           + (f" ({running} running elsewhere)" if running else "")
           + f"; budget {format_bytes(limit)} "
           f"({ctx.original_bytes / limit:.1f}x of {format_bytes(ctx.original_bytes)} fp32)"
+          + f"; {format_bytes(study.user_attrs['untouchable_bytes'])} no plan can touch"
           + (f"; {workers} workers" if workers > 1 else "")
           + (f"; closed {closed} run(s) left by a killed search" if closed else ""), flush=True)
     if settings.warm_start and not study.get_trials(deepcopy=False) and remaining:

@@ -1,6 +1,9 @@
 """Artifact size: the exact byte count export() would write for a compressed model."""
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
 from ..models import ModelSpec
@@ -29,3 +32,27 @@ def size_breakdown(model: nn.Module, spec: ModelSpec) -> dict[str, int]:
     out["header"] = total - sum(out.values())
     out["total"] = total
     return out
+
+
+def untouchable_bytes(model: nn.Module, spec: ModelSpec) -> int:
+    """Bytes of a compressed model's artifact that no layer plan changes: the framing, the header
+    and the float tensors outside every weight slot (biases, BatchNorm that could not be folded,
+    LayerNorm, positional embeddings, class tokens), stored at the plan's float_bits. Measured on
+    the space's floor plan (see space_untouchable), it is what stays whatever the plan."""
+    from ..artifact import _entries, artifact_bytes
+
+    header, streams = _entries(model, spec)
+    planned, i = 0, 0
+    for e in header["entries"]:
+        n = len(e["sizes"]) if e["t"] == "q" else 1
+        if e["t"] == "q":
+            planned += sum(len(s) for s in streams[i:i + n])
+        i += n
+    return len(artifact_bytes(model, spec)) - planned
+
+
+def space_untouchable(model: nn.Module, space: Any, spec: ModelSpec, example: torch.Tensor) -> int:
+    """untouchable_bytes of the space's smallest plan (a BoundSpace): the bytes no plan can touch."""
+    from ..compression import compress
+
+    return untouchable_bytes(compress(model, space.smallest(), example, calibrate=False), spec)
