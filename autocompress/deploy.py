@@ -61,8 +61,6 @@ def _codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, torch.Ten
     """Per int8-able module: (integer codes widened to int8, per-channel scale), from the artifact."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if isinstance(source, nn.Module):
-        training = source.training
-        source.eval()
         with torch.no_grad():
             for name, attr, mod in compressed_weights(source):
                 comp = compressor(mod, attr)
@@ -74,7 +72,6 @@ def _codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, torch.Ten
                 if comp.mask is not None:
                     k = k * comp.mask.cpu().reshape(k.shape[0], -1)
                 out[name] = (k.reshape(w.shape), s.flatten())
-        source.train(training)
         return out
     from .artifact import _read
 

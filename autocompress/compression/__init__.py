@@ -141,11 +141,11 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
     passes that make up most of compress()'s time (85% for a ResNet-18 on CPU), which the repair's
     and the warm start's bisections pay dozens of times."""
     training = model.training
+    pairs = fold.bn_pairs(model)  # traced once per source model, not per copy
     model = copy.deepcopy(model).eval()
     output = _check_static(model, plan, batches)
     original_out = {n: layer_weight(model.get_submodule(n)).shape[weight_slot(model.get_submodule(n)).axis]
                     for n in plan.layers}
-    pairs = fold.bn_pairs(model)
     chan = [(n, lp.amount, lp.importance) for n, lp in plan.layers.items() if lp.prune == "channel"]
     replay = channel.prune_channels(model, example_input, chan, output, batches)
 

@@ -61,9 +61,20 @@ def _trace_pairs(model: nn.Module) -> list[tuple[str, str]]:
 def bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(layer, BatchNorm) names where the BatchNorm is the only consumer of the layer's output,
     found by FX tracing; remembered per model object (a search compresses the same one often)."""
-    if model not in _PAIRS:
+    if model not in _PAIRS or not all(_still_pair(model, p, b) for p, b in _PAIRS[model]):
         _PAIRS[model] = _trace_pairs(model)
     return list(_PAIRS[model])
+
+
+def _still_pair(model: nn.Module, layer_name: str, bn_name: str) -> bool:
+    """Whether a remembered pair still names a layer and a BatchNorm of matching size."""
+    try:
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+    except AttributeError:
+        return False
+    axis = _out_axis(layer)
+    return (axis is not None and isinstance(bn, nn.modules.batchnorm._BatchNorm)
+            and layer.weight.shape[axis] == bn.num_features)
 
 
 def fold_factor(bn: nn.Module) -> torch.Tensor:
