@@ -12,6 +12,7 @@ whether the bound space offers channel pruning anywhere.
 
     python bench/floor.py                          # every model up to 100M parameters
     python bench/floor.py --models mobilenet_v2,vit_b_16 --memory-gb 8 --timeout 300
+    python bench/floor.py --append                 # probe only the models not yet in floor.jsonl
 
 Writes bench/results/floor.jsonl (one line per model) and bench/results/floor.md.
 """
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--space", help="search space (default: search_spaces/default.yaml)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "floor"))
+    ap.add_argument("--append", action="store_true", help="keep the rows already in OUT.jsonl, probe only new models")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -122,8 +124,14 @@ def main(argv: list[str] | None = None) -> None:
 
     names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
     rows = []
+    if args.append and os.path.exists(args.out + ".jsonl"):
+        with open(args.out + ".jsonl") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    known = {r["model"] for r in rows}
     with open(args.out + ".jsonl", "w") as f:
-        for name in names:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+        for name in (n for n in names if n not in known):
             row = run_one(name, args)
             rows.append(row)
             f.write(json.dumps(row) + "\n")
