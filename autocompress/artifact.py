@@ -13,7 +13,8 @@ import os
 import struct
 import tempfile
 import zlib
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -23,13 +24,51 @@ from torch.nn.utils import parametrize
 from .compression import RECORD_ATTR, channel, codec, compressed_weights, compressor, fold, lowrank, quantize
 from .compression.prune import blocks_of
 from .errors import UserError
-from .models import ModelSpec, build_model
+from .models import ModelSpec, build_model, set_submodule
 
 MAGIC = b"ACZP"
 FORMAT_VERSION = 1
 _PRE = struct.Struct("<4sBI")
 _ACT_BUFFERS = ("act_scale", "act_zero_point")
 _FLOAT_DTYPE = {16: np.dtype("<f2"), 32: np.dtype("<f4")}
+# An activation entry's payload: the input quantiser's scale (float32) and zero point (uint8).
+ACT_RECORD = struct.Struct("<fB")
+ACT_BYTES = ACT_RECORD.size
+
+
+def chunk_sizes(entry: dict) -> list[int]:
+    """Byte lengths of one header entry's payload chunks: the size rule of each entry kind, in one place.
+
+    "q" (quantised weight): its recorded `sizes` (scales, zero points, mask streams, codes);
+    "f" (float tensor): one chunk of shape x bits / 8; "act" (activation quantiser): ACT_BYTES.
+    Every length follows from the header alone, which is what makes the artifact's size known
+    before fine-tuning and lets the reader check a file's length before decoding it."""
+    kind = entry["t"]
+    if kind == "q":
+        return [int(n) for n in entry["sizes"]]
+    if kind == "f":
+        return [int(np.prod(entry["shape"])) * entry["bits"] // 8]
+    if kind == "act":
+        return [ACT_BYTES]
+    raise ValueError(f"unknown payload entry kind {kind!r}")
+
+
+def payload_size(entries: Iterable[dict]) -> int:
+    """Total payload bytes the header entries describe."""
+    return sum(sum(chunk_sizes(e)) for e in entries)
+
+
+def walk_payload(entries: Iterable[dict], payload: bytes | memoryview) -> Iterator[tuple[dict, list[memoryview]]]:
+    """Each header entry with its payload chunks (zero-copy views), in payload order."""
+    view, pos = memoryview(payload), 0
+    for e in entries:
+        chunks = []
+        for n in chunk_sizes(e):
+            if pos + n > len(view):
+                raise ValueError(f"payload ends inside entry {e.get('name') or e.get('module')!r}")
+            chunks.append(view[pos:pos + n])
+            pos += n
+        yield e, chunks
 
 
 def _plain_state(model: nn.Module, skip: set[str] = frozenset(), skip_keys: set[str] = frozenset()
@@ -107,7 +146,8 @@ def _quantized_entry(name: str, attr: str, mod: nn.Module, lp: dict) -> tuple[di
     return entry, streams
 
 
-def _entries(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[bytes]]:
+def encode(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[bytes]]:
+    """The artifact's header and its payload streams (the chunks walk_payload gives back)."""
     record = getattr(model, RECORD_ATTR, None)
     if record is None:
         raise UserError("the model was not produced by autocompress.compress(); nothing to export")
@@ -132,7 +172,7 @@ def _entries(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[bytes]]:
     for name in record["acts"]:
         mod = model.get_submodule(name)
         entries.append({"t": "act", "module": name, "bits": mod.act_bits})
-        streams.append(struct.pack("<fB", float(mod.act_scale), int(mod.act_zero_point)))
+        streams.append(ACT_RECORD.pack(float(mod.act_scale), int(mod.act_zero_point)))
     rec = {k: record[k] for k in ("plan", "input_shape", "channel_replay", "ranks", "targets", "acts")}
     if record.get("folded"):
         rec["folded"] = record["folded"]
@@ -142,7 +182,7 @@ def _entries(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[bytes]]:
 
 def artifact_bytes(model: nn.Module, spec: ModelSpec) -> bytes:
     """The complete artifact of a compressed model, as bytes."""
-    header, streams = _entries(model, spec)
+    header, streams = encode(model, spec)
     hz = zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), 9)
     body = _PRE.pack(MAGIC, FORMAT_VERSION, len(hz)) + hz + b"".join(streams)
     return body + struct.pack("<I", zlib.crc32(body))
@@ -166,7 +206,8 @@ def export(model: nn.Module, path: str | os.PathLike, spec: ModelSpec) -> int:
     return len(data)
 
 
-def _read(path: str | os.PathLike) -> tuple[dict, memoryview]:
+def read_artifact(path: str | os.PathLike) -> tuple[dict, memoryview]:
+    """The artifact's full header and its payload, after checking framing, length and checksum."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -182,9 +223,7 @@ def _read(path: str | os.PathLike) -> tuple[dict, memoryview]:
         raise UserError(f"{path}: artifact format {version} is not supported (this build reads {FORMAT_VERSION})")
     try:
         header = json.loads(zlib.decompress(data[_PRE.size:_PRE.size + hlen]))
-        total = sum(sum(e.get("sizes", [])) for e in header["entries"] if e["t"] == "q")
-        total += sum(int(np.prod(e["shape"])) * e["bits"] // 8 for e in header["entries"] if e["t"] == "f")
-        total += 5 * sum(e["t"] == "act" for e in header["entries"])
+        total = payload_size(header["entries"])
     except Exception:
         raise UserError(f"{bad}: header is truncated or corrupt") from None
     if len(data) != _PRE.size + hlen + total + 4:
@@ -197,7 +236,7 @@ def _read(path: str | os.PathLike) -> tuple[dict, memoryview]:
 
 def read_header(path: str | os.PathLike) -> dict:
     """The artifact's header: format version, model spec, plan and structure."""
-    header, _ = _read(path)
+    header, _ = read_artifact(path)
     return {"format": header["format"], "spec": header["spec"], "plan": header["record"]["plan"],
             **{k: v for k, v in header.items() if k not in ("format", "spec")}}
 
@@ -249,14 +288,9 @@ def _decode_quantized(e: dict, chunks: list[bytes]) -> torch.Tensor:
     return w2.reshape(shape)
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the deployable model (plain layers, dequantised weights, eval mode) from an artifact."""
-    header, payload = _read(path)
+    header, payload = read_artifact(path)
     try:
         rec = header["record"]
         spec = ModelSpec(**header["spec"])
@@ -267,31 +301,23 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     try:
         channel.replay_channels(model, torch.zeros(1, *rec["input_shape"]), rec["channel_replay"])
         for name, rank in rec["ranks"].items():
-            _set_module(model, name, lowrank.skeleton(model.get_submodule(name), rank))
+            set_submodule(model, name, lowrank.skeleton(model.get_submodule(name), rank))
         fold.replay(model, rec.get("folded", []))
     except Exception as e:
         raise UserError(f"{path}: the artifact does not fit model {spec.spec!r} ({type(e).__name__}: {e})"
                         .splitlines()[0]) from None
     state: dict[str, torch.Tensor] = {}
     acts: dict[str, tuple[int, float, int]] = {}
-    pos = 0
     try:
-        for e in header["entries"]:
+        for e, chunks in walk_payload(header["entries"], payload):
             if e["t"] == "q":
-                chunks = []
-                for n in e["sizes"]:
-                    chunks.append(bytes(payload[pos:pos + n]))
-                    pos += n
-                state[e["name"]] = _decode_quantized(e, chunks)
+                state[e["name"]] = _decode_quantized(e, [bytes(c) for c in chunks])
             elif e["t"] == "f":
-                n = int(np.prod(e["shape"])) * e["bits"] // 8
-                vals = np.frombuffer(payload[pos:pos + n], dtype=_FLOAT_DTYPE[e["bits"]]).astype(np.float32)
+                vals = np.frombuffer(chunks[0], dtype=_FLOAT_DTYPE[e["bits"]]).astype(np.float32)
                 state[e["name"]] = torch.from_numpy(vals.copy()).reshape(e["shape"])
-                pos += n
             else:
-                scale, zp = struct.unpack_from("<fB", payload, pos)
+                scale, zp = ACT_RECORD.unpack(chunks[0])
                 acts[e["module"]] = (e["bits"], scale, zp)
-                pos += 5
     except Exception as ex:  # the checksum passed, so this is a malformed (not a damaged) file
         raise UserError(f"{path}: artifact payload is corrupt ({ex})".splitlines()[0]) from None
     expected = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
@@ -300,6 +326,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     if missing or extra or bad:
         what = sorted(missing)[:3] + sorted(extra)[:3] + sorted(bad)[:3]
         raise UserError(f"{path}: the artifact does not fit model {spec.spec!r} (mismatched: {', '.join(what)})")
+    state = OrderedDict(state)  # with the model's own metadata: MNASNet refuses a state dict without its version
+    state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=False)
     for name, (bits, scale, zp) in acts.items():
         quantize.attach_act_quant(model.get_submodule(name), bits, scale, zp)

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
+
+from .settings import DEFAULT_BASELINE_EPOCHS, OTHER_BASELINE_EPOCHS, add_arguments, cli_options
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a wrong command line is one line on stderr and exit code 2, as for any other
+    bad input (argparse's own error prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"autocompress: error: {message} (see: {self.prog} --help)\n")
 
 
 def _add_common(p: argparse.ArgumentParser, out_flag: bool = True) -> None:
@@ -18,55 +29,13 @@ def _add_common(p: argparse.ArgumentParser, out_flag: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autocompress", description=(
+    parser = Parser(prog="autocompress", description=(
         "Search per-layer pruning, mixed-precision and low-rank plans for a PyTorch model under a size "
         "budget; every trial is fine-tuned, scored on a validation split and logged to MLflow."))
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("search", help="run (or resume) a compression search")
-    s.add_argument("--budget", required=True, help="artifact size: 50KB, 1.5MB, 200KiB, ... or a ratio: 20x")
-    s.add_argument("--model", default="lenet5", help="lenet5 | mlp | resnet18 | torchvision:NAME | module:callable | "
-                   "path/file.py:callable | saved module file (default: lenet5)")
-    s.add_argument("--weights", help="state dict to load into the model (else the baseline is trained and cached)")
-    s.add_argument("--data", help="fashion-mnist | digits | imagefolder:DIR | torchvision:NAME | module:callable "
-                   "(default: fashion-mnist, else digits)")
-    s.add_argument("--data-dir", help="where to look for the data set files")
-    s.add_argument("--space", help="search-space YAML (default: search_spaces/default.yaml)")
-    s.add_argument("--trials", type=int, default=12, help="total finished trials wanted in the study (default 12)")
-    s.add_argument("--workers", type=int, default=1,
-                   help="worker processes on this machine sharing the study (default 1); for several machines "
-                   "run the same command on each with a shared --storage and --tracking-uri")
-    s.add_argument("--timeout", help="stop starting trials after this long: 90s, 30m, 1h")
-    s.add_argument("--epochs", type=int, default=1, help="fine-tune epochs per trial (default 1)")
-    s.add_argument("--baseline-epochs", type=int, help="epochs to train the baseline when no --weights")
-    s.add_argument("--lr", type=float, default=0.01, help="fine-tune learning rate (default 0.01)")
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--max-batches", type=int, help="cap on fine-tune batches per epoch (faster, noisier trials)")
-    s.add_argument("--limit", type=int, help="use at most this many training samples (quick runs)")
-    s.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
-    s.add_argument("--register", metavar="NAME", help="also register the best model in MLflow's model registry")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu", help="cpu | cuda")
-    s.add_argument("--early-stopping", default="median", choices=("median", "hyperband", "none"),
-                   help="stop hopeless trials on their per-epoch val accuracy (with --epochs > 1; default median)")
-    s.add_argument("--no-repair", action="store_true",
-                   help="record over-budget proposals as infeasible instead of tightening them into the budget")
-    s.add_argument("--no-warm-start", action="store_true",
-                   help="skip the sensitivity analysis and the uniform/channel/knapsack plans tried first")
-    s.add_argument("--final-top", type=int, default=3, help="plans re-fine-tuned longer at the end (default 3; 0: none)")
-    s.add_argument("--final-epochs", type=int, default=2, help="fine-tune epochs for those finalists (default 2)")
-    s.add_argument("--final-distill", type=float, default=0.5,
-                   help="distillation weight (at least) for the finalists' fine-tune, 0 to 1 (default 0.5)")
-    s.add_argument("--objectives", default="accuracy",
-                   help="accuracy (default), or accuracy plus size and/or latency (accuracy,size,latency): a "
-                   "multi-objective search returning the Pareto front")
-    s.add_argument("--latency-budget", help="latency of the deployed model on --device: 2ms, 500us, 0.01s")
-    s.add_argument("--latency-batch-size", type=int, default=1, help="batch size the latency is for (default 1)")
-    s.add_argument("--latency-threads", type=int, help="CPU threads for latency (default: torch's current)")
-    s.add_argument("--latency-plans", type=int,
-                   help="plans timed to fit the latency predictor (default 48: cost.latency.PLANS)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_common(s)
+    add_arguments(s)  # one flag per SearchSettings field
 
     z = sub.add_parser("sensitivity", help="per-layer accuracy drop under pruning and quantisation")
     z.add_argument("--model", default="lenet5")
@@ -104,23 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", help="data spec (default: the one the model was compressed on)")
     v.add_argument("--data-dir")
     v.add_argument("--device", default="cpu")
+    v.add_argument("--latency", action="store_true",
+                   help="also time the deployed model and the uncompressed fp32 original (median, same process)")
+    v.add_argument("--batch-size", type=int, default=1, help="batch size for --latency (default 1)")
+    v.add_argument("--threads", type=int, help="CPU threads for --latency (default: torch's current)")
     return parser
 
 
 def _cmd_search(a: argparse.Namespace) -> int:
     from .api import search
 
-    outcome = search(a.budget, model=a.model, data=a.data, weights=a.weights, data_dir=a.data_dir, space=a.space,
-                     out=a.out, study=a.study, storage=a.storage, tracking_uri=a.tracking_uri, trials=a.trials,
-                     timeout=a.timeout, epochs=a.epochs, baseline_epochs=a.baseline_epochs, lr=a.lr,
-                     batch_size=a.batch_size, max_batches=a.max_batches, seed=a.seed, device=a.device,
-                     limit=a.limit, early_stopping=a.early_stopping, repair=not a.no_repair,
-                     warm_start=not a.no_warm_start, final_top=a.final_top, final_epochs=a.final_epochs,
-                     final_distill=a.final_distill,
-                     objectives=a.objectives, latency_budget=a.latency_budget,
-                     latency_batch_size=a.latency_batch_size, latency_threads=a.latency_threads,
-                     latency_plans=a.latency_plans, progress=not a.no_progress,
-                     register=a.register, workers=a.workers)
+    options = cli_options(a)
+    outcome = search(options.pop("budget"), **options)
     if outcome.best is not None:
         if a.tracking_uri is None:
             print(f"review in MLflow: autocompress ui --out {a.out}")
@@ -132,12 +96,13 @@ def _cmd_search(a: argparse.Namespace) -> int:
 
 
 def _cmd_sensitivity(a: argparse.Namespace) -> int:
-    from .api import DEFAULT_BASELINE_EPOCHS, load_inputs
+    from .api import load_inputs
     from .errors import UserError
     from .plots import sensitivity_heatmap
     from .sensitivity import AMOUNTS, BITS, cached_analyse, format_table
     from .tracking import Tracker, default_tracking_uri
     from .train import baseline
+    from .trials import TrialState
 
     try:
         amounts = tuple(float(v) for v in a.amounts.split(",")) if a.amounts else AMOUNTS
@@ -145,7 +110,7 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
     except ValueError:
         raise UserError("--amounts and --bits take comma-separated numbers, e.g. --amounts 0.5,0.9 --bits 2,4") from None
     spec, bundle, _ = load_inputs(a.model, a.data, a.weights, a.data_dir, a.seed, None, 0.1)
-    epochs = a.baseline_epochs if a.baseline_epochs is not None else DEFAULT_BASELINE_EPOCHS.get(a.model, 5)
+    epochs = a.baseline_epochs if a.baseline_epochs is not None else DEFAULT_BASELINE_EPOCHS.get(a.model, OTHER_BASELINE_EPOCHS)
     net, val_acc = baseline(spec, bundle, epochs=epochs, seed=a.seed, device=a.device, weights=a.weights)
     sens, path, cached = cached_analyse(net.to(a.device), bundle.val.to(a.device), bundle.train.x[:2].to(a.device),
                                         os.path.join(a.out, "sensitivity"), device=a.device, progress=True,
@@ -161,7 +126,7 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
     tracker.log_file(run, path)
     tracker.log_text(run, format_table(sens), "sensitivity.txt")
     tracker.log_file(run, sensitivity_heatmap(sens.table(), os.path.splitext(path)[0] + ".png"))
-    tracker.end(run, "complete")
+    tracker.end(run, TrialState.COMPLETE)
     print(f"saved {path}; logged to MLflow experiment 'sensitivity'")
     return 0
 
@@ -171,11 +136,12 @@ def _open(a: argparse.Namespace):  # -> optuna.Study
 
     from .errors import UserError
     from .plan import Budget
-    from .search import SearchSettings, open_study
+    from .settings import SearchSettings
+    from .storage import database_url
+    from .study import open_study
 
     if a.storage is None and not os.path.exists(os.path.join(a.out, "optuna.db")):
         raise UserError(f"no study database in {a.out}/ (run `autocompress search` first or pass --out/--storage)")
-    from .workers import database_url
 
     settings = SearchSettings(budget=Budget(bytes=1), out=a.out, storage=database_url(a.storage), study=a.study or "")
     if not a.study:
@@ -221,8 +187,7 @@ def _cmd_ui(a: argparse.Namespace) -> int:
 
 def _cmd_export(a: argparse.Namespace) -> int:
     from .errors import UserError
-    from .refine import best_final
-    from .search import best_trial
+    from .trials import Attr, best_final, best_trial
 
     study = _open(a)
     final = best_final(study)
@@ -239,10 +204,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
         if not match:
             raise UserError(f"study {study.study_name} has no trial {a.trial}")
         t = match[0]
-    src = t.user_attrs.get("artifact")
+    src = t.user_attrs.get(Attr.ARTIFACT)
     if src and not os.path.isfile(src):
         raise UserError(f"trial {t.number}'s artifact {src} is not on this machine: it ran on "
-                        f"{t.user_attrs.get('worker', 'another machine')}; export it there")
+                        f"{t.user_attrs.get(Attr.WORKER, 'another machine')}; export it there")
     if not src:
         raise UserError(f"trial {t.number} has no artifact (state {t.state.name.lower()}); pick a completed trial")
     return _copy_artifact(src, a.to, f"trial {t.number}")
@@ -278,7 +243,45 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     acc = evaluate(model, bundle.test.to(a.device), device=a.device)
     size = os.path.getsize(a.artifact)
     print(f"{a.artifact}: test accuracy {acc:.4f} on {bundle.name} ({len(bundle.test)} samples), {size} bytes")
+    if a.latency:
+        print(_latency_line(a, header, bundle.test.x))
     return 0
+
+
+def _latency_line(a: argparse.Namespace, header: dict, inputs) -> str:  # inputs: torch.Tensor
+    """Median latency of the deployed artifact next to the fp32 original's (the architecture
+    rebuilt from the artifact's spec), both timed here, on the same input, device and threads."""
+    from .cost.latency import measure_latency
+    from .deploy import deployable
+    from .errors import UserError
+    from .models import ModelSpec, build_model
+
+    if a.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {a.batch_size}")
+    example = inputs[:1].to(a.device)
+    deployed = deployable(a.artifact, device=a.device, calib=inputs[:256], batch_size=a.batch_size,
+                          threads=a.threads)
+    original = build_model(ModelSpec(**header["spec"])).eval().to(a.device)
+    timed = [measure_latency(m, example, device=a.device, batch_size=a.batch_size, threads=a.threads,
+                             warmup=10, repeats=100) for m in (deployed, original)]
+    fast, fp32 = timed
+    threads = f", {fast.threads} threads" if a.device == "cpu" else ""
+    return (f"latency on {a.device} at batch {a.batch_size}{threads}: deployed {fast.median_ms:.3f} ms, "
+            f"fp32 original {fp32.median_ms:.3f} ms (median of {len(fast.timings_ms)} runs; "
+            f"{fp32.median_ms / fast.median_ms:.2f}x)")
+
+
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    """`--budget -5MB` -> `--budget=-5MB`: argparse takes a value starting with a dash for a flag
+    and answers "expected one argument"; attached, the value reaches its own check ("budget must
+    be positive")."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.match(r"-[0-9.]", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -286,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import UserError
     from .plan import PlanError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_dash_values(list(sys.argv[1:] if argv is None else argv)))
     handler = {"search": _cmd_search, "report": _cmd_report, "export": _cmd_export, "evaluate": _cmd_evaluate,
                "sensitivity": _cmd_sensitivity, "ui": _cmd_ui}
     try:

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from .data import TensorData
 from .errors import UserError
+from .models import logits_of
 from .train import evaluate
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -129,7 +130,7 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
         total, count = 0.0, 0
         for step, (x, y) in enumerate(batches, 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
+            logits = logits_of(model(x))
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():

@@ -12,6 +12,8 @@ from typing import Any
 
 import optuna
 
+from .trials import Attr, TrialState
+
 FAILED_TRIAL = "failed_trial"  # the system attr Optuna's own retry callback uses
 MAX_RETRY = 1
 
@@ -31,7 +33,7 @@ def retry_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         return False
     study.add_trial(optuna.create_trial(
         state=optuna.trial.TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={"retry_of": trial.number},
+        user_attrs={Attr.RETRY_OF: trial.number},
         system_attrs={FAILED_TRIAL: history[0], "retry_history": history}))
     return True
 
@@ -49,7 +51,7 @@ class StaleTrialCallback:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         retried = retry_trial(study, trial)
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = trial.user_attrs.get(Attr.MLFLOW_RUN_ID)
         if run_id:
             close_run(self.tracking_uri, run_id, "worker stopped sending heartbeats (killed or lost)"
                       + ("; retried" if retried else ""))
@@ -65,7 +67,7 @@ def close_run(tracking_uri: str, run_id: str, reason: str, status: str = "KILLED
             return False
     except Exception:
         return False
-    client.set_tag(run_id, "state", "failed")
+    client.set_tag(run_id, "state", TrialState.FAILED.value)
     client.set_tag(run_id, "fail_reason", reason)
     client.set_terminated(run_id, status)
     return True

@@ -100,8 +100,7 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
             if mod.in_channels != in_channels:
                 new = nn.Conv2d(in_channels, mod.out_channels, mod.kernel_size, mod.stride,
                                 mod.padding, mod.dilation, mod.groups, mod.bias is not None)
-                parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-                setattr(parent, name.rpartition(".")[2], new)
+                set_submodule(model, name, new)
             return
 
 
@@ -178,6 +177,18 @@ def load_weights(model: nn.Module, path: str) -> None:
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise UserError(f"checkpoint {path} does not fit the model: {first}") from None
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """A model's main logits: the first field of a tuple output (GoogLeNet and Inception-v3 return
+    their auxiliary classifiers' logits after the main ones in training mode)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` in place of the submodule called `name` (a dotted path, as named_modules gives it)."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 def device_of(model: nn.Module) -> torch.device:

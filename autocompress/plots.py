@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from matplotlib.figure import Figure
 
 from .plan import LayerPlan, format_bytes
+from .trials import TrialState
 
 _GREY, _FRONT, _BUDGET = "#999999", "#d62728", "#2ca02c"
 
@@ -41,7 +42,7 @@ def _scored(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _stopped(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Early-stopped trials with their last reported accuracy (row key 'last_val'): shown, never scored."""
-    return [r for r in rows if r.get("state") == "early-stopped" and r.get("last_val") is not None]
+    return [r for r in rows if r.get("state") == TrialState.EARLY_STOPPED and r.get("last_val") is not None]
 
 
 def accuracy_size_figure(rows: Sequence[dict[str, Any]], limit: int | None,
@@ -64,7 +65,7 @@ def accuracy_size_figure(rows: Sequence[dict[str, Any]], limit: int | None,
     if stopped:
         ax.scatter([r["size_bytes"] for r in stopped], [r["last_val"] for r in stopped], s=28,
                    facecolors="none", edgecolors=_GREY, label="early-stopped (last val)")
-    over = [r["size_bytes"] for r in rows if r.get("state") == "infeasible" and r.get("size_bytes")]
+    over = [r["size_bytes"] for r in rows if r.get("state") == TrialState.INFEASIBLE and r.get("size_bytes")]
     if over:
         ax.plot(over, [0.02] * len(over), "x", color=_GREY, transform=ax.get_xaxis_transform(),
                 label="over budget (not trained)")

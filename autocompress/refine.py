@@ -8,43 +8,24 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import optuna
+from torch import nn
 
-from .compression import compress, kept_weights
-from .cost import artifact_size
 from .artifact import export
+from .compression import compress, kept_weights
+from .context import SearchContext
+from .cost import artifact_size
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .plan import CompressionPlan, format_bytes
+from .settings import SearchSettings
 from .tracking import Tracker
-
-FINAL_ATTR = "final"
-
-
-def finalists(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The k feasible completed trials with the best validation accuracy (smaller size breaks ties)."""
-    ok = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-          if not t.user_attrs.get("infeasible") and "artifact" in t.user_attrs and t.values]
-    ok.sort(key=lambda t: (-t.values[0], t.user_attrs.get("size_bytes", 0)))
-    return ok[:k]
+from .trials import Attr, StudyAttr, TrialState, accuracy, final_results, finalists
 
 
-def final_results(study: optuna.Study) -> dict[str, dict[str, Any]]:
-    """trial number (str) -> {val_accuracy, size_bytes, artifact, epochs} of the refined finalists."""
-    return dict(study.user_attrs.get(FINAL_ATTR, {}))
-
-
-def best_final(study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
-    """The refined finalist with the highest validation accuracy, if any were refined."""
-    res = final_results(study)
-    if not res:
-        return None
-    num, info = max(res.items(), key=lambda kv: (kv[1]["val_accuracy"], -kv[1]["size_bytes"]))
-    return int(num), info
-
-
-def finetune_and_export(model: Any, plan: CompressionPlan, size: int, path: str, settings: Any, ctx: Any, *,
+def finetune_and_export(model: nn.Module, plan: CompressionPlan, size: int, path: str, settings: SearchSettings,
+                        ctx: SearchContext, *,
                         epochs: int, max_batches: int | None, report: Callable[[float, int], None],
                         min_distill: float = 0.0) -> FinetuneResult:
     """Fine-tune a compressed model (distilled from the baseline when the plan asks, or with
@@ -63,7 +44,8 @@ def finetune_and_export(model: Any, plan: CompressionPlan, size: int, path: str,
     return result
 
 
-def refine(study: optuna.Study, settings: Any, ctx: Any, tracker: Tracker, k: int, epochs: int) -> None:
+def refine(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, k: int,
+           epochs: int) -> None:
     """Fine-tune the top-k plans for `epochs` and record them (skips finalists already refined at
     that many epochs, so a resumed search does not redo them)."""
     done = final_results(study)
@@ -71,12 +53,12 @@ def refine(study: optuna.Study, settings: Any, ctx: Any, tracker: Tracker, k: in
         key = str(t.number)
         if key in done and done[key]["epochs"] == epochs:
             continue
-        plan = CompressionPlan.from_dict(t.user_attrs["plan"])
+        plan = CompressionPlan.from_dict(t.user_attrs[Attr.PLAN])
         start = time.perf_counter()
         run_id = tracker.start_trial(t.number, {"phase": "final", "epochs": epochs,
                                                  "distill": max(plan.distill, settings.final_distill)},
                                        plan.to_dict(), role="final")
-        state = "failed"
+        state = TrialState.FAILED
         try:
             model = compress(ctx.model, plan, ctx.example_input, ctx.calib)
             size = artifact_size(model, ctx.spec)
@@ -89,12 +71,12 @@ def refine(study: optuna.Study, settings: Any, ctx: Any, tracker: Tracker, k: in
                                       report=report, min_distill=settings.final_distill)
             done[key] = {"val_accuracy": res.val_acc[-1], "size_bytes": size, "artifact": os.path.abspath(path),
                          "epochs": epochs, "distill": max(plan.distill, settings.final_distill),
-                         "search_val_accuracy": t.values[0]}
-            study.set_user_attr(FINAL_ATTR, done)
+                         "search_val_accuracy": accuracy(t)}
+            study.set_user_attr(StudyAttr.FINAL, done)
             tracker.log_metrics(run_id, {"val_accuracy_final": res.val_acc[-1], "size_bytes": size,
                                          "trial_seconds": time.perf_counter() - start})
-            state = "complete"
-            print(f"finalist trial {t.number:3d}: val {t.values[0]:.4f} -> {res.val_acc[-1]:.4f} after "
+            state = TrialState.COMPLETE
+            print(f"finalist trial {t.number:3d}: val {accuracy(t):.4f} -> {res.val_acc[-1]:.4f} after "
                   f"{epochs} epochs, {format_bytes(size)}")
         finally:
             tracker.end(run_id, state)

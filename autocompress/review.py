@@ -1,91 +1,52 @@
 """What a person reviews after a search: plots, a Markdown summary, the per-layer plan as CSV, and
 the best model as an MLflow pytorch model (optionally registered).
 
-`log_review` is called once at the end of `search.run_search`; `write_plots` is shared with
+`log_review` is called once at the end of `orchestrate.run_search`; `write_plots` is shared with
 `autocompress report`. Everything is read from the Optuna study (trial user attrs, the study's
 `identity` and `baseline` attrs), so a resumed or finished study gives the same plots.
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from typing import Any
 
-from .plan import PRUNE_KINDS, LayerPlan, format_bytes
+import optuna
 
-CSV_COLUMNS = ("layer", "prune", "amount", "sparsity", "nm", "block_size", "importance", "bits",
-               "rank_ratio", "act_bits")
+from .context import SearchOutcome
+from .plan import CompressionPlan, format_bytes
+from .plantable import CSV_COLUMNS, PER_LAYER_UP_TO, plan_digest, plan_rows
+from .report import plan_column, trial_rows
+from .tracking import Tracker
+from .trials import Attr, StudyAttr, accuracy, exported_trial
 
-
-def granularity_mix(plan: dict[str, Any]) -> str:
-    """The pruning kinds a plan uses, in a fixed order, joined by '+': 'unstructured+nm', or 'none'."""
-    used = {lp.get("prune", "none") for lp in plan.get("layers", {}).values()}
-    return "+".join(k for k in PRUNE_KINDS if k in used and k != "none") or "none"
-
-
-def plan_rows(plan: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per layer of a plan dict, with the columns of CSV_COLUMNS."""
-    rows = []
-    for name, lp in plan.get("layers", {}).items():
-        prune = lp.get("prune", "none")
-        rows.append({
-            "layer": name, "prune": prune, "amount": lp.get("amount", 0.0),
-            "sparsity": round(LayerPlan.from_dict(lp).sparsity, 4), "nm": f"{lp['n']}:{lp['m']}" if prune == "nm" else "",
-            "block_size": lp.get("block_size") if prune == "block" else "", "importance": lp.get("importance", ""),
-            "bits": lp.get("bits", 32), "rank_ratio": lp.get("rank_ratio", 1.0), "act_bits": lp.get("act_bits", 32),
-        })
-    return rows
-
-
-def plan_csv(plan: dict[str, Any]) -> str:
-    """The per-layer plan as CSV text (header row first)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(plan_rows(plan))
-    return buf.getvalue()
-
-
-def _best(study: Any) -> Any:
-    """The trial whose plan was exported: the best refined finalist if any, else the best trial."""
-    from .refine import best_final
-    from .search import best_trial
-
-    final = best_final(study)
-    if final is not None:
-        return next(t for t in study.get_trials(deepcopy=False) if t.number == final[0])
-    return best_trial(study)
-
-
-def write_plots(study: Any, folder: str) -> list[str]:
+def write_plots(study: optuna.Study, folder: str) -> list[str]:
     """Write the study's PNGs into `folder`: accuracy vs size, history, the best plan per layer, and
     the sensitivity heat map when the study holds one (user attr 'sensitivity')."""
     from . import plots
-    from .report import trial_rows
 
     rows = trial_rows(study)
     last = {t.number: _last_val(t) for t in study.get_trials(deepcopy=False)}
     for r in rows:
         r["last_val"] = last.get(r["trial"])
-    limit = study.user_attrs.get("identity", {}).get("budget_bytes")
-    base = study.user_attrs.get("baseline") or {}
+    limit = study.user_attrs.get(StudyAttr.IDENTITY, {}).get("budget_bytes")
+    base = study.user_attrs.get(StudyAttr.BASELINE) or {}
     point = (base["fp32_bytes"], base["val_accuracy"]) if base else None
     paths = [plots.accuracy_vs_size(rows, limit, os.path.join(folder, "accuracy_vs_size.png"), point),
              plots.history(rows, os.path.join(folder, "history.png"))]
-    best = _best(study)
+    best = exported_trial(study)
     if best is not None:
-        paths.append(plots.plan_layers(best.user_attrs["plan"], os.path.join(folder, "best_plan_layers.png"),
+        paths.append(plots.plan_layers(best.user_attrs[Attr.PLAN], os.path.join(folder, "best_plan_layers.png"),
                                        f"best plan: trial {best.number}"))
-    if study.user_attrs.get("sensitivity"):
-        paths.append(plots.sensitivity_heatmap(study.user_attrs["sensitivity"], os.path.join(folder, "sensitivity.png")))
+    if study.user_attrs.get(StudyAttr.SENSITIVITY):
+        paths.append(plots.sensitivity_heatmap(study.user_attrs[StudyAttr.SENSITIVITY],
+                                               os.path.join(folder, "sensitivity.png")))
     return paths
 
 
-def _last_val(t: Any) -> float | None:
+def _last_val(t: optuna.trial.FrozenTrial) -> float | None:
     """The last validation accuracy a trial reported (multi-objective studies keep it in a user attr)."""
-    curve = t.intermediate_values or {int(k): v for k, v in t.user_attrs.get("val_by_epoch", {}).items()}
+    curve = t.intermediate_values or {int(k): v for k, v in t.user_attrs.get(Attr.VAL_BY_EPOCH, {}).items()}
     return curve[max(curve)] if curve else None
 
 
@@ -93,13 +54,10 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def summary_markdown(study: Any, outcome: Any = None, top: int = 10) -> str:
+def summary_markdown(study: optuna.Study, outcome: SearchOutcome | None = None, top: int = 10) -> str:
     """A Markdown page: budget, baseline, best trial, top trials, and the best plan per layer."""
-    from .report import trial_rows
-    from .search import accuracy
-
-    limit = study.user_attrs.get("identity", {}).get("budget_bytes")
-    base = study.user_attrs.get("baseline") or {}
+    limit = study.user_attrs.get(StudyAttr.IDENTITY, {}).get("budget_bytes")
+    base = study.user_attrs.get(StudyAttr.BASELINE) or {}
     rows = trial_rows(study)
     counts: dict[str, int] = {}
     for r in rows:
@@ -112,34 +70,38 @@ def summary_markdown(study: Any, outcome: Any = None, top: int = 10) -> str:
                      f"{_fmt(getattr(outcome, 'baseline_test_accuracy', None))}, fp32 parameters "
                      f"{format_bytes(base['fp32_bytes'])} ({base['fp32_bytes']} bytes)")
     lines.append("- trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
-    best = _best(study)
+    best = exported_trial(study)
     if best is not None:
-        size = best.user_attrs["size_bytes"]
+        size = best.user_attrs[Attr.SIZE_BYTES]
         val = getattr(outcome, "best_val", None)  # a refined finalist's own val accuracy
         val = accuracy(best) if val is None else val
         lines.append(f"- best: trial {best.number}, val accuracy {val:.4f}, test accuracy "
                      f"{_fmt(getattr(outcome, 'test_accuracy', None))}, {format_bytes(size)} ({size} bytes, "
-                     f"{best.user_attrs.get('ratio', 0):.1f}x)")
+                     f"{best.user_attrs.get(Attr.RATIO, 0):.1f}x)")
     lines += ["", "## Top trials", "", "| trial | state | val accuracy | size | ratio | mean bits | mean sparsity "
-              "| per-layer plan |", "|---:|---|---:|---:|---:|---:|---:|---|"]
+              f"| {plan_column(rows[:top])} |", "|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows[:top]:
         s = r["summary"]
         lines.append(f"| {r['trial']} | {r['state']} | {_fmt(r['val_accuracy'])} | "
                      f"{format_bytes(r['size_bytes']) if r['size_bytes'] else '-'} | "
                      f"{_fmt(r['ratio'], '.1f')} | {s.get('mean_bits', '-')} | {s.get('mean_sparsity', '-')} | "
                      f"{r['layers']} |")
-    if best is not None:
+    if best is not None and len(best.user_attrs[Attr.PLAN]["layers"]) > PER_LAYER_UP_TO:
+        lines += ["", f"## Best plan (trial {best.number})", "",
+                  plan_digest(CompressionPlan.from_dict(best.user_attrs[Attr.PLAN])), "",
+                  "Per layer: plan.csv in the trial's MLflow run."]
+    elif best is not None:
         lines += ["", f"## Best plan per layer (trial {best.number})", "",
                   "| " + " | ".join(CSV_COLUMNS) + " |", "|" + "---|" * len(CSV_COLUMNS)]
-        for row in plan_rows(best.user_attrs["plan"]):
+        for row in plan_rows(best.user_attrs[Attr.PLAN]):
             lines.append("| " + " | ".join(str(row[c]) for c in CSV_COLUMNS) + " |")
     shown = (["accuracy_vs_size", "history"] + (["best_plan_layers"] if best is not None else [])
-             + (["sensitivity"] if study.user_attrs.get("sensitivity") else []))
+             + (["sensitivity"] if study.user_attrs.get(StudyAttr.SENSITIVITY) else []))
     lines += ["", "Plots: " + ", ".join(f"plots/{n}.png" for n in shown), ""]
     return "\n".join(lines)
 
 
-def log_best_model(tracker: Any, run_id: str, artifact: str, register: str | None = None) -> Any:
+def log_best_model(tracker: Tracker, run_id: str, artifact: str, register: str | None = None) -> Any:
     """Log `autocompress.load(artifact)` to run `run_id` as an MLflow pytorch model named 'model',
     registered as `register` when given; returns mlflow's ModelInfo.
 
@@ -174,7 +136,7 @@ def log_best_model(tracker: Any, run_id: str, artifact: str, register: str | Non
         mlflow.set_tracking_uri(previous)
 
 
-def log_review(tracker: Any, outcome: Any, out: str, register: str | None = None) -> list[str]:
+def log_review(tracker: Tracker, outcome: SearchOutcome, out: str, register: str | None = None) -> list[str]:
     """At the end of a search: plots (also kept in OUT/plots/STUDY), summary.md and the best model
     on the parent run. Returns the local plot paths. A failure here is printed, not raised: the
     search's results (study, best.acz) are already safe."""

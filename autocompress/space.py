@@ -7,12 +7,16 @@ the best plan without a study.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -20,12 +24,26 @@ from .errors import UserError
 from .plan import (IMPORTANCE_KINDS, PRUNE_KINDS, VALID_ACT_BITS, VALID_BITS, CompressionPlan,
                    LayerPlan)
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 LAYER_KEYS = ("prune", "amount", "nm", "block_size", "importance", "bits", "symmetric",
               "rank_ratio", "act_bits")
 RECOVERY_KEYS = ("distill", "temperature", "l1", "float_bits")
 TOP_KEYS = ("include", "exclude", "layer", "overrides", "recovery")
 
-SPACES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces")
+
+def _bundled_spaces() -> Traversable:
+    """The folder of bundled spaces: the package data autocompress.search_spaces of an installed
+    wheel (pyproject.toml maps the top-level search_spaces/ folder to it), or that folder itself
+    when the package runs from a source checkout, where the mapped package does not exist."""
+    try:
+        return resources.files("autocompress.search_spaces")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+SPACES_DIR = str(_bundled_spaces())
 
 _ALLOWED = {
     "prune": set(PRUNE_KINDS), "importance": set(IMPORTANCE_KINDS), "bits": set(VALID_BITS),
@@ -150,17 +168,20 @@ class SearchSpace:
 
     @classmethod
     def from_yaml(cls, path: str) -> SearchSpace:
-        """Read a YAML space; a bare name like 'default' means search_spaces/default.yaml."""
-        if not os.path.exists(path) and os.path.exists(os.path.join(SPACES_DIR, f"{path}.yaml")):
-            path = os.path.join(SPACES_DIR, f"{path}.yaml")
+        """Read a YAML space file."""
         if not os.path.isfile(path):
             raise UserError(f"search space file not found: {path}")
+        with open(path) as f:
+            return cls.from_text(f.read(), os.path.basename(path))
+
+    @classmethod
+    def from_text(cls, text: str, source: str) -> SearchSpace:
+        """Parse a space from YAML text; `source` names it in error messages."""
         try:
-            with open(path) as f:
-                raw = yaml.safe_load(f)
+            raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise UserError(f"search space {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        return cls.from_dict(raw, source=os.path.basename(path))
+            raise UserError(f"search space {source} is not valid YAML: {str(e).splitlines()[0]}") from None
+        return cls.from_dict(raw, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -170,8 +191,13 @@ class SearchSpace:
             "recovery": {k: c.to_obj() for k, c in self.recovery.items()},
         }
 
-    def bind(self, model: nn.Module) -> BoundSpace:
-        """Resolve the choices for each layer of this model (drops impossible options per layer)."""
+    def bind(self, model: nn.Module, example_input: torch.Tensor | None = None) -> BoundSpace:
+        """Resolve the choices for each layer of this model (drops impossible options per layer).
+
+        With `example_input` (a batch the model takes), every option left is also tried once on a
+        copy: a real compress and forward per layer and option kind (channel pruning per coupled
+        group, on the whole model), and the options that fail are dropped for that layer. So no
+        trial fails on an option its layer cannot take, and the study's parameters stay fixed."""
         from .models import prunable_layers
 
         names = prunable_layers(model)
@@ -191,6 +217,8 @@ class SearchSpace:
                     choices.update(o)
                     break
             layers[name] = _feasible(choices, model.get_submodule(name), name == output_layer)
+        if example_input is not None:
+            _drop_failing(layers, model, example_input, output_layer)
         return BoundSpace(layers=layers, recovery=dict(self.recovery))
 
 
@@ -233,6 +261,94 @@ def _feasible(choices: dict[str, Choice], module: nn.Module, is_output: bool) ->
         prune.remove("block")
     out["prune"] = Choice(values=tuple(prune or ["none"]))
     return out
+
+
+def _probe_input(module: nn.Module) -> torch.Tensor:
+    """A small batch a lone layer of a reachable kind (models.WEIGHT_SLOTS) takes."""
+    if isinstance(module, nn.Linear):
+        return torch.randn(2, module.in_features)
+    if isinstance(module, nn.Embedding):
+        return torch.randint(0, module.num_embeddings, (2, 3))
+    if isinstance(module, nn.MultiheadAttention):
+        return torch.randn(3, 2, module.embed_dim)
+    k = max((k - 1) * d + 1 for k, d in zip(module.kernel_size, module.dilation))
+    side = k + 2 * max(module.stride)
+    return torch.randn(2, module.in_channels, *[side] * len(module.kernel_size))
+
+
+class _Lone(nn.Module):
+    """One layer alone as submodule "0", fed the way its kind takes input (bind-time checks)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.add_module("0", module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self._modules["0"]
+        if isinstance(m, nn.MultiheadAttention):
+            k = x if m.kdim == m.embed_dim else x.new_zeros(*x.shape[:-1], m.kdim)
+            v = x if m.vdim == m.embed_dim else x.new_zeros(*x.shape[:-1], m.vdim)
+            return m(x, k, v, need_weights=False)[0]
+        return m(x)
+
+
+def _trial_options(c: dict[str, Choice]) -> list[tuple[str, dict[str, Any]]]:
+    """One layer plan per option kind left in the choices (other than none and channel)."""
+    bits = min(c["bits"].values) if "bits" in c and not c["bits"].low else 8
+    base = {"bits": bits, "amount": 0.5}
+    out = [(kind, {**base, "prune": kind, **({"nm": c["nm"].values[0]} if kind == "nm" else {}),
+                   **({"block_size": c["block_size"].values[0]} if kind == "block" else {})})
+           for kind in c["prune"].values if kind not in ("none", "channel")]
+    if "rank_ratio" in c and any(float(v) < 1 for v in c["rank_ratio"].values):
+        low = min(float(v) for v in c["rank_ratio"].values)
+        out.append(("rank_ratio", {**base, "prune": "none", "rank_ratio": low}))
+    return out
+
+
+def _layer_fails(module: nn.Module, values: dict[str, Any]) -> bool:
+    """Whether compressing this layer alone with these options fails or gives a model that does not run."""
+    from .compression import compress
+
+    net = _Lone(copy.deepcopy(module))
+    plan = CompressionPlan(layers={"0": _layer_plan(values)})
+    try:
+        x = _probe_input(module)
+        with torch.no_grad():
+            compress(net, plan, x, calibrate=False).eval()(x)
+        return False
+    except Exception:
+        return True
+
+
+def _drop_failing(layers: dict[str, dict[str, Choice]], model: nn.Module, example_input: torch.Tensor,
+                  output_layer: str) -> None:
+    """Try each option once (per layer shape and option kind) and drop the ones that fail."""
+    from .compression.channel import check_layers
+    from .models import layer_weight
+
+    cache: dict[tuple, bool] = {}
+    for name, c in layers.items():
+        module = model.get_submodule(name)
+        key = (type(module), tuple(layer_weight(module).shape), getattr(module, "groups", 1))
+        for kind, values in _trial_options(c):
+            k = key + (kind, tuple(sorted(values.items())))
+            if k not in cache:
+                cache[k] = _layer_fails(module, values)
+            if not cache[k]:
+                continue
+            if kind == "rank_ratio":
+                c["rank_ratio"] = Choice(values=(1.0,))
+            else:
+                c["prune"] = Choice(values=tuple(v for v in c["prune"].values if v != kind) or ("none",))
+    wants = [n for n, c in layers.items() if "channel" in c["prune"].values]
+    for name in check_layers(model, example_input, wants, output_layer):
+        c = layers[name]
+        c["prune"] = Choice(values=tuple(v for v in c["prune"].values if v != "channel") or ("none",))
+    for c in layers.values():
+        if "nm" in c and "nm" not in c["prune"].values:
+            del c["nm"]
+        if "block_size" in c and "block" not in c["prune"].values:
+            del c["block_size"]
 
 
 @dataclass
@@ -296,6 +412,20 @@ def _layer_plan(v: dict[str, Any]) -> LayerPlan:
     return LayerPlan(**kw)
 
 
-def load_space(path: str | None) -> SearchSpace:
-    """The space at `path`, or search_spaces/default.yaml."""
-    return SearchSpace.from_yaml(path or os.path.join(SPACES_DIR, "default.yaml"))
+def bundled_space_names() -> list[str]:
+    """Names of the spaces shipped with the package ('default', 'full', ...), for `--space NAME`."""
+    return sorted(p.name[:-len(".yaml")] for p in _bundled_spaces().iterdir() if p.name.endswith(".yaml"))
+
+
+def load_space(space: str | None) -> SearchSpace:
+    """A bundled space by name ('default' when None), or the space in a YAML file at path `space`."""
+    space = space or "default"
+    if os.path.isfile(space):
+        return SearchSpace.from_yaml(space)
+    bundled = _bundled_spaces() / f"{space}.yaml"
+    if bundled.is_file():
+        return SearchSpace.from_text(bundled.read_text(encoding="utf-8"), f"{space}.yaml")
+    if os.sep in space or space.endswith((".yaml", ".yml")):
+        raise UserError(f"search space file not found: {space}")
+    raise UserError(f"unknown search space {space!r}: bundled spaces are {', '.join(bundled_space_names())}; "
+                    f"or pass the path of a YAML file")

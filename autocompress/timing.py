@@ -6,13 +6,19 @@ after warm-up, raw timings logged as latency.json) and its deployed test accurac
 from __future__ import annotations
 
 import json
-from typing import Any
 
+import optuna
+
+from .context import SearchContext, SearchOutcome
 from .cost.latency import LatencyResult, measure_latency
 from .deploy import deployable
+from .settings import SearchSettings
+from .tracking import Tracker
+from .trials import Attr
 
 
-def time_final(outcome: Any, settings: Any, ctx: Any, tracker: Any, best: Any, path: str) -> LatencyResult:
+def time_final(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchContext, tracker: Tracker,
+               best: optuna.trial.FrozenTrial, path: str) -> LatencyResult:
     """Deploy `path`, time it on settings.device, log to the parent and the best trial's run."""
     from .train import evaluate
 
@@ -26,13 +32,14 @@ def time_final(outcome: Any, settings: Any, ctx: Any, tracker: Any, best: Any, p
     test = ctx.data.test if device != "cpu" else ctx.data.test.to("cpu")
     acc = evaluate(deployed, test, device=device)
     outcome.latency = res
-    predicted = best.user_attrs.get("predicted_latency_ms")
+    predicted = best.user_attrs.get(Attr.PREDICTED_LATENCY_MS)
     metrics = {"latency_ms": res.median_ms, "latency_p90_ms": res.p90_ms, "deployed_test_accuracy": acc}
     if predicted is not None:
         metrics["predicted_latency_ms"] = predicted
+    assert outcome.parent_run_id is not None
     tracker.log_metrics(outcome.parent_run_id, metrics)
-    if best.user_attrs.get("mlflow_run_id"):
-        tracker.log_metrics(best.user_attrs["mlflow_run_id"], {"latency_ms": res.median_ms})
+    if best.user_attrs.get(Attr.MLFLOW_RUN_ID):
+        tracker.log_metrics(best.user_attrs[Attr.MLFLOW_RUN_ID], {"latency_ms": res.median_ms})
     tracker.log_text(outcome.parent_run_id, json.dumps(res.to_dict()), "latency.json")
     budget = settings.latency_budget_ms
     verdict = "" if budget is None else (f", within the {budget:g} ms budget" if res.median_ms <= budget

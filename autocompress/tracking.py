@@ -12,12 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .plantable import granularity_mix, plan_csv
+from .storage import default_tracking_uri
+from .trials import TrialState
+
+__all__ = ["PARENT_TAG", "Tracker", "default_tracking_uri"]
+
 PARENT_TAG = "autocompress.role"
-
-
-def default_tracking_uri(out_dir: str) -> str:
-    """A local SQLite MLflow store under the output folder (`mlflow ui --backend-store-uri` opens it)."""
-    return f"sqlite:///{os.path.abspath(os.path.join(out_dir, 'mlflow.db'))}"
 
 
 class Tracker:
@@ -70,8 +71,6 @@ class Tracker:
         """A child run for Optuna trial `number` (role "trial"; "final" for its longer re-fine-tune),
         holding the plan summary, the plan as JSON and as a per-layer CSV, and its granularity mix
         as a tag to filter on."""
-        from .review import granularity_mix, plan_csv
-
         tags = {PARENT_TAG: role, "optuna.trial": str(number), "state": "running",
                 "granularity": granularity_mix(plan)}
         if self.parent_id:
@@ -111,14 +110,13 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, str(v))
 
-    def end(self, run_id: str, state: str) -> None:
+    def end(self, run_id: str, state: TrialState) -> None:
         """Close a run; `state` is the trial's (complete / early-stopped / infeasible / failed / ...)."""
-        status = {"complete": "FINISHED", "infeasible": "FINISHED", "early-stopped": "FINISHED",
-                  "failed": "FAILED", "interrupted": "KILLED"}.get(state, "FINISHED")
+        status = {TrialState.FAILED: "FAILED", TrialState.INTERRUPTED: "KILLED"}.get(state, "FINISHED")
         if run_id == self.parent_id and self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
-        self.client.set_tag(run_id, "state", state)
+        self.client.set_tag(run_id, "state", TrialState(state).value)
         self.client.set_terminated(run_id, status)
 
     def close_stale(self, run_ids: list[str]) -> int:
@@ -130,7 +128,7 @@ class Tracker:
             except Exception:
                 continue
             if run.info.status == "RUNNING":
-                self.client.set_tag(run_id, "state", "failed")
+                self.client.set_tag(run_id, "state", TrialState.FAILED.value)
                 self.client.set_terminated(run_id, "KILLED")
                 closed += 1
         return closed

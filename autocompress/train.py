@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from .data import DataBundle, TensorData
 from .errors import UserError
-from .models import ModelSpec, build_model, load_weights
+from .models import ModelSpec, build_model, load_weights, logits_of
 
 DEFAULT_LR = {"lenet5": 0.05, "mlp": 0.05, "resnet18": 0.05}
 CACHE_VERSION = 2  # 2: initial weights drawn from the seed (were whatever the process's RNG held)
@@ -62,7 +62,7 @@ def train_model(model: nn.Module, train: TensorData, *, epochs: int, lr: float, 
         total, count = 0.0, 0
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(logits_of(model(x)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -37,7 +37,7 @@ from autocompress.artifact import export, load  # noqa: E402
 from autocompress.finetune import FinetuneConfig, finetune  # noqa: E402
 from autocompress.models import ModelSpec, param_bytes  # noqa: E402
 from autocompress.plan import parse_budget  # noqa: E402
-from autocompress.search import trial_state  # noqa: E402
+from autocompress.trials import trial_state  # noqa: E402
 from autocompress.train import baseline, evaluate  # noqa: E402
 from autocompress.warmstart import fit_uniform  # noqa: E402
 

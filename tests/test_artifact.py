@@ -154,6 +154,24 @@ def test_header_holds_plan_and_spec(lenet, data, tmp_path):
     assert CompressionPlan.from_dict(h["plan"]) == plan
 
 
+def test_payload_walker_tiles_the_payload_with_each_entrys_streams(lenet, data, tmp_path):
+    from autocompress.artifact import ACT_BYTES, encode, read_artifact, walk_payload
+
+    plan = CompressionPlan(layers={"conv2": LayerPlan(bits=4, prune="nm", n=2, m=4, act_bits=8),
+                                   "fc1": LayerPlan(bits=3, prune="unstructured", amount=0.9, symmetric=False)},
+                           float_bits=16)
+    c = compress(lenet, plan, data[0][:1], data[1][:1])
+    export(c, tmp_path / "m.acz", SPEC)
+    header, payload = read_artifact(tmp_path / "m.acz")
+    walked = list(walk_payload(header["entries"], payload))
+    assert {e["t"] for e, _ in walked} == {"q", "f", "act"}
+    assert [bytes(ch) for _, chunks in walked for ch in chunks] == encode(c, SPEC)[1]
+    assert all(len(chunks[0]) == ACT_BYTES for e, chunks in walked if e["t"] == "act")
+    assert sum(len(ch) for _, chunks in walked for ch in chunks) == len(payload)
+    with pytest.raises(ValueError, match="payload ends inside"):
+        list(walk_payload(header["entries"], payload[:-1]))
+
+
 def test_bad_files_raise_user_error(lenet, data, tmp_path):
     path = tmp_path / "m.acz"
     export(compress(lenet, CompressionPlan(layers={"fc1": LayerPlan(bits=4)}), data[0][:1]), path, SPEC)

@@ -90,6 +90,7 @@ def test_report_and_export_without_a_study(capsys, out):
     assert code == 2 and not out.exists()
 
 
+@pytest.mark.slow  # trains a baseline and runs the analysis end to end
 def test_sensitivity_command_prints_one_row_per_layer_and_caches(capsys, tmp_path):
     args = ["sensitivity", "--data", "digits", "--out", str(tmp_path), "--baseline-epochs", "2",
             "--amounts", "0.5,0.9", "--bits", "2,4"]
@@ -100,3 +101,59 @@ def test_sensitivity_command_prints_one_row_per_layer_and_caches(capsys, tmp_pat
     assert sorted(rows) == ["conv1", "conv2", "fc1", "fc2"]
     assert len(list((tmp_path / "sensitivity").glob("*.json"))) == 1
     assert main(args) == 0 and "(cached)" in capsys.readouterr().out
+
+
+def test_a_negative_budget_is_one_line_not_the_usage_via_the_real_entry_point(out):
+    p = subprocess.run([sys.executable, "-m", "autocompress", "search", "--budget", "-5MB", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "autocompress: error: budget must be positive, got '-5MB': use a size like 50KB, 1.5MB, 200KiB, 2000B or "
+        "a ratio like 20x"]
+    assert not out.exists()
+
+
+def test_a_wrong_command_line_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--budget", "20x", "--no-such-flag"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "unrecognized arguments: --no-such-flag" in err[0]
+
+
+def test_header_says_when_the_fp32_model_already_fits():
+    from autocompress.orchestrate import budget_ratio
+
+    assert budget_ratio(50_000_000, 1_724_000) == "(the 1.72 MB fp32 model already fits)"
+    assert budget_ratio(50_000, 1_724_000) == "(34.5x of 1.72 MB fp32)"
+
+
+@pytest.mark.slow
+def test_a_budget_above_the_fp32_size_says_the_model_fits_and_searches_within_it(capsys, out):
+    code = main(["search", "--budget", "50MB", "--data", "digits", "--out", str(out), "--trials", "1",
+                 "--baseline-epochs", "1", "--max-batches", "2", "--no-warm-start", "--final-top", "0",
+                 "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "already fits uncompressed" in printed and "most accurate plan within the budget" in printed
+    assert "0.0x" not in printed and "(the " in printed and "fp32 model already fits)" in printed
+
+
+def test_evaluate_latency_prints_the_deployed_and_the_fp32_median(capsys, tmp_path):
+    import re
+
+    from autocompress.api import load_inputs
+    from autocompress.artifact import export
+    from autocompress.compression import compress
+    from autocompress.plan import CompressionPlan, LayerPlan
+
+    spec, bundle, net = load_inputs("lenet5", "digits", None, None, 0, None, 0.1)
+    plan = CompressionPlan(layers={n: LayerPlan(prune="unstructured", amount=0.5, bits=8)
+                                   for n in ("conv1", "conv2", "fc1", "fc2")})
+    path = tmp_path / "m.acz"
+    export(compress(net, plan, bundle.train.x[:2], [(bundle.train.x[:64], bundle.train.y[:64])]), path, spec)
+    assert main(["evaluate", str(path), "--latency"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    m = re.fullmatch(r"latency on cpu at batch 1, \d+ threads: deployed ([0-9.]+) ms, fp32 original ([0-9.]+) ms "
+                     r"\(median of 100 runs; [0-9.]+x\)", line)
+    assert m, line
+    assert float(m.group(1)) > 0 and float(m.group(2)) > 0

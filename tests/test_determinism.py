@@ -5,6 +5,8 @@ import pytest
 
 from autocompress.api import search
 
+pytestmark = pytest.mark.slow  # end-to-end searches
+
 
 def _facts(outcome):
     return [(t.number, t.state.name, t.params, t.value, t.user_attrs.get("size_bytes"), t.intermediate_values)

@@ -10,6 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from autocompress.api import search
 
+pytestmark = pytest.mark.slow  # end-to-end searches
+
 MODELS = Path(__file__).with_name("flaky_models.py")
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import signal
 
 import optuna
+import pytest
 
 from autocompress.cli import main
 from autocompress.workers import counted_trials
 from helpers_cli import fine_tuning_trial, parent_runs, start_search, trial_runs, wait_for
+
+pytestmark = pytest.mark.slow  # end-to-end searches
 
 
 def test_sigint_records_the_trial_as_interrupted_and_the_study_resumes(tmp_path):

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import csv
 import html
-import io
 import os
 import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -22,10 +20,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from autocompress import cli, plots
+from autocompress import cli
 from autocompress.api import search
 from autocompress.artifact import load
-from autocompress.review import granularity_mix, plan_csv
+from autocompress.plantable import granularity_mix
 from autocompress.tracking import Tracker
 
 STUDY = "review-study"
@@ -111,6 +109,7 @@ def _runs(client: MlflowClient) -> tuple[object, list]:
     return parents[0], children
 
 
+@pytest.mark.slow
 def test_server_run_holds_one_child_per_trial_with_metrics_plan_and_tags(searched):
     url, _, outcome = searched
     client = MlflowClient(tracking_uri=url)
@@ -136,6 +135,7 @@ def test_server_run_holds_one_child_per_trial_with_metrics_plan_and_tags(searche
     assert {"complete", "infeasible"} & {c.data.tags["state"] for c in children}
 
 
+@pytest.mark.slow
 def test_server_parent_holds_plots_summary_and_system_metrics(searched):
     url, out, outcome = searched
     client = MlflowClient(tracking_uri=url)
@@ -161,6 +161,7 @@ def test_server_parent_holds_plots_summary_and_system_metrics(searched):
     assert any(k.startswith("system/") for k in metrics)
 
 
+@pytest.mark.slow
 def test_best_model_is_an_mlflow_pytorch_model_registered_and_predicting_like_load(searched):
     import mlflow
     import mlflow.pytorch
@@ -203,6 +204,7 @@ def _chromium(url: str, profile: str, screenshot: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install chromium)")
 def test_mlflow_ui_in_headless_chromium_shows_the_experiment_and_its_trial_runs(searched, tmp_path):
     url, _, outcome = searched
@@ -229,6 +231,7 @@ def test_mlflow_ui_in_headless_chromium_shows_the_experiment_and_its_trial_runs(
     assert os.path.getsize(shot) > 20_000
 
 
+@pytest.mark.slow
 def test_parallel_trials_log_only_to_their_own_runs(server):
     url, _, _ = server
     tracker = Tracker(url, "parallel-logging")
@@ -263,6 +266,7 @@ def test_parallel_trials_log_only_to_their_own_runs(server):
             assert history == [(s, pytest.approx(value(s))) for s in range(1, 9)]
 
 
+@pytest.mark.slow
 def test_report_writes_the_plots_and_prints_the_table(searched, tmp_path, capsys):
     _, out, outcome = searched
     assert cli.main(["report", "--out", str(out), "--plots", str(tmp_path / "p")]) == 0
@@ -289,86 +293,12 @@ def test_ui_starts_mlflow_ui_on_the_store_and_prints_the_url(tmp_path, monkeypat
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "5123"
 
 
-ROWS = [dict(trial=0, state="complete", val_accuracy=0.80, size_bytes=5_000),
-        dict(trial=1, state="infeasible", val_accuracy=None, size_bytes=90_000),
-        dict(trial=2, state="complete", val_accuracy=0.90, size_bytes=8_000),
-        dict(trial=3, state="complete", val_accuracy=0.85, size_bytes=9_000),
-        dict(trial=4, state="failed", val_accuracy=None, size_bytes=None),
-        dict(trial=5, state="complete", val_accuracy=0.93, size_bytes=20_000),
-        dict(trial=6, state="early-stopped", val_accuracy=None, size_bytes=3_000, last_val=0.95)]
+def test_summary_md_is_readable_for_300_layers_and_lists_small_plans_per_layer():
+    from autocompress.review import summary_markdown
+    from test_report import study_of
 
-
-def test_pareto_front_keeps_exactly_the_non_dominated_points():
-    g = torch.Generator().manual_seed(0)
-    points = [(float(s), float(a)) for s, a in zip(torch.randint(1, 50, (200,), generator=g),
-                                                     torch.rand(200, generator=g).round(decimals=2))]
-    front = plots.pareto_front(points)
-
-    def dominated(p):
-        return any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points)
-    assert set(front) == {p for p in points if not dominated(p)}
-    assert front == sorted(front) and [a for _, a in front] == sorted(a for _, a in front)
-    assert plots.pareto_front([]) == [] and plots.pareto_front([(1, 0.5), (1, 0.5)]) == [(1, 0.5)]
-
-
-def test_accuracy_vs_size_axes_cover_the_data_with_budget_and_front():
-    fig = plots.accuracy_size_figure(ROWS, 10_000, baseline=(60_000, 0.95))
-    ax = fig.axes[0]
-    assert ax.get_xscale() == "log"
-    lo, hi = ax.get_xlim()
-    assert lo < 3_000 and hi > 90_000  # every trial, the over-budget one and the baseline
-    lo, hi = ax.get_ylim()
-    assert lo < 0.80 and hi > 0.95
-    lines = {line.get_label(): line for line in ax.get_lines()}
-    assert list(zip(*lines["Pareto front"].get_data())) == [(5_000, 0.80), (8_000, 0.90), (20_000, 0.93)]
-    assert list(lines["budget 10.00 KB"].get_xdata()) == [10_000, 10_000]
-    assert list(lines["over budget (not trained)"].get_xdata()) == [90_000]
-    stopped = [c for c in ax.collections if c.get_label() == "early-stopped (last val)"][0]
-    assert stopped.get_offsets().tolist() == [[3_000, 0.95]]  # shown, but not on the front
-    assert ax.get_xlabel() == "artifact size (bytes)" and ax.get_ylabel() == "validation accuracy"
-
-
-def test_history_best_so_far_rises_to_the_best_trial():
-    ax = plots.history_figure(ROWS).axes[0]
-    lines = {line.get_label(): line for line in ax.get_lines()}
-    xs, ys = lines["best so far"].get_data()
-    assert list(ys) == sorted(ys) and ys[-1] == 0.93 and xs[-1] == 6
-    assert sorted(lines["no score (infeasible / failed)"].get_xdata()) == [1, 4]
-    assert ax.get_xlim()[0] <= 0 and ax.get_xlim()[1] >= 6
-
-
-def test_plan_chart_bars_are_the_bits_and_sparsity_per_layer():
-    plan = {"layers": {
-        "conv1": {"prune": "nm", "n": 2, "m": 4, "amount": 0.0, "bits": 4, "rank_ratio": 1.0, "act_bits": 32},
-        "fc1": {"prune": "unstructured", "amount": 0.9, "bits": 2, "rank_ratio": 0.5, "act_bits": 8},
-        "fc2": {"prune": "none", "amount": 0.0, "bits": 32}}}
-    top, bottom = plots.plan_figure(plan).axes
-    assert [p.get_height() for p in top.patches] == [4, 2, 32]
-    assert [p.get_height() for p in bottom.patches] == pytest.approx([0.5, 0.9, 0.0])
-    assert [t.get_text() for t in bottom.get_xticklabels()] == ["conv1", "fc1", "fc2"]
-    assert top.get_ylim()[1] > 32 and bottom.get_ylim() == (0, 1.1)
-    rows = list(csv.DictReader(io.StringIO(plan_csv(plan))))
-    assert [(r["layer"], r["nm"], r["sparsity"], r["bits"]) for r in rows] == [
-        ("conv1", "2:4", "0.5", "4"), ("fc1", "", "0.9", "2"), ("fc2", "", "0.0", "32")]
-    assert granularity_mix(plan) == "unstructured+nm"
-    assert granularity_mix({"layers": {"a": {"prune": "none"}}}) == "none"
-
-
-def _png_size(path: str) -> tuple[int, int]:
-    data = open(path, "rb").read(24)
-    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
-
-
-def test_pngs_are_written_whole(tmp_path):
-    table = {"conv1": {"2b": 0.10, "4b": 0.01}, "fc1": {"2b": 0.30, "u90%": 0.05}}
-    image = plots.sensitivity_figure(table).axes[0].get_images()[0].get_array()
-    assert image.shape == (2, 3) and bool(image.mask[0, 2])  # conv1 has no u90% value
-    paths = [plots.accuracy_vs_size(ROWS, 10_000, str(tmp_path / "a.png")),
-             plots.history(ROWS, str(tmp_path / "h.png")),
-             plots.plan_layers({"layers": {"fc": {"prune": "none", "bits": 8}}}, str(tmp_path / "p.png")),
-             plots.sensitivity_heatmap(table, str(tmp_path / "deep" / "s.png"))]
-    for path in paths:
-        width, height = _png_size(path)
-        assert width >= 400 and height >= 300 and os.path.getsize(path) > 10_000
-    assert _png_size(paths[0]) == (700, 450)  # figsize 7 x 4.5 at 100 dpi
+    big = summary_markdown(study_of(300))
+    assert "## Best plan (trial 1)" in big and "300 layers; bits 8:300" in big and "plan.csv" in big
+    assert "blocks.0.fc" not in big and max(len(line) for line in big.splitlines()) < 200
+    small = summary_markdown(study_of(4))
+    assert "## Best plan per layer (trial 1)" in small and sum(line.startswith("| blocks.") for line in small.splitlines()) == 4

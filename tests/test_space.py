@@ -9,7 +9,7 @@ import yaml
 from autocompress.errors import UserError
 from autocompress.models import LeNet5
 from autocompress.plan import CompressionPlan
-from autocompress.space import SPACES_DIR, SearchSpace, load_space
+from autocompress.space import SPACES_DIR, SearchSpace, bundled_space_names, load_space
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,26 @@ def test_unknown_keys_and_empty_choices_are_errors(tmp_path):
         SearchSpace.from_yaml(str(p))
     with pytest.raises(UserError, match="not found"):
         SearchSpace.from_yaml(str(tmp_path / "missing.yaml"))
+
+
+def test_space_by_bundled_name_or_by_path(tmp_path):
+    assert bundled_space_names() == ["default", "full", "quantize-only"]
+    for name in bundled_space_names():
+        by_name = load_space(name)
+        assert by_name.source == f"{name}.yaml"
+        assert by_name.to_dict() == SearchSpace.from_yaml(os.path.join(SPACES_DIR, f"{name}.yaml")).to_dict()
+    assert load_space(None).to_dict() == load_space("default").to_dict()
+    assert load_space("quantize-only").to_dict() != load_space("full").to_dict()
+    own = tmp_path / "full"  # a file path wins over a bundled name
+    with open(os.path.join(SPACES_DIR, "quantize-only.yaml")) as f:
+        own.write_text(f.read())
+    assert load_space(str(own)).to_dict() == load_space("quantize-only").to_dict()
+    with pytest.raises(UserError) as e:
+        load_space("fulll")
+    assert str(e.value) == ("unknown search space 'fulll': bundled spaces are default, full, quantize-only; "
+                            "or pass the path of a YAML file")
+    with pytest.raises(UserError, match="file not found: nowhere/s.yaml"):
+        load_space("nowhere/s.yaml")
 
 
 def test_overrides_and_exclude_apply_by_pattern(lenet):

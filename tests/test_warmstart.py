@@ -1,13 +1,11 @@
-"""Sensitivity, warm-start plans, the final phase, early stopping and the Pareto mode."""
+"""Sensitivity and the warm-start plans (uniform, channel, knapsack) mapped onto the space."""
 from __future__ import annotations
 
-import os
 
 import optuna
 import pytest
 import torch
 
-from autocompress.api import search
 from autocompress.compression import compress
 from autocompress.cost import artifact_size
 from autocompress.data import TensorData, load_data
@@ -16,10 +14,6 @@ from autocompress.sensitivity import analyse
 from autocompress.space import load_space
 from autocompress.train import evaluate, train_model
 from autocompress.warmstart import knapsack_plan, to_params, warm_start_plans
-
-QUICK = dict(model="lenet5", data="digits", epochs=1, baseline_epochs=3, max_batches=4, progress=False, seed=0,
-             final_top=0)
-
 
 @pytest.fixture(scope="module")
 def digits():
@@ -73,59 +67,6 @@ def test_knapsack_and_uniform_plans_fit_the_budget(digits):
 
 def _nm_params(layers):
     return [f"{n}.nm" for n, c in layers.items() if "nm" in c and not c["nm"].fixed]
-
-
-def test_final_phase_refines_the_top_plans_and_exports_the_best(tmp_path):
-    outcome = search("8x", out=str(tmp_path), study="f", **{**QUICK, "trials": 3, "final_top": 2, "final_epochs": 1})
-    final = outcome.study.user_attrs["final"]
-    assert len(final) == 2
-    assert all(f["distill"] == 0.5 for f in final.values())  # --final-distill's default, whatever the plan said
-    best_num, best = max(final.items(), key=lambda kv: kv[1]["val_accuracy"])
-    assert outcome.best.number == int(best_num) and outcome.best_val == best["val_accuracy"]
-    assert os.path.getsize(outcome.best_path) == best["size_bytes"] == os.path.getsize(best["artifact"])
-    from autocompress.cli import main
-
-    assert main(["export", "--runs", str(tmp_path), "--study", "f", "--out", str(tmp_path / "x.acz")]) == 0
-    assert (tmp_path / "x.acz").read_bytes() == open(best["artifact"], "rb").read()
-
-
-def test_early_stopping_stops_a_hopeless_trial(tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text("layer:\n  prune: [unstructured]\n  amount: [0.0, 0.98]\n  bits: [1, 8]\n"
-                     "recovery:\n  distill: [0.0]\n")
-    from autocompress.plan import parse_budget
-    from autocompress.search import SearchSettings, open_study
-
-    study = open_study(SearchSettings(budget=parse_budget("3x"), out=str(tmp_path), study="e"))
-    names = ("conv1", "conv2", "fc1", "fc2")
-    for _ in range(4):
-        study.enqueue_trial({**{f"{n}.amount": 0.0 for n in names}, **{f"{n}.bits": 8 for n in names}})
-    study.enqueue_trial({**{f"{n}.amount": 0.98 for n in names}, **{f"{n}.bits": 1 for n in names}})
-    outcome = search("3x", out=str(tmp_path), study="e", space=str(space),
-                     **{**QUICK, "trials": 5, "epochs": 3, "max_batches": 2, "warm_start": False})
-    hopeless = outcome.study.trials[4]
-    assert hopeless.state == optuna.trial.TrialState.PRUNED
-    assert list(hopeless.intermediate_values) == [1]  # stopped after its first epoch, not run to the end
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in outcome.study.trials[:4])
-
-
-def test_pareto_mode_returns_only_non_dominated_trials(tmp_path):
-    from autocompress.search import pareto_trials
-
-    outcome = search("6x", out=str(tmp_path), study="p", objectives="accuracy,size",
-                     **{**QUICK, "trials": 5, "warm_start": False})
-    study = outcome.study
-    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("infeasible")]
-    front = pareto_trials(study)
-    assert front
-    for t in front:
-        a, s = t.values
-        assert s == t.user_attrs["size_bytes"]
-        assert not any(o.values[0] >= a and o.values[1] <= s and (o.values[0] > a or o.values[1] < s) for o in done)
-    for t in done:
-        if t not in front:
-            assert any(f.values[0] >= t.values[0] and f.values[1] <= t.values[1] for f in front)
 
 
 def test_thinned_amount_grid_keeps_the_high_amounts_where_bytes_change_fastest():

@@ -88,8 +88,12 @@ def _plan(model: nn.Module, kind: str, float_bits: int = 16) -> CompressionPlan:
                            float_bits=float_bits)
 
 
-def test_new_layer_kinds_are_planned_layers(mixed):
+def test_new_layer_kinds_are_planned_layers(mixed, batch):
     assert prunable_layers(mixed) == ["up", "conv", "attn", "attn.out_proj", "emb", "c1", "head"]
+    bound = load_space(None).bind(mixed, batch[0][:2])  # every option tried once on a copy
+    for name in ("up", "attn", "emb", "c1"):
+        assert {"unstructured", "nm", "block"} <= set(bound.layers[name]["prune"].values)
+    assert "channel" not in bound.layers["attn"]["prune"].values
 
 
 @pytest.mark.parametrize("kind", ["none", "unstructured", "nm", "block"])

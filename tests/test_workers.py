@@ -14,13 +14,15 @@ import optuna
 import pytest
 
 from autocompress.cli import main
-from autocompress.search import best_trial
-from autocompress.workers import counted_trials, database_url
+from autocompress.storage import database_url
+from autocompress.trials import best_trial
+from autocompress.workers import counted_trials
 from helpers_cli import fine_tuning_trial, parent_runs, start_search, trial_runs, wait_for
 
 PG = database_url(os.environ.get("AUTOCOMPRESS_TEST_PG"))
-pytestmark = pytest.mark.skipif(not PG, reason="AUTOCOMPRESS_TEST_PG is not set (no PostgreSQL server to test on; "
-                                "`.ci/run` starts one)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not PG, reason="AUTOCOMPRESS_TEST_PG is not set (no PostgreSQL server to test on; "
+                                 "`.ci/run` starts one)")]
 
 
 @pytest.fixture

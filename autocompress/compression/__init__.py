@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..models import layer_weight, layer_weights, prunable_layers, weight_slot
+from ..models import layer_weight, layer_weights, prunable_layers, set_submodule, weight_slot
 from ..plan import CompressionPlan, LayerPlan, PlanError
 from . import channel, fold, lowrank, prune, quantize
 from .quantize import HalfRound, WeightCompressor
@@ -26,11 +26,6 @@ __all__ = ["compress", "compressed_layers", "compressed_weights", "compressor", 
 
 RECORD_ATTR = "autocompress_record"
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 def _check_static(model: nn.Module, plan: CompressionPlan, batches: Batches | None) -> str:
@@ -154,7 +149,7 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
         if lp.rank_ratio < 1.0:
             layer = model.get_submodule(name)
             ranks[name] = lowrank.rank_for(layer, lp.rank_ratio)
-            _set_module(model, name, lowrank.factorise(layer, ranks[name]))
+            set_submodule(model, name, lowrank.factorise(layer, ranks[name]))
 
     targets = _targets(model, plan, ranks)
     taylor = {f"{n}.{a}": w for n, lp in targets.items()
@@ -288,7 +283,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     BatchNorms become Identity. Keeps activation quantisers (hooks and buffers)."""
     plain = copy.deepcopy(model).cpu().eval()
     for name, mod in [(n, m) for n, m in plain.named_modules() if parametrize.is_parametrized(m)]:
-        _set_module(plain, name, _plain_module(mod))
+        set_submodule(plain, name, _plain_module(mod))
     for _, bn_name in getattr(model, RECORD_ATTR, {}).get("folded", []):
-        _set_module(plain, bn_name, nn.Identity())
+        set_submodule(plain, bn_name, nn.Identity())
     return plain.eval()

@@ -18,16 +18,12 @@ def artifact_size(model: nn.Module, spec: ModelSpec) -> int:
 
 def size_breakdown(model: nn.Module, spec: ModelSpec) -> dict[str, int]:
     """Bytes per stored tensor plus 'header' (framing + compressed JSON) and 'total'."""
-    from ..artifact import _entries, artifact_bytes
+    from ..artifact import artifact_bytes, chunk_sizes, encode
 
-    header, streams = _entries(model, spec)
+    header, _ = encode(model, spec)
     out: dict[str, int] = {}
-    i = 0
     for e in header["entries"]:
-        n = len(e["sizes"]) if e["t"] == "q" else 1
-        key = e.get("name") or f"{e['module']}.act"
-        out[key] = sum(len(s) for s in streams[i:i + n])
-        i += n
+        out[e.get("name") or f"{e['module']}.act"] = sum(chunk_sizes(e))
     total = len(artifact_bytes(model, spec))
     out["header"] = total - sum(out.values())
     out["total"] = total
@@ -39,15 +35,10 @@ def untouchable_bytes(model: nn.Module, spec: ModelSpec) -> int:
     and the float tensors outside every weight slot (biases, BatchNorm that could not be folded,
     LayerNorm, positional embeddings, class tokens), stored at the plan's float_bits. Measured on
     the space's floor plan (see space_untouchable), it is what stays whatever the plan."""
-    from ..artifact import _entries, artifact_bytes
+    from ..artifact import artifact_bytes, chunk_sizes, encode
 
-    header, streams = _entries(model, spec)
-    planned, i = 0, 0
-    for e in header["entries"]:
-        n = len(e["sizes"]) if e["t"] == "q" else 1
-        if e["t"] == "q":
-            planned += sum(len(s) for s in streams[i:i + n])
-        i += n
+    header, _ = encode(model, spec)
+    planned = sum(sum(chunk_sizes(e)) for e in header["entries"] if e["t"] == "q")
     return len(artifact_bytes(model, spec)) - planned
 
 

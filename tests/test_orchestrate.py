@@ -1,4 +1,4 @@
-"""End to end: a real Optuna study in SQLite and real MLflow runs, on scikit-learn's digits."""
+"""The search loop end to end: a real Optuna study in SQLite and real MLflow runs, on scikit-learn's digits."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,8 @@ from mlflow.tracking import MlflowClient
 from autocompress.api import search
 from autocompress.artifact import load
 from autocompress.train import evaluate
+
+pytestmark = pytest.mark.slow
 
 QUICK = dict(model="lenet5", data="digits", trials=3, epochs=1, baseline_epochs=3, max_batches=4,
              progress=False, seed=0, final_top=0)
@@ -83,40 +85,20 @@ def test_resume_adds_trials_instead_of_starting_over(first, tmp_path):
     assert sum(r.data.tags.get("autocompress.role") == "study" for r in runs) == 2
 
 
-def test_over_budget_plan_is_never_fine_tuned(tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text("layer:\n  prune: [none]\n  bits: [2, 32]\nrecovery:\n  distill: [0.0]\n")
-    from autocompress.search import SearchSettings, open_study
-    from autocompress.plan import parse_budget
+def test_pareto_mode_returns_only_non_dominated_trials(tmp_path):
+    from autocompress.trials import pareto_trials
 
-    study = open_study(SearchSettings(budget=parse_budget("8x"), out=str(tmp_path), study="b"))
-    for bits in (32, 2):  # all-fp32 is 1x: far over an 8x budget; all-2-bit fits
-        study.enqueue_trial({f"{n}.bits": bits for n in ("conv1", "conv2", "fc1", "fc2")})
-    outcome = search("8x", out=str(tmp_path), study="b", space=str(space), repair=False, **{**QUICK, "trials": 2})
-    over, fits = outcome.study.trials
-    assert over.user_attrs["infeasible"] and over.user_attrs["constraint"] > 0
-    assert "artifact" not in over.user_attrs and over.intermediate_values == {}
-    assert fits.intermediate_values and not fits.user_attrs.get("infeasible")
-    client = _client(tmp_path)
-    run = client.get_run(over.user_attrs["mlflow_run_id"])
-    assert run.data.tags["state"] == "infeasible" and "val_accuracy" not in run.data.metrics
-    assert outcome.best.number == fits.number
-
-
-def test_over_budget_proposal_is_repaired_into_the_budget(tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text("layer:\n  prune: [unstructured]\n  amount: {low: 0.0, high: 0.98, step: 0.02}\n"
-                     "  bits: [4, 8]\nrecovery:\n  distill: [0.0]\n")
-    from autocompress.plan import parse_budget
-    from autocompress.search import SearchSettings, open_study
-
-    study = open_study(SearchSettings(budget=parse_budget("40x"), out=str(tmp_path), study="r"))
-    study.enqueue_trial({**{f"{n}.amount": 0.0 for n in ("conv1", "conv2", "fc1", "fc2")},
-                         **{f"{n}.bits": 8 for n in ("conv1", "conv2", "fc1", "fc2")}})  # 4x: far over 40x
-    outcome = search("40x", out=str(tmp_path), study="r", space=str(space), **{**QUICK, "trials": 1})
-    t = outcome.study.trials[0]
-    assert t.user_attrs["repaired"] and not t.user_attrs.get("infeasible")
-    assert t.user_attrs["size_bytes"] <= outcome.limit
-    assert os.path.getsize(t.user_attrs["artifact"]) == t.user_attrs["size_bytes"]
-    assert t.user_attrs["proposed_plan"]["layers"]["fc1"]["bits"] == 8
-    assert t.intermediate_values  # it was fine-tuned
+    outcome = search("6x", out=str(tmp_path), study="p", objectives="accuracy,size",
+                     **{**QUICK, "trials": 5, "warm_start": False})
+    study = outcome.study
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("infeasible")]
+    front = pareto_trials(study)
+    assert front
+    for t in front:
+        a, s = t.values
+        assert s == t.user_attrs["size_bytes"]
+        assert not any(o.values[0] >= a and o.values[1] <= s and (o.values[0] > a or o.values[1] < s) for o in done)
+    for t in done:
+        if t not in front:
+            assert any(f.values[0] >= t.values[0] and f.values[1] <= t.values[1] for f in front)

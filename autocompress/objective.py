@@ -1,0 +1,198 @@
+"""One Optuna trial: plan -> compress -> size (-> repair) -> (infeasible | fine-tune -> export).
+
+The artifact size is computed before any training: an over-budget plan is recorded infeasible
+through Optuna's constraints and never fine-tuned. The compressed model is fine-tuned with
+validation accuracy reported per epoch (early stopping may end it); the trial's artifact is
+written and its size checked against the reported one. Each trial logs to one MLflow child run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Callable
+
+import optuna
+import torch
+from torch import nn
+
+from .compression import calibrate_model, compress
+from .context import SearchContext
+from .cost import artifact_size
+from .cost.repair import repair
+from .plan import CompressionPlan
+from .refine import finetune_and_export
+from .settings import SearchSettings
+from .tracking import Tracker
+from .trials import TS, Attr, TrialState
+
+
+class TrialFailed(Exception):
+    """A trial that failed for a reason of its own (NaN loss, a plan the model rejects, ...):
+    recorded, and the study goes on."""
+
+
+def sized(ctx: SearchContext, plan: CompressionPlan) -> tuple[nn.Module, int]:
+    """(compressed model, artifact bytes) of a plan, uncalibrated: the bytes do not depend on
+    calibration. Used by the objective, repair and the warm start's bisections."""
+    compressed = compress(ctx.model, plan, ctx.example_input, ctx.calib, calibrate=False)
+    return compressed, artifact_size(compressed, ctx.spec)
+
+
+def predicted_latency(ctx: SearchContext, device: str, compressed: nn.Module) -> float:
+    """Predicted latency (ms) of the deployed form of a compressed model: no timing run."""
+    from .cost.profile import plan_rows
+
+    assert ctx.latency is not None
+    return ctx.latency.predict_rows(plan_rows(compressed, ctx.example_input, device))
+
+
+class Objective:
+    """The trial function Optuna calls: returns validation accuracy (and size / predicted latency
+    for a multi-objective study)."""
+
+    def __init__(self, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, limit: int) -> None:
+        self.s, self.ctx, self.tracker, self.limit = settings, ctx, tracker, limit
+        os.makedirs(settings.artifact_dir, exist_ok=True)
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        acc, size = self._run(trial)
+        values = {"accuracy": acc, "size": float(size),
+                  "latency": trial.user_attrs.get(Attr.PREDICTED_LATENCY_MS, 0.0)}
+        return acc if len(self.s.objectives) == 1 else tuple(values[o] for o in self.s.objectives)
+
+    def _run(self, trial: optuna.Trial) -> tuple[float, int]:
+        start = time.perf_counter()
+        torch.manual_seed(self.s.seed + trial.number)
+        proposed = self.ctx.space.suggest(trial)
+        plan, compressed, size, error = proposed, None, 0, None
+        try:
+            plan, compressed, size = self._fit(proposed)
+        except Exception as e:  # recorded below, in the trial's own run
+            error = e
+        run_id = self.tracker.start_trial(trial.number, run_params(plan, self.s), plan.to_dict())
+        trial.set_user_attr(Attr.MLFLOW_RUN_ID, run_id)
+        trial.set_user_attr(Attr.PLAN, plan.to_dict())
+        if plan is not proposed:
+            trial.set_user_attr(Attr.REPAIRED, True)
+            trial.set_user_attr(Attr.PROPOSED_PLAN, proposed.to_dict())
+            self.tracker.set_tags(run_id, {"repaired": "true"})
+            self.tracker.log_text(run_id, proposed.to_json(), "proposed_plan.json")
+        state, finetune_s = TrialState.FAILED, 0.0
+        try:
+            if error is not None:
+                raise error
+            assert compressed is not None
+            ratio = self.ctx.original_bytes / size
+            trial.set_user_attr(Attr.SIZE_BYTES, size)
+            trial.set_user_attr(Attr.RATIO, ratio)
+            trial.set_user_attr(Attr.CONSTRAINT, float(size - self.limit))
+            trial.set_constraint("size_over_budget", float(size - self.limit))
+            self.tracker.log_metrics(run_id, {"size_bytes": size, "compression_ratio": ratio})
+            slow = self._record_latency(trial, run_id, compressed)
+            self.tracker.set_tags(run_id, {"budget_met": str(size <= self.limit and not slow).lower()})
+            if size > self.limit or slow:
+                state = TrialState.INFEASIBLE
+                trial.set_user_attr(Attr.INFEASIBLE, True)
+                return 0.0, size
+            path = os.path.join(self.s.artifact_dir, f"trial-{trial.number}.acz")
+            result = finetune_and_export(compressed, plan, size, path, self.s, self.ctx, epochs=self.s.epochs,
+                                         max_batches=self.s.max_batches, report=self._reporter(trial, run_id))
+            finetune_s = result.seconds + result.eval_seconds
+            for epoch, loss in enumerate(result.train_loss):
+                self.tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch + 1)
+            trial.set_user_attr(Attr.ARTIFACT, os.path.abspath(path))
+            acc = result.val_acc[-1]
+            self.tracker.log_metrics(run_id, {"val_accuracy_final": acc})
+            state = TrialState.COMPLETE
+            return acc, size
+        except optuna.TrialPruned:
+            state = TrialState.EARLY_STOPPED
+            raise
+        except KeyboardInterrupt:
+            state = TrialState.INTERRUPTED
+            raise
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+            trial.set_user_attr(Attr.FAIL_REASON, reason)
+            self.tracker.set_tags(run_id, {"fail_reason": reason})
+            raise TrialFailed(reason) from e
+        finally:
+            seconds = time.perf_counter() - start
+            trial.set_user_attr(Attr.SECONDS, seconds)
+            trial.set_user_attr(Attr.OVERHEAD_SECONDS, seconds - finetune_s)
+            self.tracker.log_metrics(run_id, {"trial_seconds": seconds, "overhead_seconds": seconds - finetune_s})
+            self.tracker.end(run_id, state)
+
+    def _latency(self, compressed: nn.Module) -> float:
+        return predicted_latency(self.ctx, self.s.device, compressed)
+
+    def _record_latency(self, trial: optuna.Trial, run_id: str, compressed: nn.Module) -> bool:
+        """Log the predicted latency and its constraint; True when it is over the latency budget."""
+        if self.ctx.latency is None:
+            return False
+        ms = self._latency(compressed)
+        trial.set_user_attr(Attr.PREDICTED_LATENCY_MS, ms)
+        self.tracker.log_metrics(run_id, {"predicted_latency_ms": ms})
+        if self.s.latency_budget_ms is None:
+            return False
+        trial.set_constraint("latency_over_budget", ms - self.s.latency_budget_ms)
+        return ms > self.s.latency_budget_ms
+
+    def _load(self, plan: CompressionPlan) -> float:
+        """Largest share of a budget a plan uses (size, and predicted latency): <= 1 fits both."""
+        compressed, size = sized(self.ctx, plan)
+        load = size / self.limit
+        if self.s.latency_budget_ms is not None:
+            load = max(load, self._latency(compressed) / self.s.latency_budget_ms)
+        return load
+
+    def _fit(self, proposed: CompressionPlan) -> tuple[CompressionPlan, nn.Module, int]:
+        """Compress the proposal; if it is over budget (and repair is on), tighten it into the budget.
+        Plans are sized uncalibrated; only the one returned is calibrated (BN statistics, activation
+        ranges), so an over-budget proposal costs no calibration passes."""
+        compressed, size = sized(self.ctx, proposed)
+        latency_ok = self.s.latency_budget_ms is None or self._latency(compressed) <= self.s.latency_budget_ms
+        plan, fits = proposed, size <= self.limit and latency_ok
+        if not fits and self.s.repair:
+            fixed = repair(proposed, self.ctx.space.layers, self._load, 1.0)  # share of the budget(s) used <= 1
+            if fixed is not None:
+                plan, fits = fixed, True
+                compressed, size = sized(self.ctx, fixed)
+        if fits:  # an infeasible plan is recorded, never trained
+            calibrate_model(compressed, self.ctx.calib)
+        return plan, compressed, size
+
+    def _reporter(self, trial: optuna.Trial, run_id: str) -> Callable[[float, int], None]:
+        last_epoch = self.s.epochs  # finetune reports epochs 1..E (or 0 when E == 0)
+
+        def report(acc: float, epoch: int) -> None:
+            self.tracker.log_metrics(run_id, {"val_accuracy": acc}, step=epoch)
+            if not math.isfinite(acc):
+                raise TrialFailed("validation accuracy is not finite")
+            if len(self.s.objectives) > 1:  # Optuna's early stopping is single-objective only
+                curve = {**trial.user_attrs.get(Attr.VAL_BY_EPOCH, {}), str(epoch): acc}
+                trial.set_user_attr(Attr.VAL_BY_EPOCH, curve)
+                if epoch < last_epoch and self.s.early_stopping != "none" and dominated_early(trial, acc, epoch):
+                    raise optuna.TrialPruned(f"val accuracy {acc:.4f} after epoch {epoch} is dominated")
+                return
+            trial.report(acc, epoch)
+            if epoch < last_epoch and trial.should_prune():
+                raise optuna.TrialPruned(f"val accuracy {acc:.4f} after epoch {epoch}")
+        return report
+
+
+def dominated_early(trial: optuna.Trial, acc: float, epoch: int, margin: float = 0.02) -> bool:
+    """Multi-objective early stop: some finished trial no larger than this one was already more
+    than `margin` more accurate at the same epoch, so this trial is unlikely to reach the front."""
+    size = trial.user_attrs.get(Attr.SIZE_BYTES, float("inf"))
+    for t in trial.study.get_trials(deepcopy=False, states=(TS.COMPLETE,)):
+        other = t.user_attrs.get(Attr.VAL_BY_EPOCH, {}).get(str(epoch))
+        if other is not None and t.user_attrs.get(Attr.SIZE_BYTES, float("inf")) <= size and other > acc + margin:
+            return True
+    return False
+
+
+def run_params(plan: CompressionPlan, s: SearchSettings) -> dict[str, Any]:
+    """The MLflow params of a trial's run: the plan's summary and the fine-tune settings."""
+    return {**plan.summary(), "epochs": s.epochs, "lr": s.lr}

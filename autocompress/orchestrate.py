@@ -1,0 +1,196 @@
+"""The search itself: run (or resume) a study until it holds `--trials` trials, then refine the
+finalists, export the best and log the review. One loop level per function: run_search sets up,
+runs the trials (here or in worker processes) and finishes; `optimize` runs this process's trials.
+
+Named orchestrate, not search: `autocompress.search` is the public function (api.search), and a
+submodule of that name would shadow it after its first import.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import optuna
+
+from .console import progress_bar, trial_printer
+from .context import SearchContext, SearchOutcome
+from .cost import space_untouchable
+from .objective import Objective, TrialFailed, sized
+from .plan import CompressionPlan, format_bytes
+from .refine import refine
+from .report import format_table, print_table, trial_rows
+from .review import log_review
+from .settings import SearchSettings
+from .storage import StudyLock
+from .study import check_same_study, make_sampler, make_tracker, open_study, resume_cleanup, space_json
+from .tracking import Tracker
+from .trials import Attr, StudyAttr, TrialState, accuracy, best_final, best_trial, pareto_trials
+from .workers import optimize_shared, spawn_workers, study_counts, wait_workers
+
+
+def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
+    """Run (or resume) the study until it holds `settings.trials` counted trials or time runs out.
+
+    With settings.workers > 1, that many worker processes (started with settings.options()) share
+    the study and log their trials under this invocation's one parent run.
+    """
+    limit = settings.budget.limit(ctx.original_bytes)
+    study = open_study(settings)
+    check_same_study(study, settings, ctx, limit)
+    study.set_user_attr(StudyAttr.BASELINE, {"val_accuracy": ctx.baseline_val_acc, "fp32_bytes": ctx.original_bytes})
+    tracker = make_tracker(settings)
+    closed = resume_cleanup(study, tracker)
+    workers = settings.workers
+    parent = tracker.start_parent(f"search-{time.strftime('%Y%m%d-%H%M%S')}", {
+        "budget": str(settings.budget), "budget_bytes": limit, "model": ctx.spec.spec, "data": ctx.data.name,
+        "trials": settings.trials, "epochs": settings.epochs, "seed": settings.seed, "device": settings.device,
+        "space_params": len(ctx.space.param_names()), "workers": workers,
+    })
+    tracker.log_metrics(parent, {"baseline_val_accuracy": ctx.baseline_val_acc,
+                                 "baseline_fp32_bytes": ctx.original_bytes})
+    tracker.log_text(parent, space_json(ctx.space), "search_space.json")
+    done, running = study_counts(study)
+    remaining = max(settings.trials - done, 0)
+    study.set_user_attr(StudyAttr.UNTOUCHABLE, space_untouchable(ctx.model, ctx.space, ctx.spec, ctx.example_input))
+    print(f"study {settings.study}: {done} trials done, {remaining} to run"
+          + (f" ({running} running elsewhere)" if running else "")
+          + f"; budget {format_bytes(limit)} " + budget_ratio(limit, ctx.original_bytes)
+          + f"; {format_bytes(study.user_attrs[StudyAttr.UNTOUCHABLE])} no plan can touch"
+          + (f"; {workers} workers" if workers > 1 else "")
+          + (f"; closed {closed} run(s) left by a killed search" if closed else ""), flush=True)
+    if settings.warm_start and not study.get_trials(deepcopy=False) and remaining:
+        enqueue_warm_start(study, settings, ctx, tracker, parent, limit, remaining)
+    try:
+        if workers > 1 and remaining > 0:
+            options = {**settings.options(), "progress": False}
+            codes = wait_workers(spawn_workers(options, workers, parent))
+            bad = [f"worker {i}: exit {c}" for i, c in enumerate(codes) if c != 0]
+            if bad:
+                print(f"some workers did not end cleanly ({', '.join(bad)}); their trials are retried "
+                      "by the others or by the next run")
+        else:
+            optimize(settings, ctx, study, tracker, limit, remaining)
+    except KeyboardInterrupt:
+        print("interrupted: the current trial is recorded as interrupted; run the same command to resume")
+        tracker.end(parent, TrialState.INTERRUPTED)
+        raise
+    return finish(study, settings, ctx, tracker, parent, limit)
+
+
+def budget_ratio(limit: int, original_bytes: int) -> str:
+    """'(34.9x of 1.72 MB fp32)', or, for a budget the fp32 model already meets, says so."""
+    if limit >= original_bytes:
+        return f"(the {format_bytes(original_bytes)} fp32 model already fits)"
+    return f"({original_bytes / limit:.1f}x of {format_bytes(original_bytes)} fp32)"
+
+
+def run_worker(settings: SearchSettings, ctx: SearchContext, parent_run_id: str) -> int:
+    """One worker process of `--workers N`: runs trials of the (existing) study under the given parent run."""
+    limit = settings.budget.limit(ctx.original_bytes)
+    study = open_study(settings, create=False)
+    tracker = make_tracker(settings)
+    tracker.parent_id = parent_run_id
+    return optimize(settings, ctx, study, tracker, limit, 0)
+
+
+def optimize(settings: SearchSettings, ctx: SearchContext, study: optuna.Study, tracker: Tracker, limit: int,
+             remaining: int) -> int:
+    """Take trials of the shared study until it is complete (see workers.optimize_shared)."""
+    objective = Objective(settings, ctx, tracker, limit)
+    bar = progress_bar(remaining, settings.progress)
+    try:
+        return optimize_shared(study, objective, settings.trials, StudyLock(settings.storage_url, settings.study or ""),
+                               timeout=settings.timeout, catch=(TrialFailed,),
+                               callbacks=[trial_printer(bar, ctx.original_bytes)],
+                               poll=min(2.0, settings.heartbeat_interval),
+                               sampler_for=lambda n: make_sampler(settings, n))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker,
+                       parent: str, limit: int, remaining: int) -> None:
+    """Sensitivity analysis (cached per weights), then the uniform and knapsack plans as first trials."""
+    from .sensitivity import cached_analyse
+    from .warmstart import to_params, warm_start_plans
+
+    t0 = time.perf_counter()
+    sens, cache, cached = cached_analyse(ctx.model, ctx.data.val, ctx.example_input,
+                                         os.path.join(settings.out, "sensitivity"), device=settings.device,
+                                         progress=settings.progress)
+    print(f"sensitivity ({'cached' if cached else f'{time.perf_counter() - t0:.1f}s'}): most fragile first: "
+          + ", ".join(sens.ranking()[:5]))
+    tracker.log_file(parent, cache)
+    study.set_user_attr(StudyAttr.SENSITIVITY, sens.table())  # the heat map of the review
+    plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: sized(ctx, p)[1], limit, sens)
+    plans = sorted(plans, key=lambda np_: np_[0] != "knapsack")[:remaining]  # never more than the trials asked
+    for name, plan in plans:
+        params = to_params(plan, ctx.space.layers)
+        if params is not None:
+            study.enqueue_trial(params, user_attrs={Attr.WARM_START: name}, skip_if_exists=True)
+    print(f"warm start: {', '.join(n for n, _ in plans) or 'no plan fits'}")
+
+
+def finish(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, parent: str,
+           limit: int) -> SearchOutcome:
+    """After the trials: refine the finalists, print the tables, export the best, log the review."""
+    if settings.final_top > 0 and settings.final_epochs > 0:
+        refine(study, settings, ctx, tracker, settings.final_top, settings.final_epochs)
+    best = best_trial(study)
+    print_table(study, ctx.original_bytes, limit)
+    if len(settings.objectives) > 1:
+        front = {t.number for t in pareto_trials(study)}
+        print(f"\nPareto front ({' vs '.join(settings.objectives)}), {len(front)} trials:")
+        print(format_table([r for r in trial_rows(study, ctx.original_bytes) if r["trial"] in front], top=50))
+    outcome = SearchOutcome(study, best, None, None, None, limit, parent)
+    if best is not None:
+        finish_best(outcome, settings, ctx, tracker)
+    else:
+        print("no trial met the budget yet: run more trials (--trials) or raise --budget")
+    log_review(tracker, outcome, settings.out, settings.register)
+    tracker.end(parent, TrialState.COMPLETE)
+    return outcome
+
+
+def finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchContext, tracker: Tracker) -> None:
+    """Copy the best artifact to OUT/best.acz, load it back and measure test accuracy once."""
+    from .artifact import load
+    from .train import evaluate
+
+    best = outcome.best
+    assert best is not None and outcome.parent_run_id
+    src, best_val = best.user_attrs[Attr.ARTIFACT], accuracy(best)
+    final = best_final(outcome.study)
+    if final is not None:
+        number, info = final
+        best = outcome.best = next(t for t in outcome.study.trials if t.number == number)
+        src, best_val = info["artifact"], info["val_accuracy"]
+    outcome.best_val = best_val
+    if not os.path.isfile(src):  # another machine of a shared study ran it
+        print(f"best: trial {best.number}, val {best_val:.4f}, ran on {best.user_attrs.get(Attr.WORKER, '?')}; "
+              f"its artifact is there: {src} (export it on that machine)")
+        return
+    dst = os.path.join(settings.out, "best.acz")
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+    deployed = load(dst)
+    outcome.best_path = dst
+    outcome.test_accuracy = evaluate(deployed, ctx.data.test, device=settings.device)
+    outcome.baseline_test_accuracy = evaluate(ctx.model, ctx.data.test, device=settings.device)
+    size = os.path.getsize(dst)
+    tracker.log_metrics(outcome.parent_run_id, {
+        "best_val_accuracy": best_val, "best_test_accuracy": outcome.test_accuracy,
+        "baseline_test_accuracy": outcome.baseline_test_accuracy, "best_size_bytes": size,
+        "best_compression_ratio": ctx.original_bytes / size})
+    tracker.set_tags(outcome.parent_run_id, {"best_trial": best.number, "best_artifact": os.path.abspath(dst)})
+    tracker.log_text(outcome.parent_run_id, CompressionPlan.from_dict(best.user_attrs[Attr.PLAN]).to_json(),
+                     "best_plan.json")
+    if ctx.latency is not None:
+        from .timing import time_final
+
+        time_final(outcome, settings, ctx, tracker, best, dst)
+    print(f"best: trial {best.number}, val {best_val:.4f}, test {outcome.test_accuracy:.4f} "
+          f"(baseline test {outcome.baseline_test_accuracy:.4f}), {size} bytes = {format_bytes(size)}, "
+          f"{ctx.original_bytes / size:.1f}x -> {dst}")

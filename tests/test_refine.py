@@ -1,0 +1,27 @@
+"""The final phase: the top plans fine-tuned longer, the best of them exported."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from autocompress.api import search
+
+pytestmark = pytest.mark.slow
+
+QUICK = dict(model="lenet5", data="digits", epochs=1, baseline_epochs=3, max_batches=4, progress=False, seed=0,
+             final_top=0)
+
+
+def test_final_phase_refines_the_top_plans_and_exports_the_best(tmp_path):
+    outcome = search("8x", out=str(tmp_path), study="f", **{**QUICK, "trials": 3, "final_top": 2, "final_epochs": 1})
+    final = outcome.study.user_attrs["final"]
+    assert len(final) == 2
+    assert all(f["distill"] == 0.5 for f in final.values())  # --final-distill's default, whatever the plan said
+    best_num, best = max(final.items(), key=lambda kv: kv[1]["val_accuracy"])
+    assert outcome.best.number == int(best_num) and outcome.best_val == best["val_accuracy"]
+    assert os.path.getsize(outcome.best_path) == best["size_bytes"] == os.path.getsize(best["artifact"])
+    from autocompress.cli import main
+
+    assert main(["export", "--runs", str(tmp_path), "--study", "f", "--out", str(tmp_path / "x.acz")]) == 0
+    assert (tmp_path / "x.acz").read_bytes() == open(best["artifact"], "rb").read()
