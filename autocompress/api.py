@@ -44,12 +44,12 @@ def load_inputs(model: str, data: str | None, weights: str | None, data_dir: str
     from .models import build_model, load_weights
 
     if data is None:
-        bundle = default_data(seed)
+        bundle = default_data(seed, image_size=image_size)
         if bundle.notice:
             print(bundle.notice)
     else:
         bundle = load_data(data, data_dir=data_dir, seed=seed, limit=limit, val_fraction=val_fraction,
-                           image_size=image_size)
+                           image_size=image_size, model=model)
     spec = ModelSpec(model, bundle.num_classes, bundle.in_channels, bundle.image_size, data=bundle.name)
     net = build_model(spec)
     if weights:

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--weights")
     z.add_argument("--data")
     z.add_argument("--data-dir")
+    z.add_argument("--image-size", type=int, help="resize images to N x N (image folders: default the model's size)")
     z.add_argument("--baseline-epochs", type=int)
     z.add_argument("--amounts", help="pruning amounts to test (default: sensitivity.AMOUNTS, 0.5 to 0.99)")
     z.add_argument("--bits", help="weight bit widths to test (default: sensitivity.BITS, 2 to 6)")
@@ -109,7 +110,7 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
         bits = tuple(int(v) for v in a.bits.split(",")) if a.bits else BITS
     except ValueError:
         raise UserError("--amounts and --bits take comma-separated numbers, e.g. --amounts 0.5,0.9 --bits 2,4") from None
-    spec, bundle, _ = load_inputs(a.model, a.data, a.weights, a.data_dir, a.seed, None, 0.1)
+    spec, bundle, _ = load_inputs(a.model, a.data, a.weights, a.data_dir, a.seed, None, 0.1, a.image_size)
     epochs = a.baseline_epochs if a.baseline_epochs is not None else DEFAULT_BASELINE_EPOCHS.get(a.model, OTHER_BASELINE_EPOCHS)
     net, val_acc = baseline(spec, bundle, epochs=epochs, seed=a.seed, device=a.device, weights=a.weights)
     sens, path, cached = cached_analyse(net.to(a.device), bundle.val.to(a.device), bundle.train.x[:2].to(a.device),
@@ -239,7 +240,7 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     if not data_spec:
         raise UserError("the artifact does not say which data it was compressed on: pass --data")
     model = load(a.artifact).to(a.device)
-    bundle = load_data(data_spec, data_dir=a.data_dir)
+    bundle = load_data(data_spec, data_dir=a.data_dir, image_size=spec.get("image_size"))
     acc = evaluate(model, bundle.test.to(a.device), device=a.device)
     size = os.path.getsize(a.artifact)
     print(f"{a.artifact}: test accuracy {acc:.4f} on {bundle.name} ({len(bundle.test)} samples), {size} bytes")

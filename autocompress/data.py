@@ -2,9 +2,15 @@
 
 Every spec is materialised as float32 tensors (N x C x H x W) so that training slices tensors
 directly instead of going through a DataLoader: image-folder data must therefore fit in RAM.
-The validation split is always carved from the training data (stratified, seeded); the test
-split is kept apart for the final report. Images are normalised per channel with the mean and
-std of the training split only.
+The validation split is carved from the training data (stratified, seeded) unless an image
+folder brings its own val/; the test split is kept apart for the final report.
+
+Image folders are read as RGB the way torchvision's ImageNet evaluation reads them: shorter side
+resized to S * 256/224, centre-cropped to S x S, normalised with the ImageNet mean and std (what
+torchvision checkpoints expect). S is `image_size`, else the model's natural size
+(models.natural_image_size), else the images' own size when they all have one. Other data keep
+their channels, are resized to S x S only when `image_size` is given, and are normalised per
+channel with the mean and std of their training split.
 
 Specs: `fashion-mnist`, `digits`, `imagefolder:DIR`, `torchvision:NAME`, `module:callable`
 (or `path/file.py:callable`).
@@ -115,9 +121,22 @@ def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return kept, carved
 
 
+def _resize(x: Tensor, size: int) -> Tensor:
+    """Whole-tensor resize to size x size (antialiased bilinear), in chunks to bound memory."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    from torch.nn.functional import interpolate
+
+    return torch.cat([interpolate(c, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                      for c in x.split(4096)]) if len(x) else x.new_zeros(0, x.shape[1], size, size)
+
+
 def _finish(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, name: str, *,
-            val_fraction: float, seed: int, limit: int | None, num_classes: int | None = None) -> DataBundle:
-    """Cap the training pool, carve validation from it, normalise with train statistics."""
+            val_fraction: float, seed: int, limit: int | None, num_classes: int | None = None,
+            image_size: int | None = None, val: tuple[Tensor, Tensor] | None = None,
+            norm_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> DataBundle:
+    """Cap the training pool, carve validation from it (unless `val` is given), resize to
+    `image_size`, normalise with `norm_stats` (mean, std) or the training split's statistics."""
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if len(train_y) == 0 or len(test_y) == 0:
@@ -132,10 +151,18 @@ def _finish(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, na
     if limit is not None and limit < len(train_y):
         keep = torch.as_tensor(_pick(train_y.numpy(), limit, seed))
         train_x, train_y = train_x[keep], train_y[keep]
-    kept, carved = (torch.as_tensor(i) for i in _split(train_y.numpy(), val_fraction, seed))
-    tx, ty, vx, vy = train_x[kept], train_y[kept], train_x[carved], train_y[carved]
-    mean = tx.mean(dim=(0, 2, 3), keepdim=True)
-    std = tx.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    if val is None:
+        kept, carved = (torch.as_tensor(i) for i in _split(train_y.numpy(), val_fraction, seed))
+        tx, ty, vx, vy = train_x[kept], train_y[kept], train_x[carved], train_y[carved]
+    else:
+        tx, ty, (vx, vy) = train_x, train_y, (val[0].float(), val[1].long())
+    if image_size:
+        tx, vx, test_x = _resize(tx, image_size), _resize(vx, image_size), _resize(test_x, image_size)
+    if norm_stats is None:
+        mean = tx.mean(dim=(0, 2, 3), keepdim=True)
+        std = tx.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    else:
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in norm_stats)
     norm = lambda x: ((x - mean) / std).contiguous()  # noqa: E731
     classes = num_classes or int(max(train_y.max(), test_y.max())) + 1
     return DataBundle(TensorData(norm(tx), ty), TensorData(norm(vx), vy), TensorData(norm(test_x), test_y),
@@ -241,49 +268,80 @@ def _to_tensor(item: Any) -> Tensor:
 
 
 def _stack(items: Iterable[tuple[Any, Any]], what: str) -> tuple[Tensor, Tensor]:
+    """Stack (image, label) pairs; grey images among colour ones are repeated to three channels."""
     xs, ys = [], []
-    for x, y in items:
-        xs.append(_to_tensor(x))
-        ys.append(int(y))
+    try:
+        for x, y in items:
+            xs.append(_to_tensor(x))
+            ys.append(int(y))
+    except OSError as e:  # PIL's UnidentifiedImageError, truncated files
+        raise UserError(f"{what}: cannot read an image ({e})".splitlines()[0]) from None
     if not xs:
         raise UserError(f"{what} is empty")
+    if len({t.shape[0] for t in xs if t.dim() == 3}) > 1:
+        xs = [t.expand(3, -1, -1) if t.dim() == 3 and t.shape[0] == 1 else t for t in xs]
     shapes = {tuple(t.shape) for t in xs}
     if len(shapes) > 1:
-        raise UserError(f"{what} has images of different sizes {sorted(shapes)[:3]}; pass --image-size")
+        raise UserError(f"{what} has images of different sizes {sorted(shapes)[:3]}; pass --image-size N")
     return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
 
 
-def _load_imagefolder(root: str, image_size: int | None, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    from torchvision import datasets, transforms
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HELD_OUT_FOLDERS = ("test", "val")
 
+
+def folder_transform(image_size: int | None) -> Any:
+    """torchvision's ImageNet evaluation transform at size S: resize to S*256/224, centre-crop S."""
+    from torchvision import transforms
+
+    if not image_size:
+        return None
+    return transforms.Compose([transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size)])
+
+
+def _image_folder(path: str, image_size: int | None, spec_root: str) -> Any:
+    from torchvision import datasets
+
+    try:
+        return datasets.ImageFolder(path, transform=folder_transform(image_size))
+    except (FileNotFoundError, RuntimeError) as e:
+        reason = str(e).splitlines()[0]
+        raise UserError(f"image folder {path} has no class folders with images ({reason}); expected "
+                        f"{spec_root}/CLASS/IMAGE or {spec_root}/train/CLASS/IMAGE with test/ or val/ beside it"
+                        ) from None
+
+
+def _load_imagefolder(root: str, image_size: int | None, seed: int) -> tuple[dict[str, Any], int]:
+    """Tensors of an ImageFolder tree: root/train + root/test (or val), or one folder (root or
+    root/train alone) with the test split carved from it.
+
+    With both test/ and val/, val/ is the validation split instead of one carved from train/.
+    Returns (keyword arguments for _finish, number of classes).
+    """
     if not os.path.isdir(root):
         raise UserError(f"image folder not found: {root} (from --data imagefolder:{root})")
-    tf = transforms.Resize((image_size, image_size)) if image_size else None
-
-    def folder(path: str) -> Any:
-        try:
-            return datasets.ImageFolder(path, transform=tf)
-        except (FileNotFoundError, RuntimeError) as e:
-            raise UserError(f"bad image folder {path}: {e}".splitlines()[0]) from None
-
-    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
-        train, test = folder(os.path.join(root, "train")), folder(os.path.join(root, "test"))
-        if train.classes != test.classes:
-            raise UserError(f"{root}: train and test have different class folders "
-                            f"({train.classes} vs {test.classes})")
-        tx, ty = _stack(train, f"{root}/train")
-        vx, vy = _stack(test, f"{root}/test")
-        n_classes = len(train.classes)
-    else:
-        whole = folder(root)
-        x, y = _stack(whole, root)
+    held = [d for d in HELD_OUT_FOLDERS if os.path.isdir(os.path.join(root, d))]
+    if os.path.isdir(os.path.join(root, "train")) and held:
+        parts = {name: _image_folder(os.path.join(root, name), image_size, root) for name in ("train", *held)}
+        classes = parts["train"].classes
+        for name in held:
+            if parts[name].classes != classes:
+                raise UserError(f"{root}: train/ and {name}/ have different class folders "
+                                f"({classes} vs {parts[name].classes}); give both the same class names")
+        tensors = {name: _stack(ds, f"{root}/{name}") for name, ds in parts.items()}
+        out: dict[str, Any] = dict(zip(("train_x", "train_y"), tensors["train"]))
+        out.update(zip(("test_x", "test_y"), tensors[held[0]]))
+        if len(held) == 2:
+            out["val"] = tensors["val"]
+    else:  # one folder of class folders (root/train alone counts as that folder); test carved from it
+        only = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+        whole = _image_folder(only, image_size, root)
+        classes = whole.classes
+        x, y = _stack(whole, only)
         kept, test_idx = (torch.as_tensor(i) for i in _split(y.numpy(), 0.2, seed))
-        tx, ty, vx, vy = x[kept], y[kept], x[test_idx], y[test_idx]
-        n_classes = len(whole.classes)
-    if tx.shape[1] == 3 and torch.equal(tx[:, 0], tx[:, 1]) and torch.equal(tx[:, 0], tx[:, 2]) \
-            and torch.equal(vx[:, 0], vx[:, 1]) and torch.equal(vx[:, 0], vx[:, 2]):
-        tx, vx = tx[:, :1], vx[:, :1]  # grey images loaded as RGB: keep one channel
-    return tx, ty, vx, vy, n_classes
+        out = dict(train_x=x[kept], train_y=y[kept], test_x=x[test_idx], test_y=y[test_idx])
+    return out, len(classes)
 
 
 def _fast_arrays(ds: Any) -> tuple[Tensor, Tensor] | None:
@@ -302,28 +360,30 @@ def _fast_arrays(ds: Any) -> tuple[Tensor, Tensor] | None:
 
 def _load_torchvision(name: str, data_dir: str | None, image_size: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     import torchvision
-    from torchvision import transforms
 
     cls = getattr(torchvision.datasets, name, None)
     if cls is None:
         raise UserError(f"torchvision has no dataset {name!r} (see torchvision.datasets)")
     root = data_dir or os.path.join(CACHE_ROOT, "torchvision")
-    tf = transforms.Resize((image_size, image_size)) if image_size else None
 
     def split(train: bool) -> tuple[Tensor, Tensor]:
-        kw: dict[str, Any] = {"transform": tf}
         last: Exception | None = None
         for download in (False, True):
             for split_kw in ({"train": train}, {"split": "train" if train else "test"}):
                 try:
-                    ds = cls(root, download=download, **split_kw, **kw)
+                    ds = cls(root, download=download, **split_kw)
                 except TypeError as e:
                     last = e
                     continue
                 except Exception as e:  # not on disk yet, or download failed
                     last = e
                     break
-                return _fast_arrays(ds) or _stack(ds, f"torchvision:{name}")
+                fast = _fast_arrays(ds)
+                if fast is not None:
+                    return fast  # resized as a whole by _finish
+                if image_size:  # PIL images, maybe of varying sizes: resize and crop like a folder
+                    ds = cls(root, download=False, transform=folder_transform(image_size), **split_kw)
+                return _stack(ds, f"torchvision:{name}")
         reason = f"{type(last).__name__}: {last}".splitlines()[0][:200]
         raise UserError(f"cannot load torchvision:{name} under {root} ({reason}); pass --data-dir")
 
@@ -331,17 +391,29 @@ def _load_torchvision(name: str, data_dir: str | None, image_size: int | None) -
 
 
 def load_data(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
-              limit: int | None = None, image_size: int | None = None) -> DataBundle:
-    """Load a data spec into memory with train / val (carved from train) / test splits."""
-    opts = dict(val_fraction=val_fraction, seed=seed, limit=limit)
+              limit: int | None = None, image_size: int | None = None, model: str | None = None) -> DataBundle:
+    """Load a data spec into memory with train / val (carved from train) / test splits.
+
+    `image_size` S resizes images to S x S (image folders: resize and centre-crop). Without it,
+    image folders take the natural input size of `model` (a model spec such as torchvision:resnet50),
+    and other data keep their own size.
+    """
+    if image_size is not None and image_size < 1:
+        raise UserError(f"--image-size must be a positive number of pixels, got {image_size}")
+    opts: dict[str, Any] = dict(val_fraction=val_fraction, seed=seed, limit=limit, image_size=image_size)
     if spec == "fashion-mnist":
         return _finish(*_load_fashion(data_dir), "fashion-mnist", **opts, num_classes=10)
     if spec == "digits":
         return _finish(*_load_digits(seed), "digits", **opts, num_classes=10)
     kind, _, rest = spec.partition(":")
     if kind == "imagefolder" and rest:
-        *tensors, n_classes = _load_imagefolder(rest, image_size, seed)
-        return _finish(*tensors, f"imagefolder:{os.path.abspath(rest)}", **opts, num_classes=n_classes)
+        if image_size is None and model:
+            from .models import natural_image_size
+
+            opts["image_size"] = natural_image_size(model)
+        tensors, n_classes = _load_imagefolder(rest, opts["image_size"], seed)
+        return _finish(**tensors, name=f"imagefolder:{os.path.abspath(rest)}", **opts, num_classes=n_classes,
+                       norm_stats=(IMAGENET_MEAN, IMAGENET_STD))
     if kind == "torchvision" and rest:
         return _finish(*_load_torchvision(rest, data_dir, image_size), spec, **opts)
     if rest and kind not in ("imagefolder", "torchvision"):
@@ -357,11 +429,11 @@ def load_data(spec: str, *, data_dir: str | None = None, val_fraction: float = 0
     raise UserError(f"unknown data spec {spec!r}: use one of {SPEC_FORMS}")
 
 
-def default_data(seed: int = 0) -> DataBundle:
+def default_data(seed: int = 0, image_size: int | None = None) -> DataBundle:
     """Fashion-MNIST, or the bundled digits (with a notice) when it cannot be found or fetched."""
     try:
-        return load_data("fashion-mnist", seed=seed)
+        return load_data("fashion-mnist", seed=seed, image_size=image_size)
     except UserError as e:
-        bundle = load_data("digits", seed=seed)
+        bundle = load_data("digits", seed=seed, image_size=image_size)
         bundle.notice = f"using sklearn digits instead of Fashion-MNIST: {e}"
         return bundle

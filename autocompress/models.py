@@ -104,6 +104,29 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
             return
 
 
+TORCHVISION_SIZE = 224
+TORCHVISION_SIZES = {"inception_v3": 299}  # the torchvision classifiers not built for 224 x 224
+
+
+def natural_image_size(spec: str) -> int | None:
+    """The input size a model spec is built for, used for image folders without --image-size.
+
+    28 for the built-ins, 224 for torchvision classifiers (299 for inception_v3), the default of a
+    user factory's `image_size` parameter; None when the spec does not say (a saved module).
+    """
+    if spec in BUILTIN_MODELS:
+        return 28
+    if spec.startswith("torchvision:"):
+        return TORCHVISION_SIZES.get(spec.split(":", 1)[1], TORCHVISION_SIZE)
+    if os.path.isfile(spec) or ":" not in spec:
+        return None
+    try:
+        param = inspect.signature(import_callable(spec, "--model")).parameters.get("image_size")
+    except (UserError, TypeError, ValueError):
+        return None
+    return param.default if param is not None and isinstance(param.default, int) else None
+
+
 def build_model(spec: str | ModelSpec, num_classes: int = 10, in_channels: int = 1,
                 image_size: int = 28) -> nn.Module:
     """Build an (untrained unless the spec is a saved module) model from a spec string."""
@@ -125,7 +148,7 @@ def build_model(spec: str | ModelSpec, num_classes: int = 10, in_channels: int =
         except ValueError:
             raise UserError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()") from None
         model = fn(weights=None, num_classes=num_classes)
-        _adapt_first_conv(model, in_channels)
+        _adapt_first_conv(model, in_channels)  # grey data; RGB data keeps the model's own 3-channel stem
         return model
     if os.path.isfile(spec):
         return load_saved_module(spec)

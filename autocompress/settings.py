@@ -116,8 +116,8 @@ class SearchSettings:
     data: str | None = option(None, "fashion-mnist | digits | imagefolder:DIR | torchvision:NAME | module:callable "
                               "(default: fashion-mnist, else digits)")
     data_dir: str | None = option(None, "where to look for the data set files")
-    image_size: int | None = option(None, "side in pixels the images are resized to (default: the data's natural "
-                                    "size)", check=at_least(1))
+    image_size: int | None = option(None, "side in pixels the images are resized to (default: image folders at the "
+                                    "model's natural size, other data at their own)", check=at_least(1))
     limit: int | None = option(None, "use at most this many training samples (quick runs)", check=at_least(1))
     val_fraction: float = option(0.1, "share of the training data held out as the validation split",
                                  check=between(0, 1, low_open=True, high_open=True))

@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from autocompress import data as data_mod
 from autocompress.data import TensorData, default_data, load_data
@@ -78,39 +77,6 @@ def test_unknown_spec_lists_forms():
         load_data("no-such-data")
 
 
-def test_missing_imagefolder(tmp_path):
-    with pytest.raises(UserError, match="not found"):
-        load_data(f"imagefolder:{tmp_path / 'missing'}")
-
-
-def _png(path, value: int, mode: str = "L", size: int = 10) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    colour = value if mode == "L" else (value, 255 - value, 0)
-    Image.new(mode, (size, size), colour).save(path)
-
-
-def test_imagefolder_with_train_and_test(tmp_path):
-    for split, n in (("train", 10), ("test", 3)):
-        for c, cls in enumerate(("cat", "dog")):
-            for i in range(n):
-                _png(tmp_path / split / cls / f"{i}.png", 40 + 100 * c + i)
-    b = load_data(f"imagefolder:{tmp_path}", val_fraction=0.2)
-    assert (len(b.train), len(b.val), len(b.test)) == (16, 4, 6)
-    assert (b.num_classes, b.in_channels, b.image_size) == (2, 1, 10)
-    assert sorted(b.val.y.tolist()) == [0, 0, 1, 1]
-    small = load_data(f"imagefolder:{tmp_path}", image_size=6)
-    assert small.train.x.shape[1:] == (1, 6, 6)
-
-
-def test_imagefolder_without_splits_carves_test(tmp_path):
-    for c, cls in enumerate(("a", "b")):
-        for i in range(10):
-            _png(tmp_path / cls / f"{i}.png", 50 + 100 * c + i, mode="RGB", size=7)
-    b = load_data(f"imagefolder:{tmp_path}", val_fraction=0.25)
-    assert len(b.test) == 4 and len(b.train) + len(b.val) == 16
-    assert b.in_channels == 3 and b.image_size == 7
-
-
 def test_module_callable_datasets(tmp_path):
     (tmp_path / "mydata.py").write_text(
         "import numpy as np\n"
@@ -153,3 +119,11 @@ def test_fashion_mnist_loads():
     assert len(b.train) + len(b.val) == 2000 and len(b.val) == 200
     assert len(b.test) == 10000
     assert b.train.x.shape[1:] == (1, 28, 28) and b.num_classes == 10
+
+
+def test_image_size_resizes_tensor_data():
+    b = load_data("digits", image_size=16, seed=0)
+    assert b.train.x.shape[1:] == (1, 16, 16) and b.test.x.shape[1:] == (1, 16, 16) and b.image_size == 16
+    assert abs(float(b.train.x.mean())) < 1e-4  # normalised after resizing
+    with pytest.raises(UserError, match="--image-size"):
+        load_data("digits", image_size=0)

@@ -25,6 +25,7 @@ def test_pyproject_lists_every_package():
     assert "autocompress.search_spaces" in listed
 
 
+@pytest.mark.slow
 def test_installed_wheel_reads_its_bundled_spaces(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -1,0 +1,48 @@
+"""bench/zoo.py's measurements on a small model (the full zoo is a benchmark, not a test)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from autocompress.compression import compress
+from autocompress.models import ModelSpec
+from autocompress.space import load_space
+from tests.conftest_models import TinyResNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("zoo", os.path.join(ROOT, "bench", "zoo.py"))
+zoo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(zoo)
+
+
+def test_channel_plan_round_trip_and_untouchable_bytes(tmp_path):
+    torch.manual_seed(0)
+    model = TinyResNet(num_classes=10, in_channels=3, image_size=16).eval()
+    example = torch.randn(2, 3, 16, 16)
+    bound = load_space(None).bind(model)
+    plan = zoo.channel_plan(bound)
+    assert [n for n, lp in plan.layers.items() if lp.prune == "channel"] == list(bound.layers)[:-1]  # not fc
+    cm = compress(model, plan, example, [(example, torch.zeros(2, dtype=torch.long))])
+    spec = ModelSpec("tests/conftest_models.py:TinyResNet", 10, 3, 16)
+    row = zoo.round_trip(cm, spec, example, str(tmp_path), "channel")
+    assert row["channel_bytes_equal"] and row["channel_load_equal"] and row["channel_load_max_diff"] < 1e-5
+    planned = {f"{n}.weight" for n in bound.layers}
+    floats = sum(t.numel() * 4 for k, t in cm.state_dict().items()
+                 if t.is_floating_point() and k.replace(".parametrizations.weight.original", ".weight") not in planned
+                 and "parametrizations" not in k)
+    assert zoo.untouchable_bytes(cm, spec) == floats  # BatchNorm and the fc bias, stored as float32
+
+
+def test_input_sizes_and_table():
+    assert zoo.input_size("vit_b_16") == 224 and zoo.input_size("resnet18") == 64
+    assert zoo.input_size("inception_v3") == 299
+    row = {"model": "m", "input": 64, "status": "ok", "params": 2e6, "channel": "ok", "channel_shrunk": 3,
+           "channel_layers": 3, "channel_bytes_equal": True, "floor_bytes_equal": False, "channel_load_equal": True,
+           "deploy": "ok", "floor_ratio": 51.2, "untouchable_bytes": 1e5, "peak_rss_bytes": 3e9,
+           "rss_limit_bytes": 2.5e9}
+    md = zoo.table([row], [("big", 300_000_000)], "meta")
+    line = md.splitlines()[6]
+    assert "| m | 2.0 | 64 | ok (3/3) | NO | yes | ok | 51.2x |" in line and "OVER" in line
+    assert "big (300M)" in md
