@@ -276,6 +276,13 @@ def layer_numel(module: nn.Module) -> int:
     return sum(t.numel() for _, t in layer_weights(module))
 
 
+def batchnorm_scale(bn: nn.Module) -> torch.Tensor:
+    """gamma / sqrt(running_var + eps) per channel (gamma = 1 without affine): the scale a
+    BatchNorm folded into the layer before it puts on that layer's weights."""
+    g = torch.rsqrt(bn.running_var + bn.eps)
+    return g * bn.weight if bn.weight is not None else g
+
+
 def prunable_layers(model: nn.Module) -> list[str]:
     """Names of the layers a plan can address (those with a WeightSlot), in module order."""
     return [n for n, m in model.named_modules() if n and weight_slot(m) is not None

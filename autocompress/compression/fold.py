@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..models import weight_slot
+from ..models import batchnorm_scale, weight_slot
 
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 _PAIRS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, str]]]" = weakref.WeakKeyDictionary()
@@ -77,15 +77,9 @@ def _still_pair(model: nn.Module, layer_name: str, bn_name: str) -> bool:
             and layer.weight.shape[axis] == bn.num_features)
 
 
-def fold_factor(bn: nn.Module) -> torch.Tensor:
-    """g = gamma / sqrt(running_var + eps) per channel (gamma = 1 without affine)."""
-    g = torch.rsqrt(bn.running_var + bn.eps)
-    return g * bn.weight if bn.weight is not None else g
-
-
 def folded_bias(bias: torch.Tensor, bn: nn.Module) -> torch.Tensor:
     """(b - mean) * g + beta."""
-    out = (bias - bn.running_mean) * fold_factor(bn)
+    out = (bias - bn.running_mean) * batchnorm_scale(bn)
     return out + bn.bias if bn.bias is not None else out
 
 

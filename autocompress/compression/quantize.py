@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import device_of
+from ..models import batchnorm_scale, device_of
 
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
@@ -105,11 +105,9 @@ class WeightCompressor(nn.Module):
         w = self.masked(w)
         if self.fold_axis is None:
             return w
-        from .fold import fold_factor
-
         shape = [1] * w.dim()
         shape[self.fold_axis] = -1
-        return w * fold_factor(self.__dict__["fold_bn"]).view(shape)
+        return w * batchnorm_scale(self.__dict__["fold_bn"]).view(shape)
 
     def choose_clip(self, w: torch.Tensor) -> None:
         """(Re)choose the per-channel clipping ratios for the current weight (MSE search)."""
