@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .compression import RECORD_ATTR, channel, codec, compressed_layers, compressor, lowrank, quantize
+from .compression import RECORD_ATTR, channel, codec, compressed_weights, compressor, fold, lowrank, quantize
 from .compression.prune import blocks_of
 from .errors import UserError
 from .models import ModelSpec, build_model, set_submodule
@@ -71,19 +71,23 @@ def walk_payload(entries: Iterable[dict], payload: bytes | memoryview) -> Iterat
         yield e, chunks
 
 
-def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Effective float tensors (parametrizations evaluated) under their plain state-dict names."""
+def _plain_state(model: nn.Module, skip: set[str] = frozenset(), skip_keys: set[str] = frozenset()
+                 ) -> dict[str, torch.Tensor]:
+    """Effective float tensors (parametrizations evaluated) under their plain state-dict names,
+    leaving out the modules in `skip` (folded BatchNorms) and everything below them, and the
+    tensors named in `skip_keys` (stored elsewhere: not evaluated)."""
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for mname, mod in model.named_modules():
-            if "parametrizations" in mname.split("."):
+            if "parametrizations" in mname.split(".") or any(mname == s or mname.startswith(s + ".") for s in skip):
                 continue
             prefix = f"{mname}." if mname else ""
             names = [k for k, p in mod._parameters.items() if p is not None]
             if parametrize.is_parametrized(mod):
                 names += list(mod.parametrizations.keys())
             for k in names:
-                out[prefix + k] = getattr(mod, k).detach()
+                if prefix + k not in skip_keys:
+                    out[prefix + k] = getattr(mod, k).detach()
             for k, t in mod._buffers.items():
                 if t is None or k in mod._non_persistent_buffers_set or k in _ACT_BUFFERS:
                     continue
@@ -97,10 +101,10 @@ def _layer_plan(record: dict, module: str) -> dict:
     return record["plan"]["layers"][record["targets"][module]]
 
 
-def _quantized_entry(name: str, mod: nn.Module, lp: dict) -> tuple[dict, list[bytes]]:
-    comp = compressor(mod)
+def _quantized_entry(name: str, attr: str, mod: nn.Module, lp: dict) -> tuple[dict, list[bytes]]:
+    comp = compressor(mod, attr)
     bits, sym = comp.bits, comp.symmetric
-    w_dev = comp.masked(mod.parametrizations.weight.original.detach())
+    w_dev = comp.effective(mod.parametrizations[attr].original.detach())
     w = w_dev.cpu()
     mask = None if comp.mask is None else comp.mask.detach().cpu().numpy().astype(bool).ravel()
     streams: list[bytes] = []
@@ -116,7 +120,7 @@ def _quantized_entry(name: str, mod: nn.Module, lp: dict) -> tuple[dict, list[by
     else:
         vals = w.flatten().numpy().astype(_FLOAT_DTYPE[bits])
         pack = lambda sel: vals[sel].tobytes()  # noqa: E731
-    entry: dict[str, Any] = {"t": "q", "name": f"{name}.weight", "module": name,
+    entry: dict[str, Any] = {"t": "q", "name": f"{name}.{attr}", "module": name,
                              "shape": list(w.shape), "bits": bits, "sym": sym}
     width = bits
     dense_ok = mask is None or bits > 1 or bool(mask.all())
@@ -151,12 +155,16 @@ def encode(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[bytes]]:
     entries: list[dict] = []
     streams: list[bytes] = []
     qnames = set()
-    for name, mod in compressed_layers(model):
-        e, s = _quantized_entry(name, mod, _layer_plan(record, name))
+    training = model.training
+    model.eval()  # the folded BatchNorm values are the eval-mode ones
+    for name, attr, mod in compressed_weights(model):
+        e, s = _quantized_entry(name, attr, mod, _layer_plan(record, name))
         entries.append(e)
         streams += s
         qnames.add(e["name"])
-    for key, t in _plain_state(model).items():
+    state = _plain_state(model, {bn for _, bn in record.get("folded", [])}, qnames)
+    model.train(training)
+    for key, t in state.items():
         if key in qnames:
             continue
         entries.append({"t": "f", "name": key, "shape": list(t.shape), "bits": plan_fb})
@@ -166,6 +174,8 @@ def encode(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[bytes]]:
         entries.append({"t": "act", "module": name, "bits": mod.act_bits})
         streams.append(ACT_RECORD.pack(float(mod.act_scale), int(mod.act_zero_point)))
     rec = {k: record[k] for k in ("plan", "input_shape", "channel_replay", "ranks", "targets", "acts")}
+    if record.get("folded"):
+        rec["folded"] = record["folded"]
     header = {"format": FORMAT_VERSION, "spec": spec.to_dict(), "record": rec, "entries": entries}
     return header, streams
 
@@ -292,6 +302,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         channel.replay_channels(model, torch.zeros(1, *rec["input_shape"]), rec["channel_replay"])
         for name, rank in rec["ranks"].items():
             set_submodule(model, name, lowrank.skeleton(model.get_submodule(name), rank))
+        fold.replay(model, rec.get("folded", []))
     except Exception as e:
         raise UserError(f"{path}: the artifact does not fit model {spec.spec!r} ({type(e).__name__}: {e})"
                         .splitlines()[0]) from None

@@ -220,9 +220,73 @@ def device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class WeightSlot:
+    """What a plan can do to one kind of layer: the weight tensors it compresses (all with the
+    same layer plan), the axis of their output channels, and which structural options apply.
+
+    channel: physical channel pruning (torch-pruning); lowrank: truncated-SVD factorisation;
+    int8: the CPU deployment runs it with int8 kernels (otherwise it stays float there, while
+    the artifact still stores it at its planned bits)."""
+
+    attrs: tuple[str, ...]
+    axis: int = 0
+    channel: bool = False
+    lowrank: bool = False
+    int8: bool = False
+
+
+# Module type -> its slot. Looked up along the type's MRO, so subclasses (out_proj's
+# NonDynamicallyQuantizableLinear, parametrized classes) find their base's entry.
+WEIGHT_SLOTS: dict[type, WeightSlot] = {
+    nn.Linear: WeightSlot(("weight",), 0, channel=True, lowrank=True, int8=True),
+    nn.Conv2d: WeightSlot(("weight",), 0, channel=True, lowrank=True, int8=True),
+    nn.Conv1d: WeightSlot(("weight",), 0, channel=True),
+    nn.ConvTranspose2d: WeightSlot(("weight",), 1),
+    nn.Embedding: WeightSlot(("weight",), 0),
+    nn.MultiheadAttention: WeightSlot(("in_proj_weight",), 0),
+}
+_MHA_SEPARATE = WeightSlot(("q_proj_weight", "k_proj_weight", "v_proj_weight"), 0)
+
+
+def weight_slot(module: nn.Module) -> WeightSlot | None:
+    """The slot of a module (None when no plan can address it)."""
+    for cls in type(module).__mro__:
+        slot = WEIGHT_SLOTS.get(cls)
+        if slot is not None:
+            if cls is nn.MultiheadAttention and not module._qkv_same_embed_dim:
+                return _MHA_SEPARATE
+            return slot
+    return None
+
+
+def layer_weights(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(attribute, tensor) of each weight a plan compresses in this layer."""
+    slot = weight_slot(module)
+    return [(a, getattr(module, a)) for a in slot.attrs] if slot else []
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's (first) planned weight: for shapes, counts and importance heuristics."""
+    return getattr(module, weight_slot(module).attrs[0])
+
+
+def layer_numel(module: nn.Module) -> int:
+    """Number of weights a plan compresses in this layer (all its slots together)."""
+    return sum(t.numel() for _, t in layer_weights(module))
+
+
+def batchnorm_scale(bn: nn.Module) -> torch.Tensor:
+    """gamma / sqrt(running_var + eps) per channel (gamma = 1 without affine): the scale a
+    BatchNorm folded into the layer before it puts on that layer's weights."""
+    g = torch.rsqrt(bn.running_var + bn.eps)
+    return g * bn.weight if bn.weight is not None else g
+
+
 def prunable_layers(model: nn.Module) -> list[str]:
-    """Names of the Linear and Conv2d layers, in module order: the layers a plan can address."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and n]
+    """Names of the layers a plan can address (those with a WeightSlot), in module order."""
+    return [n for n, m in model.named_modules() if n and weight_slot(m) is not None
+            and all(isinstance(t, torch.Tensor) for _, t in layer_weights(m))]
 
 
 def param_bytes(model: nn.Module) -> int:

@@ -15,6 +15,7 @@ import optuna
 
 from .console import progress_bar, trial_printer
 from .context import SearchContext, SearchOutcome
+from .cost import space_untouchable
 from .objective import Objective, TrialFailed, sized
 from .plan import CompressionPlan, format_bytes
 from .refine import refine
@@ -51,9 +52,11 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
     tracker.log_text(parent, space_json(ctx.space), "search_space.json")
     done, running = study_counts(study)
     remaining = max(settings.trials - done, 0)
+    study.set_user_attr(StudyAttr.UNTOUCHABLE, space_untouchable(ctx.model, ctx.space, ctx.spec, ctx.example_input))
     print(f"study {settings.study}: {done} trials done, {remaining} to run"
           + (f" ({running} running elsewhere)" if running else "")
           + f"; budget {format_bytes(limit)} " + budget_ratio(limit, ctx.original_bytes)
+          + f"; {format_bytes(study.user_attrs[StudyAttr.UNTOUCHABLE])} no plan can touch"
           + (f"; {workers} workers" if workers > 1 else "")
           + (f"; closed {closed} run(s) left by a killed search" if closed else ""), flush=True)
     if settings.warm_start and not study.get_trials(deepcopy=False) and remaining:

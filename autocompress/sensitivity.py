@@ -23,7 +23,7 @@ from torch import nn
 from .compression import prune
 from .compression.quantize import WeightCompressor
 from .data import TensorData
-from .models import prunable_layers
+from .models import layer_numel, layer_weight, layer_weights, prunable_layers
 from .jsonfile import read_json, write_json
 
 AMOUNTS = (0.5, 0.8, 0.9, 0.95, 0.99)
@@ -89,7 +89,7 @@ def hutchinson_trace(model: nn.Module, layers: list[str], data: TensorData, samp
     """Per-layer trace of the loss Hessian, divided by the layer's weight count (E[v'Hv], Rademacher v)."""
     gen = torch.Generator().manual_seed(seed)
     model = model.eval()
-    params = [model.get_submodule(n).weight for n in layers]
+    params = [layer_weight(model.get_submodule(n)) for n in layers]
     x, y = data.x[:batch_size], data.y[:batch_size]
     loss = F.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -138,7 +138,7 @@ def analyse(model: nn.Module, val: TensorData, example: torch.Tensor, *, amounts
     batches = list(sub.batches(BATCH, shuffle=False))
     base = _accuracy(model, batches)
     result = Sensitivity(baseline_accuracy=base,
-                         numel={n: model.get_submodule(n).weight.numel() for n in layers})
+                         numel={n: layer_numel(model.get_submodule(n)) for n in layers})
     jobs = [(n, "prune", a) for n in layers for a in amounts] + [(n, "bits", b) for n in layers for b in bits]
     bar = None
     if progress:
@@ -146,14 +146,16 @@ def analyse(model: nn.Module, val: TensorData, example: torch.Tensor, *, amounts
 
         bar = tqdm(total=len(jobs), desc="sensitivity", unit="setting")
     for name, kind, value in jobs:
-        weight = model.get_submodule(name).weight
+        weights = [w for _, w in layer_weights(model.get_submodule(name))]
         with torch.no_grad():
-            saved = weight.detach().clone()
+            saved = [w.detach().clone() for w in weights]
             try:
-                weight.copy_(compressed_weight(saved, kind, value))
+                for w, s in zip(weights, saved):
+                    w.copy_(compressed_weight(s, kind, value))
                 acc = _accuracy(model, batches)
             finally:
-                weight.copy_(saved)
+                for w, s in zip(weights, saved):
+                    w.copy_(s)
         table = result.prune_drop if kind == "prune" else result.bits_drop
         table.setdefault(name, {})[str(value)] = base - acc
         if bar is not None:

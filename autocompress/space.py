@@ -202,7 +202,7 @@ class SearchSpace:
 
         names = prunable_layers(model)
         if not names:
-            raise UserError("the model has no Linear or Conv2d layer to compress")
+            raise UserError("the model has no layer to compress (Linear, Conv, Embedding, MultiheadAttention)")
         output_layer = names[-1]
         chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in self.include)
                   and not any(fnmatch.fnmatchcase(n, p) for p in self.exclude)]
@@ -223,18 +223,26 @@ class SearchSpace:
 
 
 def _fan_in(module: nn.Module) -> int:
-    w = module.weight
-    return int(math.prod(w.shape[1:]))
+    from .models import layer_weight
+
+    return int(math.prod(layer_weight(module).shape[1:]))
 
 
 def _feasible(choices: dict[str, Choice], module: nn.Module, is_output: bool) -> dict[str, Choice]:
     """Remove choices that cannot apply to this layer (channel pruning of the output layer,
     N:M patterns or blocks that do not divide its fan-in); fixed per study, so names stay fixed."""
+    from .models import weight_slot
+
     out = dict(choices)
     fan_in = _fan_in(module)
     prune = list(out["prune"].values)
-    if is_output and "channel" in prune:
+    slot = weight_slot(module)
+    if (is_output or not slot.channel) and "channel" in prune:
         prune.remove("channel")
+    if not slot.lowrank and "rank_ratio" in out:
+        out["rank_ratio"] = Choice(values=(1.0,))
+    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and "act_bits" in out:
+        out["act_bits"] = Choice(values=(32,))
     if "nm" in out:
         nms = tuple(v for v in out["nm"].values if fan_in % int(v.split(":")[1]) == 0)
         if nms:
@@ -256,12 +264,32 @@ def _feasible(choices: dict[str, Choice], module: nn.Module, is_output: bool) ->
 
 
 def _probe_input(module: nn.Module) -> torch.Tensor:
-    """A small batch a lone Linear/Conv2d layer takes."""
+    """A small batch a lone layer of a reachable kind (models.WEIGHT_SLOTS) takes."""
     if isinstance(module, nn.Linear):
         return torch.randn(2, module.in_features)
+    if isinstance(module, nn.Embedding):
+        return torch.randint(0, module.num_embeddings, (2, 3))
+    if isinstance(module, nn.MultiheadAttention):
+        return torch.randn(3, 2, module.embed_dim)
     k = max((k - 1) * d + 1 for k, d in zip(module.kernel_size, module.dilation))
     side = k + 2 * max(module.stride)
-    return torch.randn(2, module.in_channels, side, side)
+    return torch.randn(2, module.in_channels, *[side] * len(module.kernel_size))
+
+
+class _Lone(nn.Module):
+    """One layer alone as submodule "0", fed the way its kind takes input (bind-time checks)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.add_module("0", module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self._modules["0"]
+        if isinstance(m, nn.MultiheadAttention):
+            k = x if m.kdim == m.embed_dim else x.new_zeros(*x.shape[:-1], m.kdim)
+            v = x if m.vdim == m.embed_dim else x.new_zeros(*x.shape[:-1], m.vdim)
+            return m(x, k, v, need_weights=False)[0]
+        return m(x)
 
 
 def _trial_options(c: dict[str, Choice]) -> list[tuple[str, dict[str, Any]]]:
@@ -281,7 +309,7 @@ def _layer_fails(module: nn.Module, values: dict[str, Any]) -> bool:
     """Whether compressing this layer alone with these options fails or gives a model that does not run."""
     from .compression import compress
 
-    net = nn.Sequential(copy.deepcopy(module))
+    net = _Lone(copy.deepcopy(module))
     plan = CompressionPlan(layers={"0": _layer_plan(values)})
     try:
         x = _probe_input(module)
@@ -296,11 +324,12 @@ def _drop_failing(layers: dict[str, dict[str, Choice]], model: nn.Module, exampl
                   output_layer: str) -> None:
     """Try each option once (per layer shape and option kind) and drop the ones that fail."""
     from .compression.channel import check_layers
+    from .models import layer_weight
 
     cache: dict[tuple, bool] = {}
     for name, c in layers.items():
         module = model.get_submodule(name)
-        key = (type(module), tuple(module.weight.shape), getattr(module, "groups", 1))
+        key = (type(module), tuple(layer_weight(module).shape), getattr(module, "groups", 1))
         for kind, values in _trial_options(c):
             k = key + (kind, tuple(sorted(values.items())))
             if k not in cache:
@@ -357,7 +386,8 @@ class BoundSpace:
             v["act_bits"] = 32  # activation scales only add bytes, and need calibration data
             v["importance"] = "magnitude"
             layer_plans[name] = _layer_plan({**v, **best})
-        return CompressionPlan(layers=layer_plans)
+        float_bits = self.recovery["float_bits"].extreme(largest=False) if "float_bits" in self.recovery else 32
+        return CompressionPlan(layers=layer_plans, float_bits=int(float_bits))
 
     def param_names(self) -> list[str]:
         names = [f"{n}.{k}" for n, c in self.layers.items() for k, ch in c.items() if not ch.fixed]

@@ -63,6 +63,7 @@ class StudyAttr:
     BASELINE = "baseline"  # {val_accuracy, fp32_bytes}
     SENSITIVITY = "sensitivity"  # the warm start's per-layer table
     FINAL = "final"  # refined finalists: trial number -> results
+    UNTOUCHABLE = "untouchable_bytes"  # artifact bytes no plan can touch (cost.space_untouchable)
 
 
 def trial_state(t: optuna.trial.FrozenTrial) -> TrialState:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .models import prunable_layers
+from .models import layer_numel, layer_weight, prunable_layers
 from .plan import CompressionPlan, LayerPlan
 from .sensitivity import Sensitivity
 
@@ -30,7 +30,7 @@ SizeFn = Callable[[CompressionPlan], int]
 def global_amounts(model: nn.Module, sparsity: float, layers: list[str] | None = None) -> dict[str, float]:
     """Per-layer pruning amounts implied by one global magnitude threshold at `sparsity`."""
     names = layers or prunable_layers(model)
-    weights = {n: model.get_submodule(n).weight.detach().abs().flatten().cpu() for n in names}
+    weights = {n: layer_weight(model.get_submodule(n)).detach().abs().flatten().cpu() for n in names}
     if sparsity <= 0:
         return {n: 0.0 for n in names}
     allw = torch.cat(list(weights.values()))
@@ -83,7 +83,7 @@ def channel_plan(space_layers: dict, fraction: float, bits: int,
 
 def size_weights(model: nn.Module, layers: list[str]) -> dict[str, float]:
     """sqrt(parameters / the largest layer's): big layers lose most channels, small ones few."""
-    numel = {n: model.get_submodule(n).weight.numel() for n in layers}
+    numel = {n: layer_numel(model.get_submodule(n)) for n in layers}
     top = max(numel.values())
     return {n: math.sqrt(v / top) for n, v in numel.items()}
 
@@ -121,7 +121,7 @@ def knapsack_plan(model: nn.Module, sens: Sensitivity, budget_bytes: float, amou
     unit = budget_bytes / bins
     options: list[list[tuple[int, float, float, int]]] = []
     for n in names:
-        w = model.get_submodule(n).weight
+        w = layer_weight(model.get_submodule(n))
         opts = []
         for a in amounts:
             for b in bits:
@@ -242,8 +242,8 @@ def warm_start_plans(model: nn.Module, space_layers: dict, size_of: SizeFn, limi
         bits = sorted(b for b in shared_bits if b <= 8)
         if amounts and bits:
             smallest = uniform_plan(model, max(amounts), min(bits), layers)
-            estimated = sum(estimate_layer_bytes(model.get_submodule(n).weight.numel(),
-                                                 model.get_submodule(n).weight.shape[0], lp.amount, lp.bits)
+            estimated = sum(estimate_layer_bytes(layer_numel(model.get_submodule(n)),
+                                                 layer_weight(model.get_submodule(n)).shape[0], lp.amount, lp.bits)
                             for n, lp in smallest.layers.items())
             target = limit - max(size_of(smallest) - estimated, 0)
             for _ in range(4):  # the byte model is an estimate: shrink the target until the real file fits

@@ -1,8 +1,9 @@
 """compress(model, plan): apply a CompressionPlan to a deep copy of a model.
 
 Order: validate -> channel pruning (physical) -> low-rank factorisation -> fixed masks and
-weight fake quantisation -> float16 rounding of the other tensors (float_bits=16) ->
-BatchNorm recalibration -> activation quantiser calibration. The returned model trains with
+weight fake quantisation -> BatchNorm folding (applied in eval mode, see fold.py) -> float16
+rounding of the other tensors (float_bits=16) -> BatchNorm recalibration -> activation
+quantiser calibration. Which weights a plan reaches, per layer kind, is models.WEIGHT_SLOTS. The returned model trains with
 plain optimizers (masks and quantisers are parametrizations) and carries
 `autocompress_record`, the structure the exporter stores.
 """
@@ -15,13 +16,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..models import prunable_layers, set_submodule
+from ..models import layer_weight, layer_weights, prunable_layers, set_submodule, weight_slot
 from ..plan import CompressionPlan, LayerPlan, PlanError
-from . import channel, lowrank, prune, quantize
+from . import channel, fold, lowrank, prune, quantize
 from .quantize import HalfRound, WeightCompressor
 
-__all__ = ["compress", "compressed_layers", "compressor", "kept_weights", "sparsity_report", "refresh_clipping",
-           "RECORD_ATTR"]
+__all__ = ["compress", "compressed_layers", "compressed_weights", "compressor", "kept_weights", "sparsity_report",
+           "refresh_clipping", "plain_copy", "RECORD_ATTR"]
 
 RECORD_ATTR = "autocompress_record"
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -31,23 +32,32 @@ def _check_static(model: nn.Module, plan: CompressionPlan, batches: Batches | No
     plan.validate()
     layers = prunable_layers(model)
     if not layers:
-        raise PlanError("the model has no Linear or Conv2d layer to compress")
+        raise PlanError("the model has no layer to compress (Linear, Conv, Embedding, MultiheadAttention)")
     output = layers[-1]
     for name, lp in plan.layers.items():
         if name not in layers:
-            raise PlanError(f"layer {name}: no Linear/Conv2d layer of that name in the model "
-                            f"(layers: {', '.join(layers)})")
+            raise PlanError(f"layer {name}: no compressible layer of that name in the model "
+                            f"(layers: {', '.join(layers[:20])}{' ...' if len(layers) > 20 else ''})")
         mod = model.get_submodule(name)
-        if isinstance(mod, nn.Conv2d) and mod.groups != 1 and (lp.rank_ratio < 1 or lp.prune in ("nm", "block")):
+        slot = weight_slot(mod)
+        kind = type(mod).__name__
+        if isinstance(mod, nn.modules.conv._ConvNd) and mod.groups != 1 and (lp.rank_ratio < 1 or lp.prune in ("nm", "block")):
             raise PlanError(f"layer {name}: grouped convolution (groups={mod.groups}) cannot be "
                             "factorised or N:M/block pruned")
-        if lp.prune == "nm" and mod.weight[0].numel() % lp.m:
-            raise PlanError(f"layer {name}: N:M {lp.n}:{lp.m} needs the input size {mod.weight[0].numel()} "
+        if lp.prune == "channel" and not slot.channel:
+            raise PlanError(f"layer {name}: a {kind} layer cannot be channel pruned")
+        if lp.rank_ratio < 1 and not slot.lowrank:
+            raise PlanError(f"layer {name}: a {kind} layer cannot be factorised (rank_ratio < 1)")
+        fan_in = layer_weight(mod)[0].numel()
+        if lp.prune == "nm" and fan_in % lp.m:
+            raise PlanError(f"layer {name}: N:M {lp.n}:{lp.m} needs the input size {fan_in} "
                             f"to be a multiple of {lp.m}")
         if lp.prune == "channel" and name == output:
             raise PlanError(f"layer {name}: the output layer cannot be channel pruned (it would change the outputs)")
         if not batches and lp.importance == "taylor" and lp.sparsity > 0:
             raise PlanError(f"layer {name}: taylor importance needs calibration batches")
+        if lp.act_bits < 32 and not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            raise PlanError(f"layer {name}: act_bits applies to Linear and Conv layers, not {kind}")
         if not batches and lp.act_bits < 32:
             raise PlanError(f"layer {name}: act_bits {lp.act_bits} needs calibration batches")
     return output
@@ -104,13 +114,14 @@ def _calibrate_acts(model: nn.Module, names: list[str], batches: Batches) -> Non
         del m.act_observing, m.act_range
 
 
-def _round_floats(model: nn.Module, compressed: set[str]) -> None:
-    """float_bits=16: every float tensor but the planned weights is used (and stored) as float16."""
+def _round_floats(model: nn.Module, skip: set[str]) -> None:
+    """float_bits=16: every float tensor but the planned weights (and what folding replaces) is
+    used, and stored, as float16. `skip` holds module names and "module.param" names."""
     for mname, mod in list(model.named_modules()):
-        if "parametrizations" in mname.split("."):
+        if "parametrizations" in mname.split(".") or mname in skip:
             continue
         for pname, p in list(mod._parameters.items()):
-            if p is not None and not (mname in compressed and pname == "weight"):
+            if p is not None and f"{mname}.{pname}" not in skip:
                 parametrize.register_parametrization(mod, pname, HalfRound())
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             mod.register_forward_pre_hook(quantize.round_bn_stats_hook)
@@ -125,9 +136,11 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
     passes that make up most of compress()'s time (85% for a ResNet-18 on CPU), which the repair's
     and the warm start's bisections pay dozens of times."""
     training = model.training
+    pairs = fold.bn_pairs(model)  # traced once per source model, not per copy
     model = copy.deepcopy(model).eval()
     output = _check_static(model, plan, batches)
-    original_out = {n: model.get_submodule(n).weight.shape[0] for n in plan.layers}
+    original_out = {n: layer_weight(model.get_submodule(n)).shape[weight_slot(model.get_submodule(n)).axis]
+                    for n in plan.layers}
     chan = [(n, lp.amount, lp.importance) for n, lp in plan.layers.items() if lp.prune == "channel"]
     replay = channel.prune_channels(model, example_input, chan, output, batches)
 
@@ -139,17 +152,23 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
             set_submodule(model, name, lowrank.factorise(layer, ranks[name]))
 
     targets = _targets(model, plan, ranks)
-    taylor = {n: model.get_submodule(n).weight for n, lp in targets.items()
-              if lp.importance == "taylor" and lp.prune in ("unstructured", "nm", "block")}
+    taylor = {f"{n}.{a}": w for n, lp in targets.items()
+              if lp.importance == "taylor" and lp.prune in ("unstructured", "nm", "block")
+              for a, w in layer_weights(model.get_submodule(n))}
     scores = prune.taylor_scores(model, taylor, batches or []) if taylor else {}
     for name, lp in targets.items():
         mod = model.get_submodule(name)
-        mask = _mask(mod.weight, scores.get(name), lp)
-        comp = WeightCompressor(mask, lp.bits, lp.symmetric)
-        comp.choose_clip(mod.weight)
-        parametrize.register_parametrization(mod, "weight", comp, unsafe=True)  # shape kept: skip the check's forward
+        for attr, w in layer_weights(mod):
+            comp = WeightCompressor(_mask(w, scores.get(f"{name}.{attr}"), lp), lp.bits, lp.symmetric)
+            comp.choose_clip(w)
+            parametrize.register_parametrization(mod, attr, comp, unsafe=True)  # shape kept: skip the check's forward
+    folded = [[f"{p}.1" if p in ranks else p, bn] for p, bn in pairs if p in plan.layers]
+    for layer_name, bn_name in folded:
+        fold.attach(model, layer_name, bn_name, half=plan.float_bits == 16)
     if plan.float_bits == 16:
-        _round_floats(model, set(targets))
+        skip = {f"{n}.{a}" for n in targets for a in weight_slot(model.get_submodule(n)).attrs}
+        skip |= {f"{n}.bias" for n, _ in folded} | {bn for _, bn in folded}
+        _round_floats(model, skip)
 
     acts = [n for n, lp in plan.layers.items() if lp.act_bits < 32]
     for n in acts:
@@ -164,6 +183,7 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
                     for n in ([f"{plan_name}.0", f"{plan_name}.1"] if plan_name in ranks else [plan_name])},
         "acts": {n: plan.layers[n].act_bits for n in acts},
         "original_out": original_out,
+        "folded": folded,
     }
     setattr(model, RECORD_ATTR, record)
     if calibrate:
@@ -187,21 +207,31 @@ def calibrate_model(model: nn.Module, batches: Batches | None) -> None:
         _calibrate_acts(model, acts, batches or [])
 
 
+def compressed_weights(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """(module name, weight attribute, module) of every weight carrying a mask/quantiser."""
+    out = []
+    for n, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            out += [(n, a, m) for a, p in m.parametrizations.items() if isinstance(p[0], WeightCompressor)]
+    return out
+
+
 def compressed_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every layer whose weight carries a mask/quantiser."""
-    return [(n, m) for n, m in model.named_modules()
-            if parametrize.is_parametrized(m, "weight")
-            and isinstance(m.parametrizations.weight[0], WeightCompressor)]
+    """(name, module) of every layer with at least one compressed weight."""
+    seen: dict[str, nn.Module] = {}
+    for n, _, m in compressed_weights(model):
+        seen.setdefault(n, m)
+    return list(seen.items())
 
 
-def compressor(module: nn.Module) -> WeightCompressor:
-    """The WeightCompressor of a compressed layer."""
-    return module.parametrizations.weight[0]
+def compressor(module: nn.Module, attr: str = "weight") -> WeightCompressor:
+    """The WeightCompressor of a compressed layer's weight `attr`."""
+    return module.parametrizations[attr][0]
 
 
 def kept_weights(model: nn.Module) -> list[torch.Tensor]:
     """The masked float weights (differentiable w.r.t. the trained params), e.g. for an L1 penalty."""
-    return [compressor(m).masked(m.parametrizations.weight.original) for _, m in compressed_layers(model)]
+    return [compressor(m, a).masked(m.parametrizations[a].original) for _, a, m in compressed_weights(model)]
 
 
 def refresh_clipping(model: nn.Module) -> None:
@@ -211,8 +241,8 @@ def refresh_clipping(model: nn.Module) -> None:
     Sizes do not change.
     """
     with torch.no_grad():
-        for _, m in compressed_layers(model):
-            compressor(m).choose_clip(m.parametrizations.weight.original)
+        for _, a, m in compressed_weights(model):
+            compressor(m, a).choose_clip(m.parametrizations[a].original)
 
 
 def sparsity_report(model: nn.Module) -> dict[str, float]:
@@ -223,9 +253,37 @@ def sparsity_report(model: nn.Module) -> dict[str, float]:
     with torch.no_grad():
         for name, mod in compressed_layers(model):
             plan_name = record.get("targets", {}).get(name, name)
+            ws = [compressor(mod, a).masked(mod.parametrizations[a].original) for a in mod.parametrizations
+                  if isinstance(mod.parametrizations[a][0], WeightCompressor)]
             if plans.get(plan_name, {}).get("prune") == "channel" and name == plan_name:
-                out[name] = 1.0 - mod.weight.shape[0] / record["original_out"][name]
+                out[name] = 1.0 - ws[0].shape[weight_slot(mod).axis] / record["original_out"][name]
             else:
-                w = mod.weight
-                out[name] = float((w == 0).sum()) / w.numel()
+                out[name] = sum(float((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
     return out
+
+
+def _plain_module(mod: nn.Module) -> nn.Module:
+    """A plain (unparametrized) module of the same class holding the evaluated tensors. Built
+    anew rather than by remove_parametrizations: a deep copy shares its parametrized class with
+    the original, which removal would alter."""
+    base = type(mod).__bases__[0]
+    new = base.__new__(base)
+    new.__dict__.update(mod.__dict__)
+    new._modules = type(mod._modules)((k, v) for k, v in mod._modules.items() if k != "parametrizations")
+    new._parameters = type(mod._parameters)(mod._parameters)
+    with torch.no_grad():
+        for attr in mod.parametrizations:
+            new._parameters[attr] = nn.Parameter(getattr(mod, attr).detach().clone(), requires_grad=False)
+    return new
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """The compressed model as load() rebuilds it (eval mode, CPU): parametrized layers become
+    plain layers with the evaluated (masked, dequantised, folded, rounded) tensors, and folded
+    BatchNorms become Identity. Keeps activation quantisers (hooks and buffers)."""
+    plain = copy.deepcopy(model).cpu().eval()
+    for name, mod in [(n, m) for n, m in plain.named_modules() if parametrize.is_parametrized(m)]:
+        set_submodule(plain, name, _plain_module(mod))
+    for _, bn_name in getattr(model, RECORD_ATTR, {}).get("folded", []):
+        set_submodule(plain, bn_name, nn.Identity())
+    return plain.eval()

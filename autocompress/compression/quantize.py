@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import device_of
+from ..models import batchnorm_scale, device_of
 
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
@@ -102,6 +102,21 @@ class WeightCompressor(nn.Module):
         self.symmetric = symmetric
         self.register_buffer("mask", mask)
         self.register_buffer("clip", None)
+        self.fold_axis: int | None = None
+
+    def set_fold(self, bn: nn.Module, axis: int) -> None:
+        """Fold BatchNorm `bn` (a reference, not a submodule) along weight axis `axis` in eval mode."""
+        self.__dict__["fold_bn"] = bn
+        self.fold_axis = axis
+
+    def effective(self, w: torch.Tensor) -> torch.Tensor:
+        """The weight that is quantised and stored: masked, times the folded BatchNorm scale."""
+        w = self.masked(w)
+        if self.fold_axis is None:
+            return w
+        shape = [1] * w.dim()
+        shape[self.fold_axis] = -1
+        return w * batchnorm_scale(self.__dict__["fold_bn"]).view(shape)
 
     def choose_clip(self, w: torch.Tensor) -> None:
         """(Re)choose the per-channel clipping ratios for the current weight (MSE search)."""
@@ -127,7 +142,7 @@ class WeightCompressor(nn.Module):
         return deq if self.mask is None else deq * self.mask
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        w = self.masked(w)
+        w = self.masked(w) if self.training else self.effective(w)
         if self.bits == 32:
             return w
         return self.values(w) + (w - w.detach())

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import device_of, prunable_layers
+from ..models import device_of, layer_weight, prunable_layers
 from ..jsonfile import read_json, write_json
 
 # Timed plans a predictor is fitted on. On this project's 2-core VM (ResNet-18, 110 plans timed
@@ -121,7 +121,8 @@ def layer_features(model: nn.Module, int8: set[str], example_input: torch.Tensor
     names = prunable_layers(model)
     mods = {n: model.get_submodule(n) for n in names}
     spatial: dict[str, tuple[int, ...]] = {}
-    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: spatial.__setitem__(n, tuple(out.shape[2:])))
+    hooks = [m.register_forward_hook(lambda mod, a, out, n=n: spatial.__setitem__(
+                n, tuple((out[0] if isinstance(out, tuple) else out).shape[2:])))
              for n, m in mods.items()]
     try:
         with torch.no_grad():
@@ -131,7 +132,7 @@ def layer_features(model: nn.Module, int8: set[str], example_input: torch.Tensor
             h.remove()
     rows = []
     for n, m in mods.items():
-        w = m.weight
+        w = layer_weight(m)
         out_hw = spatial.get(n, ())
         pixels = int(torch.tensor(out_hw).prod()) if out_hw else 1
         fan_in = int(w[0].numel())

@@ -18,16 +18,14 @@ model and hands it to the target's module.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from ..artifact import load, read_header
-from ..compression import RECORD_ATTR, compressed_layers
+from ..compression import RECORD_ATTR, plain_copy
 from ..compression import quantize as fq
-from ..models import set_submodule
 from .cpu import frozen, int8_layers, relu_as_functional, to_cpu, to_int8_cpu
 from .cuda import CudaGraphed, fold_batchnorm, to_cuda
 
@@ -51,29 +49,8 @@ def _as_artifact(source: Any) -> tuple[nn.Module, dict]:
 
 
 def _from_compressed(model: nn.Module) -> nn.Module:
-    """A float copy of a compressed model whose compressed layers are plain layers holding the
-    evaluated (masked, dequantised) weights. Parametrized modules are replaced, not unparametrized:
-    a deep copy shares their generated class with the original, which removal would break."""
-    plain = copy.deepcopy(model).cpu().eval()
-    for name, mod in compressed_layers(plain):
-        w = mod.weight.detach().clone()
-        if isinstance(mod, nn.Conv2d):
-            new: nn.Module = nn.Conv2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
-                                       mod.dilation, mod.groups, mod.bias is not None, mod.padding_mode)
-        else:
-            new = nn.Linear(mod.in_features, mod.out_features, mod.bias is not None)
-        with torch.no_grad():
-            new.weight.copy_(w)
-            if mod.bias is not None:
-                new.bias.copy_(mod.bias.detach())
-        new._forward_pre_hooks.update(mod._forward_pre_hooks)
-        for key in ("act_scale", "act_zero_point"):
-            if hasattr(mod, key):
-                new.register_buffer(key, getattr(mod, key).clone())
-        if hasattr(mod, "act_bits"):
-            new.act_bits = mod.act_bits
-        set_submodule(plain, name, new)
-    return plain.eval()
+    """A float copy of a compressed model as load() rebuilds it (see compression.plain_copy)."""
+    return plain_copy(model)
 
 
 def _strip_act_quant(model: nn.Module) -> None:

@@ -16,20 +16,20 @@ import torch
 from torch import nn
 
 from ..artifact import read_artifact, walk_payload
-from ..compression import compressed_layers, compressor
+from ..compression import compressed_weights, compressor
 from ..cost.latency import measure_latency
-from ..models import prunable_layers
+from ..models import prunable_layers, weight_slot
 
 def artifact_codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per int8-able module: (integer codes widened to int8, per-channel scale), from the artifact."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if isinstance(source, nn.Module):
         with torch.no_grad():
-            for name, mod in compressed_layers(source):
-                comp = compressor(mod)
-                if comp.bits > 8:
+            for name, attr, mod in compressed_weights(source):
+                comp = compressor(mod, attr)
+                if comp.bits > 8 or attr != "weight":
                     continue
-                w = comp.masked(mod.parametrizations.weight.original.detach()).cpu()
+                w = comp.effective(mod.parametrizations.weight.original.detach()).cpu()
                 q, s, zp = (t.cpu() for t in comp.quantize(w))
                 k = (q.reshape(q.shape[0], -1) - zp)
                 if comp.mask is not None:
@@ -38,17 +38,20 @@ def artifact_codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, t
         return out
     hdr, payload = read_artifact(source)
     for e, chunks in walk_payload(hdr["entries"], payload):
-        if e["t"] == "q" and e["bits"] <= 8:  # the first chunk holds the per-channel float16 scales
+        if e["t"] == "q" and e["bits"] <= 8 and e["name"] == f"{e['module']}.weight":  # the first chunk holds the per-channel float16 scales
             s = np.frombuffer(chunks[0], dtype="<f2").astype("float32")
             out[e["module"]] = (None, torch.from_numpy(s.copy()))  # codes follow from the loaded weights
     return out
 
 
 def int8_layers(model: nn.Module, header: dict) -> list[str]:
-    """Layers of the plan whose stored weights have <= 8 bits (they run int8 kernels on CPU)."""
+    """Layers of the plan whose stored weights have <= 8 bits and whose kind the int8 kernels take
+    (models.WEIGHT_SLOTS); the other kinds stay float in the deployed model."""
     rec = header["record"]
     layers = rec["plan"]["layers"]
-    return [m for m, p in rec["targets"].items() if layers[p]["bits"] <= 8 and m in dict(model.named_modules())]
+    mods = dict(model.named_modules())
+    return [m for m, p in rec["targets"].items() if layers[p]["bits"] <= 8 and m in mods
+            and weight_slot(mods[m]) is not None and weight_slot(mods[m]).int8]
 
 
 def _calibration(calib: Any, example: torch.Tensor) -> list[torch.Tensor]:
