@@ -80,15 +80,6 @@ def channel_plan(bound: Any) -> Any:
     return CompressionPlan(layers=layers)
 
 
-def untouchable_bytes(compressed: Any, spec: Any) -> int:
-    """Bytes of the artifact's float tensors outside every planned layer's weight: no plan of the
-    space changes them (biases, BatchNorm, attention in-projections, embeddings...)."""
-    from autocompress.artifact import chunk_sizes, encode
-
-    header, _ = encode(compressed, spec)
-    return sum(sum(chunk_sizes(e)) for e in header["entries"] if e["t"] == "f")
-
-
 def round_trip(compressed: Any, spec: Any, example: Any, folder: str, tag: str) -> dict[str, Any]:
     """Export, compare the file's size with artifact_size, load back, compare logits."""
     import torch
@@ -116,7 +107,7 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
     import torchvision
 
     from autocompress.compression import compress
-    from autocompress.cost import artifact_size
+    from autocompress.cost import artifact_size, untouchable_bytes
     from autocompress.deploy import deployable
     from autocompress.models import ModelSpec, param_bytes
     from autocompress.space import load_space
@@ -129,7 +120,9 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, size, size, generator=gen)
     calib = [(torch.randn(4, 3, size, size, generator=gen), torch.zeros(4, dtype=torch.long))]
-    bound = load_space(None).bind(model)
+    t0 = time.perf_counter()
+    bound = load_space(None).bind(model, example)  # each option tried once on a copy
+    row["bind_s"] = round(time.perf_counter() - t0, 3)
     row["layers"] = len(bound.layers)
 
     plan = channel_plan(bound)
@@ -169,8 +162,12 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
     smallest = bound.smallest()
     try:
         t0 = time.perf_counter()
-        sized = artifact_size(compress(model, smallest, example, calibrate=False), spec)
+        uncalibrated = compress(model, smallest, example, calibrate=False)
+        row["compress_nocal_s"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        sized = artifact_size(uncalibrated, spec)  # what repair and warm start pay per plan, after compress
         row["size_s"] = round(time.perf_counter() - t0, 3)
+        del uncalibrated
         t0 = time.perf_counter()
         fm = compress(model, smallest, example, calib)
         row["compress_s"] = round(time.perf_counter() - t0, 3)
@@ -288,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true", help="keep rows already in zoo.jsonl, run the others")
     ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--table", action="store_true", help="only rewrite zoo.md from zoo.jsonl")
+    ap.add_argument("--jobs", type=int, default=1, help="models measured at once (one thread each)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -317,10 +315,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{a.mem_gb:g} GiB, {a.timeout:.0f} s per model. `python bench/zoo.py` (ordered by parameters).")
     if a.table:
         todo = []
-    for name in todo:
-        if name in have:
-            continue
-        row = spawn(name, input_size(name), a.mem_gb, a.timeout)
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max(1, a.jobs))
+    futures = [pool.submit(spawn, n, input_size(n), a.mem_gb, a.timeout) for n in todo if n not in have]
+    for future in futures:
+        row = future.result()
+        name = row["model"]
         rows.append(row)
         with open(jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")

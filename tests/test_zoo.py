@@ -29,12 +29,16 @@ def test_channel_plan_round_trip_and_untouchable_bytes(tmp_path):
     row = zoo.round_trip(cm, spec, example, str(tmp_path), "channel")
     assert row["channel_bytes_equal"] and row["channel_load_equal"] and row["channel_load_max_diff"] < 1e-5
     planned = {f"{n}.weight" for n in bound.layers}
-    from autocompress.artifact import export, load
+    from autocompress.artifact import chunk_sizes, export, load, read_header
+    from autocompress.cost import untouchable_bytes
 
-    export(cm, tmp_path / "u.acz", spec)
+    written = export(cm, tmp_path / "u.acz", spec)
     loaded = load(tmp_path / "u.acz", model)  # BatchNorm folded: Identity there, a bias in each conv
     floats = sum(t.numel() * 4 for k, t in loaded.state_dict().items() if t.is_floating_point() and k not in planned)
-    assert zoo.untouchable_bytes(cm, spec) == floats  # the folded conv biases and the fc bias, as float32
+    entries = read_header(tmp_path / "u.acz")["entries"]
+    assert sum(sum(chunk_sizes(e)) for e in entries if e["t"] == "f") == floats  # folded conv biases, fc bias
+    planned_bytes = sum(sum(chunk_sizes(e)) for e in entries if e["t"] == "q")
+    assert untouchable_bytes(cm, spec) == written - planned_bytes  # framing, header and those floats
 
 
 def test_input_sizes_and_table():
