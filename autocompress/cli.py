@@ -158,12 +158,13 @@ def _open(a: argparse.Namespace):  # -> optuna.Study
 def _cmd_report(a: argparse.Namespace) -> int:
     from .plan import format_bytes
     from .report import format_table, rows_json, trial_rows
+    from .trials import StudyAttr
 
     study = _open(a)
     rows = trial_rows(study)
     print(rows_json(rows) if a.format == "json" else f"study {study.study_name}\n{format_table(rows, a.top)}")
-    if a.format != "json" and "untouchable_bytes" in study.user_attrs:
-        print(f"{format_bytes(study.user_attrs['untouchable_bytes'])} of every artifact no plan can touch "
+    if a.format != "json" and StudyAttr.UNTOUCHABLE in study.user_attrs:
+        print(f"{format_bytes(study.user_attrs[StudyAttr.UNTOUCHABLE])} of every artifact no plan can touch "
               "(header, float tensors outside the planned weights)")
     if not a.no_plots:
         from .review import write_plots
