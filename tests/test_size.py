@@ -92,3 +92,28 @@ def test_rice_sizes_from_runs_equal_the_gaps_coded():
             assert sorted(gaps.tolist()) == sorted(full[full > 0].tolist())
         sizes = [codec.nbytes(m.size)] + [codec.best_rice_k(codec.gaps_of(m != inv))[1] for inv in (False, True)]
         assert sum(map(len, streams)) <= min(sizes)
+
+
+def test_mask_code_is_the_cheapest_coding_even_when_rice_is_skipped():
+    """mask_code skips the Rice codings whose lower bound cannot beat the bitmap or the N:M index
+    (dense N:M masks have millions of runs); the size it picks is still the least of all codings."""
+    import numpy as np
+
+    from autocompress.compression import codec
+
+    rng = np.random.default_rng(3)
+    for i in range(400):
+        size = int(rng.integers(4, 2000)) // 4 * 4
+        if i % 2:
+            mask = np.zeros((size // 4, 4), dtype=bool)
+            np.put_along_axis(mask, np.argsort(rng.random((size // 4, 4)), axis=1)[:, :2], True, axis=1)
+            mask, nm = mask.ravel(), (2, 4)
+        else:
+            mask, nm = rng.random(size) < rng.choice([0.001, 0.02, 0.3, 0.5, 0.9, 0.999]), None
+        options = [codec.nbytes(size)] + [codec.best_rice_k(codec.gaps_of(mask != inv))[1] for inv in (False, True)]
+        if nm:
+            options.append(codec.nbytes(size // 4 * codec.nm_width(2, 4)))
+        info, sizes = codec.mask_code(mask, nm)
+        assert sum(sizes) == min(options)
+        _, streams = codec.encode_mask(mask, nm)
+        assert [len(s) for s in streams] == sizes and (codec.decode_mask(info, streams, size) == mask).all()

@@ -106,19 +106,37 @@ def mask_code(mask: np.ndarray, nm: tuple[int, int] | None = None) -> tuple[dict
     writes, in a fraction of the time and memory (the artifact is sized many times per search)."""
     mask = mask.astype(bool, copy=False).ravel()
     options: list[tuple[int, dict, list[int]]] = [(nbytes(mask.size), {"kind": "bitmap"}, [nbytes(mask.size)])]
-    ones = int(np.count_nonzero(mask))
-    for invert, gaps, count in zip((False, True), _run_gaps(mask), (ones, mask.size - ones)):
-        shifted = _shifted_sums([gaps])
-        k, size = _best_k(count, shifted)
-        sizes = [nbytes(shifted[k] + count), nbytes(count * k)]
-        options.append((size, {"kind": "rice", "k": k, "invert": invert, "count": count}, sizes))
+    nm_option = []
     if nm is not None and mask.size % nm[1] == 0:
         n, m = nm
         if (np.count_nonzero(mask.reshape(-1, m), axis=1) == n).all():
             size = nbytes(mask.size // m * nm_width(n, m))
-            options.append((size, {"kind": "nm", "n": n, "m": m}, [size]))
-    _, info, sizes = min(options, key=lambda o: o[0])
+            nm_option.append((size, {"kind": "nm", "n": n, "m": m}, [size]))
+    best = min(o[0] for o in options + nm_option)
+    ones = int(np.count_nonzero(mask))
+    counts = {False: ones, True: mask.size - ones}
+    rice = [inv for inv in (False, True) if _rice_floor(mask, not inv, counts[inv]) < best]
+    if rice:  # the runs only when a Rice coding can be the cheapest (dense N:M masks have many)
+        for invert, gaps in zip((False, True), _run_gaps(mask)):
+            if invert in rice:
+                count = counts[invert]
+                shifted = _shifted_sums([gaps])
+                k, size = _best_k(count, shifted)
+                sizes = [nbytes(shifted[k] + count), nbytes(count * k)]
+                options.append((size, {"kind": "rice", "k": k, "invert": invert, "count": count}, sizes))
+    _, info, sizes = min(options + nm_option, key=lambda o: o[0])
     return info, sizes
+
+
+def _rice_floor(mask: np.ndarray, value: bool, count: int) -> int:
+    """A lower bound of the bytes of any Rice coding of the `count` positions where mask == value:
+    with k = 0 the unary stream holds every gap plus a stop bit per position (the gaps add up to
+    the other values before the last such position); with k >= 1 it holds at least a stop bit per
+    position and the remainders at least a bit each."""
+    if count == 0:
+        return 0
+    last = mask.size - 1 - int(np.argmax(mask[::-1] == value))
+    return min(nbytes(last + 1), 2 * nbytes(count))
 
 
 def rice_encode(gaps: np.ndarray, k: int) -> list[bytes]:
