@@ -101,12 +101,96 @@ def _layer_plan(record: dict, module: str) -> dict:
     return record["plan"]["layers"][record["targets"][module]]
 
 
-def _quantized_entry(name: str, attr: str, mod: nn.Module, lp: dict) -> tuple[dict, list[bytes]]:
+def _weight_entry(name: str, attr: str, mod: nn.Module, lp: dict) -> dict:
+    """The header entry of a compressed weight, with its stream sizes, from its mask and shape
+    alone: scales (and zero points) at <= 8 bits, then the codes of every weight (dense), or the
+    mask's streams and the codes of the kept weights, whichever is smaller."""
+    comp = compressor(mod, attr)
+    bits, sym = comp.bits, comp.symmetric
+    shape = list(mod.parametrizations[attr].original.shape)
+    out, numel = shape[0], int(np.prod(shape))
+    sizes: list[int] = []
+    if bits <= 8:
+        sizes.append(2 * out)  # float16 scales
+        if not sym and bits > 1:
+            sizes.append(codec.nbytes(out * bits))  # zero points
+    entry: dict[str, Any] = {"t": "q", "name": f"{name}.{attr}", "module": name, "shape": shape, "bits": bits,
+                             "sym": sym}
+    dense_size = codec.nbytes(numel * bits)
+    if comp.mask is not None:
+        mask = (comp.mask != 0).cpu().numpy().ravel()
+        count = int(np.count_nonzero(mask))
+        unit, nm = "w", None
+        if lp["prune"] == "block":
+            unit, unit_mask = "b", (blocks_of(comp.mask, lp["block_size"]) != 0).cpu().numpy().ravel()
+        else:
+            unit_mask = mask
+            if lp["prune"] == "nm":
+                nm = (lp["n"], lp["m"])
+        info, msizes = codec.mask_code(unit_mask, nm)
+        sparse_size = sum(msizes) + codec.nbytes(count * bits)
+        if not (bits > 1 or count == numel) or sparse_size < dense_size:  # 1-bit codes cannot hold a zero
+            entry["mask"] = dict(info, unit=unit, **({"bs": lp["block_size"]} if unit == "b" else {}))
+            entry["sizes"] = sizes + msizes + [codec.nbytes(count * bits)]
+            return entry
+    entry["mask"] = {"kind": "dense"}
+    entry["sizes"] = sizes + [dense_size]
+    return entry
+
+
+def _float_shapes(model: nn.Module, skip: set[str]) -> dict[str, list[int]]:
+    """Names and shapes of _plain_state's tensors without evaluating the parametrizations that
+    keep their tensor's shape (every one compress() registers); others are evaluated."""
+    from .compression.quantize import HalfRound, WeightCompressor
+
+    out: dict[str, list[int]] = {}
+    for mname, mod in model.named_modules():
+        if "parametrizations" in mname.split(".") or any(mname == s or mname.startswith(s + ".") for s in skip):
+            continue
+        prefix = f"{mname}." if mname else ""
+        for k, p in mod._parameters.items():
+            if p is not None:
+                out[prefix + k] = list(p.shape)
+        if parametrize.is_parametrized(mod):
+            for k, plist in mod.parametrizations.items():
+                same = all(isinstance(f, (WeightCompressor, HalfRound, fold.FoldedBias)) for f in plist)
+                out[prefix + k] = list(plist.original.shape if same else getattr(mod, k).shape)
+        for k, t in mod._buffers.items():
+            if t is None or k in mod._non_persistent_buffers_set or k in _ACT_BUFFERS:
+                continue
+            if k == "num_batches_tracked" or "parametrizations" in k:
+                continue
+            out[prefix + k] = list(t.shape)
+    return out
+
+
+def layout(model: nn.Module, spec: ModelSpec) -> dict:
+    """The artifact's header for a compressed model, built from masks and shapes alone (no weight
+    value is read, no code packed): every entry with its stream sizes. encode() fills the payload
+    from it, and the size (cost.artifact_size) is the framing plus payload_size(entries), exactly."""
+    record = getattr(model, RECORD_ATTR, None)
+    if record is None:
+        raise UserError("the model was not produced by autocompress.compress(); nothing to export")
+    plan_fb = record["plan"].get("float_bits", 32)
+    entries = [_weight_entry(name, attr, mod, _layer_plan(record, name))
+               for name, attr, mod in compressed_weights(model)]
+    qnames = {e["name"] for e in entries}
+    for key, shape in _float_shapes(model, {bn for _, bn in record.get("folded", [])}).items():
+        if key not in qnames:
+            entries.append({"t": "f", "name": key, "shape": shape, "bits": plan_fb})
+    for name in record["acts"]:
+        entries.append({"t": "act", "module": name, "bits": model.get_submodule(name).act_bits})
+    rec = {k: record[k] for k in ("plan", "input_shape", "channel_replay", "ranks", "targets", "acts")}
+    if record.get("folded"):
+        rec["folded"] = record["folded"]
+    return {"format": FORMAT_VERSION, "spec": spec.to_dict(), "record": rec, "entries": entries}
+
+
+def _weight_streams(mod: nn.Module, attr: str, entry: dict) -> list[bytes]:
+    """The payload streams of a compressed weight, in the coding its header entry says."""
     comp = compressor(mod, attr)
     bits, sym = comp.bits, comp.symmetric
     w_dev = comp.effective(mod.parametrizations[attr].original.detach())
-    w = w_dev.cpu()
-    mask = None if comp.mask is None else comp.mask.detach().cpu().numpy().astype(bool).ravel()
     streams: list[bytes] = []
     if bits <= 8:
         q, s, zp = (t.cpu() for t in comp.quantize(w_dev))
@@ -118,72 +202,56 @@ def _quantized_entry(name: str, attr: str, mod: nn.Module, lp: dict) -> tuple[di
             streams.append(codec.pack_uint(zp.flatten().numpy().astype(np.int64), bits))
         pack = lambda sel: codec.pack_uint(codes[sel], bits)  # noqa: E731
     else:
-        vals = w.flatten().numpy().astype(_FLOAT_DTYPE[bits])
+        vals = w_dev.cpu().flatten().numpy().astype(_FLOAT_DTYPE[bits])
         pack = lambda sel: vals[sel].tobytes()  # noqa: E731
-    entry: dict[str, Any] = {"t": "q", "name": f"{name}.{attr}", "module": name,
-                             "shape": list(w.shape), "bits": bits, "sym": sym}
-    width = bits
-    dense_ok = mask is None or bits > 1 or bool(mask.all())
-    dense_size = codec.nbytes(w.numel() * width)
-    if mask is not None:
-        unit, nm = "w", None
-        if lp["prune"] == "block":
-            unit, unit_mask = "b", blocks_of(comp.mask, lp["block_size"]).cpu().numpy().astype(bool).ravel()
-        else:
-            unit_mask = mask
-            if lp["prune"] == "nm":
-                nm = (lp["n"], lp["m"])
-        info, mstreams = codec.encode_mask(unit_mask, nm)
-        sparse_size = sum(map(len, mstreams)) + codec.nbytes(int(mask.sum()) * width)
-        if not dense_ok or sparse_size < dense_size:
-            entry["mask"] = dict(info, unit=unit, **({"bs": lp["block_size"]} if unit == "b" else {}))
-            streams += mstreams + [pack(mask)]
-            entry["sizes"] = [len(s) for s in streams]
-            return entry, streams
-    entry["mask"] = {"kind": "dense"}
-    streams.append(pack(slice(None)))
-    entry["sizes"] = [len(s) for s in streams]
-    return entry, streams
+    minfo = entry["mask"]
+    if minfo["kind"] == "dense":
+        return streams + [pack(slice(None))]
+    mask = comp.mask.detach().cpu().numpy().astype(bool).ravel()
+    unit_mask = blocks_of(comp.mask, minfo["bs"]).cpu().numpy().astype(bool).ravel() if minfo["unit"] == "b" else mask
+    return streams + codec.mask_streams(unit_mask, minfo) + [pack(mask)]
 
 
 def encode(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[bytes]]:
-    """The artifact's header and its payload streams (the chunks walk_payload gives back)."""
-    record = getattr(model, RECORD_ATTR, None)
-    if record is None:
-        raise UserError("the model was not produced by autocompress.compress(); nothing to export")
-    plan_fb = record["plan"].get("float_bits", 32)
-    entries: list[dict] = []
-    streams: list[bytes] = []
-    qnames = set()
+    """The artifact's header (layout) and its payload streams (the chunks walk_payload gives back)."""
+    header = layout(model, spec)
+    record = getattr(model, RECORD_ATTR)
+    qnames = {e["name"] for e in header["entries"] if e["t"] == "q"}
     training = model.training
     model.eval()  # the folded BatchNorm values are the eval-mode ones
-    for name, attr, mod in compressed_weights(model):
-        e, s = _quantized_entry(name, attr, mod, _layer_plan(record, name))
-        entries.append(e)
-        streams += s
-        qnames.add(e["name"])
-    state = _plain_state(model, {bn for _, bn in record.get("folded", [])}, qnames)
-    model.train(training)
-    for key, t in state.items():
-        if key in qnames:
-            continue
-        entries.append({"t": "f", "name": key, "shape": list(t.shape), "bits": plan_fb})
-        streams.append(t.float().cpu().numpy().astype(_FLOAT_DTYPE[plan_fb]).tobytes())
-    for name in record["acts"]:
-        mod = model.get_submodule(name)
-        entries.append({"t": "act", "module": name, "bits": mod.act_bits})
-        streams.append(ACT_RECORD.pack(float(mod.act_scale), int(mod.act_zero_point)))
-    rec = {k: record[k] for k in ("plan", "input_shape", "channel_replay", "ranks", "targets", "acts")}
-    if record.get("folded"):
-        rec["folded"] = record["folded"]
-    header = {"format": FORMAT_VERSION, "spec": spec.to_dict(), "record": rec, "entries": entries}
+    try:
+        state = _plain_state(model, {bn for _, bn in record.get("folded", [])}, qnames)
+        streams: list[bytes] = []
+        for e in header["entries"]:
+            if e["t"] == "q":
+                chunks = _weight_streams(model.get_submodule(e["module"]), e["name"].rpartition(".")[2], e)
+            elif e["t"] == "f":
+                chunks = [state[e["name"]].float().cpu().numpy().astype(_FLOAT_DTYPE[e["bits"]]).tobytes()]
+            else:
+                mod = model.get_submodule(e["module"])
+                chunks = [ACT_RECORD.pack(float(mod.act_scale), int(mod.act_zero_point))]
+            if [len(c) for c in chunks] != chunk_sizes(e):
+                raise RuntimeError(f"artifact entry {e.get('name') or e['module']}: streams do not match the layout")
+            streams += chunks
+    finally:
+        model.train(training)
     return header, streams
+
+
+def header_bytes(header: dict) -> bytes:
+    """The compressed JSON header as stored."""
+    return zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), 9)
+
+
+def framing_size(header: dict) -> int:
+    """Bytes of everything but the payload: prefix, compressed JSON header, CRC32."""
+    return _PRE.size + len(header_bytes(header)) + 4
 
 
 def artifact_bytes(model: nn.Module, spec: ModelSpec) -> bytes:
     """The complete artifact of a compressed model, as bytes."""
     header, streams = encode(model, spec)
-    hz = zlib.compress(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), 9)
+    hz = header_bytes(header)
     body = _PRE.pack(MAGIC, FORMAT_VERSION, len(hz)) + hz + b"".join(streams)
     return body + struct.pack("<I", zlib.crc32(body))
 

@@ -1,5 +1,5 @@
-"""Fast sizing (cost.size) computes exactly the bytes the writer (artifact.py) produces, without
-building the payload: same header, same stream lengths, for every kind of plan."""
+"""Fast sizing (cost.size, from artifact.layout) computes exactly the bytes the writer produces,
+without building the payload: same header, same stream lengths, for every kind of plan."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,6 @@ from conftest_models import TinyResNet, warm_bn
 from autocompress import artifact
 from autocompress.compression import compress
 from autocompress.cost import artifact_size, size_breakdown
-from autocompress.cost.size import layout
 from autocompress.models import ModelSpec
 from autocompress.plan import CompressionPlan, LayerPlan
 
@@ -45,14 +44,15 @@ PLANS = {
 @pytest.mark.parametrize("name", list(PLANS))
 def test_sizing_equals_the_written_artifact(lenet, data, tmp_path, name):
     c = compress(lenet, PLANS[name], data[0][:1], data[1][:1], calibrate=name == "act bits")
-    header, sizes = layout(c, SPEC)
+    header = artifact.layout(c, SPEC)  # from masks and shapes only
     written_header, streams = artifact.encode(c, SPEC)
     assert header == written_header  # the same entries, codecs and stream lengths
     n = 0
-    for e, size in zip(header["entries"], sizes):  # each entry's bytes are its streams' bytes
-        k = len(e["sizes"]) if e["t"] == "q" else 1
-        assert size == sum(len(s) for s in streams[n:n + k])
-        n += k
+    for e in header["entries"]:  # each entry's streams are the lengths its header entry gives
+        want = artifact.chunk_sizes(e)
+        assert [len(s) for s in streams[n:n + len(want)]] == want
+        n += len(want)
+    assert n == len(streams)
     path = tmp_path / "m.acz"
     assert artifact_size(c, SPEC) == artifact.export(c, path, SPEC) == os.path.getsize(path)
     parts = size_breakdown(c, SPEC)
@@ -71,7 +71,7 @@ def test_sizing_a_residual_bn_net_with_every_technique(tmp_path):
         "fc": LayerPlan(bits=8)}, float_bits=16)
     spec = ModelSpec("tests/conftest_models.py:TinyResNet", 10, 1, 8)
     c = compress(net, plan, x[:1], [(x, y)])
-    assert layout(c, spec)[0] == artifact.encode(c, spec)[0]
+    assert artifact.layout(c, spec) == artifact.encode(c, spec)[0]
     assert artifact_size(c, spec) == artifact.export(c, tmp_path / "r.acz", spec)
 
 

@@ -198,14 +198,19 @@ def encode_mask(mask: np.ndarray, nm: tuple[int, int] | None = None) -> tuple[di
     """The cheapest coding of a flat boolean mask (chosen by mask_code), and its streams."""
     mask = mask.astype(bool, copy=False).ravel()
     info, sizes = mask_code(mask, nm)
-    if info["kind"] == "bitmap":
-        streams = [np.packbits(mask).tobytes()]
-    elif info["kind"] == "rice":
-        streams = rice_encode(gaps_of(mask != info["invert"]), info["k"])
-    else:
-        streams = [pack_uint(nm_rank(mask, *nm), nm_width(*nm))]
+    streams = mask_streams(mask, info)
     assert [len(s) for s in streams] == sizes
     return info, streams
+
+
+def mask_streams(mask: np.ndarray, info: dict) -> list[bytes]:
+    """The streams of a flat boolean mask in the coding `info` (as mask_code chose it)."""
+    mask = mask.astype(bool, copy=False).ravel()
+    if info["kind"] == "bitmap":
+        return [np.packbits(mask).tobytes()]
+    if info["kind"] == "rice":
+        return rice_encode(gaps_of(mask != info["invert"]), info["k"])
+    return [pack_uint(nm_rank(mask, info["n"], info["m"]), nm_width(info["n"], info["m"]))]
 
 
 def decode_mask(info: dict, streams: list[bytes], size: int) -> np.ndarray:
