@@ -141,6 +141,7 @@ def test_mismatched_classes_and_corrupt_images(tmp_path):
         load_data(f"imagefolder:{tmp_path / 'b'}", image_size=8)
 
 
+@pytest.mark.slow
 def test_cli_search_with_a_checkpoint_on_an_image_folder(tmp_path, capsys):
     """The README's command at toy scale: a user's model and checkpoint, an image folder, --image-size."""
     from autocompress.artifact import load, read_header
