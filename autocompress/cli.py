@@ -83,12 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_search(a: argparse.Namespace) -> int:
     from .api import search
+    from .settings import SearchSettings
 
     options = cli_options(a)
     outcome = search(options.pop("budget"), **options)
     if outcome.best is not None:
         if a.tracking_uri is None:
-            print(f"review in MLflow: autocompress ui --out {a.out}")
+            out = a.out if a.out is not None else SearchSettings.__dataclass_fields__["out"].default
+            print(f"review in MLflow: autocompress ui --out {out}")
         elif a.tracking_uri.startswith(("http:", "https:")):
             print(f"review in MLflow: {a.tracking_uri}")
         else:
