@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
-from conftest_models import TinyResNet, warm_bn
 
 from autocompress import artifact
 from autocompress.compression import compress
@@ -57,22 +55,6 @@ def test_sizing_equals_the_written_artifact(lenet, data, tmp_path, name):
     assert artifact_size(c, SPEC) == artifact.export(c, path, SPEC) == os.path.getsize(path)
     parts = size_breakdown(c, SPEC)
     assert parts["total"] == os.path.getsize(path) == sum(v for k, v in parts.items() if k != "total")
-
-
-def test_sizing_a_residual_bn_net_with_every_technique(tmp_path):
-    torch.manual_seed(0)
-    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
-    net = warm_bn(TinyResNet(), x)
-    plan = CompressionPlan(layers={
-        "stem": LayerPlan(prune="channel", amount=0.5, bits=8),
-        "layer1.conv1": LayerPlan(prune="unstructured", amount=0.5, bits=4, act_bits=8),
-        "layer2.conv1": LayerPlan(prune="channel", amount=0.25, bits=4, symmetric=False),
-        "layer2.conv2": LayerPlan(prune="nm", n=2, m=4, bits=3, rank_ratio=0.5),
-        "fc": LayerPlan(bits=8)}, float_bits=16)
-    spec = ModelSpec("tests/conftest_models.py:TinyResNet", 10, 1, 8)
-    c = compress(net, plan, x[:1], [(x, y)])
-    assert artifact.layout(c, spec) == artifact.encode(c, spec)[0]
-    assert artifact_size(c, spec) == artifact.export(c, tmp_path / "r.acz", spec)
 
 
 def test_rice_sizes_from_runs_equal_the_gaps_coded():
