@@ -101,6 +101,24 @@ def round_trip(compressed: Any, spec: Any, example: Any, folder: str, tag: str) 
             f"{tag}_path": path}
 
 
+def deploy_check(path: str, example: Any) -> dict[str, Any]:
+    """`deployable()` builds the artifact for the CPU and runs it: 'ok' when its logits have the
+    right shape and are finite, else the first line of what went wrong."""
+    import torch
+
+    from autocompress.deploy import deployable
+
+    try:
+        dep = deployable(path, calib=[example], backend="x86" if "x86" in
+                         torch.backends.quantized.supported_engines else "auto")
+        with torch.no_grad():
+            dout = dep(example)
+        ok = tuple(dout.shape) == (example.shape[0], 10) and bool(torch.isfinite(dout).all())
+        return {"deploy": "ok" if ok else f"output {tuple(dout.shape)}", "deploy_backend": getattr(dep, "backend", None)}
+    except Exception as e:
+        return {"deploy": _first_line(e)}
+
+
 def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
     """Fill `row` step by step, so a failure late on keeps what came before."""
     import torch
@@ -108,7 +126,6 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
 
     from autocompress.compression import compress
     from autocompress.cost import artifact_size, untouchable_bytes
-    from autocompress.deploy import deployable
     from autocompress.models import ModelSpec, param_bytes
     from autocompress.space import load_space
 
@@ -147,16 +164,7 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
         except Exception as e:
             row["channel_round_trip"] = _first_line(e)
         if row.get("channel_path"):
-            try:
-                dep = deployable(row["channel_path"], calib=[example], backend="x86" if "x86" in
-                                 torch.backends.quantized.supported_engines else "auto")
-                with torch.no_grad():
-                    dout = dep(example)
-                row["deploy"] = "ok" if tuple(dout.shape) == (2, 10) and bool(torch.isfinite(dout).all()) \
-                    else f"output {tuple(dout.shape)}"
-                row["deploy_backend"] = getattr(dep, "backend", None)
-            except Exception as e:
-                row["deploy"] = _first_line(e)
+            row.update(deploy_check(row["channel_path"], example))
         del cm
 
     smallest = bound.smallest()
@@ -210,15 +218,17 @@ def run_one(name: str, size: int) -> dict[str, Any]:
 
 # ---- the driver (parent) -------------------------------------------------------------------
 
-def spawn(name: str, size: int, mem_gb: float, timeout: float) -> dict[str, Any]:
-    """Run one model in a child under an address-space limit and a timeout."""
+def spawn(name: str, size: int, mem_gb: float, timeout: float, script: str = __file__,
+          extra: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run `script --one NAME --size SIZE` in a child under an address-space limit and a timeout;
+    its last stdout line is the row (JSON)."""
     limit = int(mem_gb * 2**30)
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         os.setsid()
 
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--size", str(size)]
+    cmd = [sys.executable, os.path.abspath(script), "--one", name, "--size", str(size), *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=cap)
     try:

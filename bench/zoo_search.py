@@ -1,0 +1,326 @@
+"""Every torchvision classifier through the real CLI search, as a user with a checkpoint runs it.
+
+For each name of `torchvision.models.list_models(module=torchvision.models)` up to --max-params
+parameters, one child process (under `ulimit -v` and a timeout, as bench/zoo.py does):
+
+1. builds `models.build_model(ModelSpec('torchvision:NAME', 10, 1, 28))` with random weights
+   (the grey Fashion-MNIST stem) and saves its state dict as ckpt.pt;
+2. runs `python -m autocompress search --model torchvision:NAME --weights ckpt.pt
+   --data fashion-mnist --budget 20x --trials 3 --max-batches 2 --limit 600 --no-progress`
+   (one CPU thread), with `--image-size S` where the model cannot run on 28 x 28 images
+   (S = zoo.input_size: 224 for vit/swin/maxvit, 299 for inception_v3, else 64);
+3. checks:
+   - exit: the search's exit code is 0;
+   - complete: the study holds >= 1 COMPLETE trial (within the budget);
+   - bytes: os.path.getsize(best.acz) equals the size the study recorded for the exported trial
+     (the refined finalist's, else the trial's);
+   - load: `autocompress.load(best.acz)` runs, with the parameter shapes of the checkpoint model
+     compressed by the best trial's plan, and that compressed model exported and loaded back gives
+     its logits (zoo.round_trip: bytes equal, logits allclose). The search's own compressed model
+     is fine-tuned inside the search and gone, so the logits are compared on the recompressed one;
+   - deploy: `autocompress.deploy.deployable(best.acz)` runs it on CPU (zoo.deploy_check).
+
+Records wall seconds of the search, the sensitivity seconds it printed, the trials' seconds (sum of
+the study's per-trial seconds) and the search's peak RSS.
+
+    python bench/zoo_search.py --jobs 1                       # all models
+    python bench/zoo_search.py --models mobilenet_v2,googlenet --resume
+
+Writes bench/results/zoo_search.jsonl (one line per model) and bench/results/zoo_search.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import zoo  # noqa: E402  (bench/zoo.py: sizes, child processes, the round-trip and deploy checks)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NATIVE = 28  # Fashion-MNIST's own size
+SEARCH_ARGS = ["--data", "fashion-mnist", "--budget", "20x", "--trials", "3", "--max-batches", "2",
+               "--limit", "600", "--no-progress"]
+
+
+def image_size(model: Any) -> int | None:
+    """None when the model runs (eval and train mode) on 28 x 28 grey images, else the size to use."""
+    import torch
+
+    x = torch.randn(2, 1, NATIVE, NATIVE)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+            model.train()(x)
+        return None
+    except Exception:
+        return -1
+    finally:
+        model.eval()
+
+
+def search_cli(name: str, ckpt: str, size: int | None, out: str, row: dict[str, Any]) -> str:
+    """Run the CLI search (one thread) and record exit code, times and peak RSS; returns its output."""
+    cmd = [sys.executable, "-m", "autocompress", "search", "--model", f"torchvision:{name}", "--weights", ckpt,
+           *SEARCH_ARGS, "--out", out] + (["--image-size", str(size)] if size else [])
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
+    row["search_s"] = round(time.perf_counter() - t0, 1)
+    row["search_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    row["exit"] = proc.returncode
+    m = re.search(r"^sensitivity \(([\d.]+)s\)", proc.stdout, re.M)
+    if m:
+        row["sensitivity_s"] = float(m.group(1))
+    if proc.returncode != 0:
+        lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
+        row["error"] = (lines or ["no output"])[-1][:200]
+    return proc.stdout
+
+
+def study_checks(out: str, row: dict[str, Any]) -> Any:
+    """Complete trials, trial seconds, and the exported trial's plan and recorded size."""
+    import optuna
+
+    from autocompress.plan import CompressionPlan
+    from autocompress.trials import Attr, TrialState, best_final, exported_trial, trial_state
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"sqlite:///{os.path.join(out, 'optuna.db')}"
+    (study_name,) = optuna.get_all_study_names(url)
+    study = optuna.load_study(study_name=study_name, storage=url)
+    states = [str(trial_state(t)) for t in study.trials]
+    row["trial_states"] = states
+    row["complete"] = states.count(str(TrialState.COMPLETE))
+    row["trials_s"] = round(sum(t.user_attrs.get(Attr.SECONDS, 0.0) for t in study.trials), 1)
+    fails = [t.user_attrs.get(Attr.FAIL_REASON) for t in study.trials if t.user_attrs.get(Attr.FAIL_REASON)]
+    if fails:
+        row["fail_reason"] = str(fails[0])[:200]
+    best = exported_trial(study)
+    if best is None:
+        return None
+    final = best_final(study)
+    row["best_trial"] = best.number
+    row["best_recorded_bytes"] = final[1]["size_bytes"] if final else best.user_attrs[Attr.SIZE_BYTES]
+    return CompressionPlan.from_dict(best.user_attrs[Attr.PLAN])
+
+
+def artifact_checks(name: str, ckpt: str, size: int, plan: Any, best: str, folder: str, row: dict[str, Any]) -> None:
+    """bytes, load and deploy of best.acz (see the module docstring)."""
+    import torch
+
+    from autocompress.artifact import load
+    from autocompress.compression import compress, plain_copy
+    from autocompress.models import ModelSpec, build_model, load_weights
+
+    row["best_bytes"] = os.path.getsize(best)
+    row["bytes_equal"] = row["best_bytes"] == row["best_recorded_bytes"]
+    spec = ModelSpec(f"torchvision:{name}", 10, 1, size)
+    model = build_model(spec).eval()
+    load_weights(model, ckpt)
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 1, size, size, generator=gen)
+    calib = [(torch.randn(4, 1, size, size, generator=gen), torch.zeros(4, dtype=torch.long))]
+    loaded = load(best)
+    with torch.no_grad():
+        out = loaded.eval()(example)
+    cm = compress(model, plan, example, calib)
+    shapes = {k: tuple(v.shape) for k, v in loaded.state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in plain_copy(cm).state_dict().items()}
+    row["load_shapes_equal"] = shapes == want
+    if shapes != want:
+        row["load_shapes_diff"] = sorted(set(shapes.items()) ^ set(want.items()))[:3]
+    row["load_runs"] = tuple(out.shape) == (2, 10) and bool(torch.isfinite(out).all())
+    trip = zoo.round_trip(cm, spec, example, folder, "replan")
+    row["replan_bytes_equal"], row["load_max_diff"] = trip["replan_bytes_equal"], trip["replan_load_max_diff"]
+    row["load_equal"] = trip["replan_load_equal"]
+    row.update(zoo.deploy_check(best, example))
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """'ok', or the first failing check."""
+    if row.get("status", "ok") != "ok":
+        return row["status"]
+    if row.get("exit") != 0:
+        return f"exit {row.get('exit')}"
+    if not row.get("complete"):
+        return "no complete trial"
+    for key, label in (("bytes_equal", "bytes"), ("replan_bytes_equal", "bytes (replanned)"),
+                       ("load_runs", "load runs"), ("load_shapes_equal", "load shapes"), ("load_equal", "load logits")):
+        if row.get(key) is not True:
+            return label
+    return "ok" if row.get("deploy") == "ok" else "deploy"
+
+
+def measure(name: str, folder: str, row: dict[str, Any]) -> None:
+    """Checkpoint, search, checks; fills `row` step by step so a late failure keeps what came before."""
+    import torch
+
+    from autocompress.models import ModelSpec, build_model, param_bytes
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(f"torchvision:{name}", 10, 1, NATIVE))
+    row["params"] = sum(p.numel() for p in model.parameters())
+    row["fp32_bytes"] = param_bytes(model)
+    size = None if image_size(model) is None else zoo.input_size(name)
+    row["input"] = size or NATIVE
+    ckpt = os.path.join(folder, "ckpt.pt")
+    torch.save(model.state_dict(), ckpt)
+    del model
+    out = os.path.join(folder, "out")
+    os.makedirs(out)
+    log = search_cli(name, ckpt, size, out, row)
+    with open(os.path.join(folder, "search.log"), "w") as f:
+        f.write(log)
+    if not os.path.isfile(os.path.join(out, "optuna.db")):
+        return
+    plan = study_checks(out, row)
+    best = os.path.join(out, "best.acz")
+    if plan is not None and os.path.isfile(best):
+        artifact_checks(name, ckpt, row["input"], plan, best, folder, row)
+
+
+def run_one(name: str, keep: str | None) -> dict[str, Any]:
+    """All of one model in this process (the child), as a row."""
+    import torch
+
+    torch.set_num_threads(1)
+    row: dict[str, Any] = {"model": name, "status": "ok"}
+    t0 = time.perf_counter()
+    folder = tempfile.mkdtemp(prefix=f"zoo_search_{name}_")
+    try:
+        measure(name, folder, row)
+    except MemoryError:
+        row["status"] = "out of memory"
+    except Exception as e:
+        row["status"] = "error"
+        row["error"] = zoo._first_line(e)
+        row["trace"] = traceback.format_exc().splitlines()[-3:]
+    finally:
+        if keep:
+            shutil.copytree(folder, os.path.join(keep, name), dirs_exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    row["peak_rss_bytes"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
+    row["verdict"] = verdict(row)
+    return row
+
+
+# ---- the driver (parent) -------------------------------------------------------------------
+
+def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], meta: str) -> str:
+    """The Markdown summary: one row per model, then the totals."""
+    head = ("| model | params M | input | exit | complete | bytes = recorded | load (max diff) | deployable "
+            "| sensitivity s | trials s | search s | peak RSS GB | result |")
+    lines = ["# torchvision zoo through `autocompress search`", "", meta, "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(rows, key=lambda r: r.get("params") or 0):
+        v = r.get("verdict") or verdict(r)
+        why = v if v == "ok" else f"**{v}**" + (f": {r['error']}" if r.get("error") else "") \
+            + (f" (trials: {r['fail_reason']})" if r.get("fail_reason") and not r.get("complete") else "")
+        load = zoo._yes(r.get("load_equal") and r.get("load_runs") and r.get("load_shapes_equal")) \
+            if "load_equal" in r else "-"
+        if "load_max_diff" in r:
+            load += f" ({r['load_max_diff']:.1e})"
+        rss = r.get("peak_rss_bytes")
+        lines.append(" | ".join([
+            f"| {r['model']}", zoo._mb(r.get("params")), str(r.get("input", "-")), str(r.get("exit", "-")),
+            f"{r['complete']}/{len(r['trial_states'])}" if "trial_states" in r else "-",
+            zoo._yes(r["bytes_equal"] and r.get("replan_bytes_equal")) if "bytes_equal" in r else "-", load,
+            str(r.get("deploy", "-")), str(r.get("sensitivity_s", "-")), str(r.get("trials_s", "-")),
+            str(r.get("search_s", r.get("seconds", "-"))), f"{rss / 1e9:.2f}" if rss else "-",
+            why.replace("|", "/")]) + " |")
+    ok = [r for r in rows if (r.get("verdict") or verdict(r)) == "ok"]
+    times = [r.get("search_s", r.get("seconds", 0)) for r in rows]
+    lines += ["", f"{len(ok)} of {len(rows)} models pass every check; search time {sum(times) / 60:.1f} min in all"
+              + (f", slowest {max(rows, key=lambda r: r.get('search_s', r.get('seconds', 0)))['model']} "
+                 f"({max(times):.0f} s)" if rows else "") + "."]
+    if skipped:
+        lines += ["", "Skipped (over the parameter cap): " + ", ".join(
+            f"{n} ({(p or 0) / 1e6:.0f}M)" for n, p in skipped) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", help="comma-separated names (default: every torchvision classifier)")
+    ap.add_argument("--max-params", type=float, default=100e6)
+    ap.add_argument("--mem-gb", type=float, default=8.0, help="address-space limit per model (ulimit -v)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
+    ap.add_argument("--resume", action="store_true", help="keep rows already in zoo_search.jsonl, run the others")
+    ap.add_argument("--results", default=zoo.RESULTS)
+    ap.add_argument("--table", action="store_true", help="only rewrite zoo_search.md from zoo_search.jsonl")
+    ap.add_argument("--jobs", type=int, default=1, help="models searched at once (one thread each)")
+    ap.add_argument("--keep", help="copy each model's folder (checkpoint, search output, log) here")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.one:
+        print(json.dumps(run_one(a.one, a.keep)), flush=True)
+        return
+    import torch
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    counts = {n: zoo.listed_params(n) for n in names}
+    skipped = [(n, p) for n, p in counts.items() if p is not None and p > a.max_params]
+    wanted = a.models.split(",") if a.models else names
+    todo = sorted((n for n in wanted if (n, counts.get(n)) not in skipped), key=lambda n: (counts.get(n) or 0, n))
+    os.makedirs(a.results, exist_ok=True)
+    jsonl, md = os.path.join(a.results, "zoo_search.jsonl"), os.path.join(a.results, "zoo_search.md")
+    rows: list[dict[str, Any]] = []
+    if (a.resume or a.table) and os.path.isfile(jsonl):
+        with open(jsonl) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    elif os.path.exists(jsonl):
+        os.remove(jsonl)
+    have = {r["model"] for r in rows}
+    meta = (f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared: load average "
+            f"{os.getloadavg()[0]:.1f} at the start), 1 thread per search, torch {torch.__version__}, torchvision "
+            f"{torchvision.__version__}. Random-weight checkpoint, `search {' '.join(SEARCH_ARGS)}` (input 28 x 28 "
+            f"grey unless the model needs more: then `--image-size`, see the input column); address space capped at "
+            f"{a.mem_gb:g} GiB, {a.timeout:.0f} s per model. `python bench/zoo_search.py` (ordered by parameters).")
+    if a.table:
+        todo = []
+    if a.keep:
+        os.makedirs(a.keep, exist_ok=True)
+    from concurrent.futures import ThreadPoolExecutor
+
+    extra = ["--keep", os.path.abspath(a.keep)] if a.keep else []
+    pool = ThreadPoolExecutor(max(1, a.jobs))
+    futures = [pool.submit(spawn, n, a.mem_gb, a.timeout, extra) for n in todo if n not in have]
+    for future in futures:
+        row = future.result()
+        rows.append(row)
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(md, "w") as f:
+            f.write(table(rows, skipped, meta))
+        print(f"{row['model']}: {row.get('verdict') or verdict(row)} exit={row.get('exit', '-')} "
+              f"complete={row.get('complete', '-')} deploy={row.get('deploy', '-')} {row.get('seconds')} s"
+              + (f" ({row['error']})" if row.get("error") else ""), flush=True)
+    with open(md, "w") as f:
+        f.write(table(rows, skipped, meta))
+
+
+def spawn(name: str, mem_gb: float, timeout: float, extra: list[str]) -> dict[str, Any]:
+    """zoo.spawn of this script for one model; the verdict filled in for rows the child could not write."""
+    row = zoo.spawn(name, 0, mem_gb, timeout, script=__file__, extra=extra)
+    row.setdefault("verdict", verdict(row))
+    return row
+
+
+if __name__ == "__main__":
+    main()
