@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +86,31 @@ def _interp(points: dict[str, float], x: float, zero_at: float) -> float:
     return xs[-1][1]
 
 
+# Activations whose backward has no derivative in torch ("derivative for aten::hardsigmoid_backward
+# is not implemented"), with the same function written in ops that have one (MobileNetV3 uses both).
+_TWICE_DIFFERENTIABLE: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
+    nn.Hardsigmoid: lambda x: torch.clamp(x + 3, 0, 6) / 6,
+    nn.Hardswish: lambda x: x * torch.clamp(x + 3, 0, 6) / 6,
+}
+
+
+@contextmanager
+def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with its Hardsigmoid/Hardswish modules computed by double-differentiable ops, for
+    Hessian-vector products; the modules' own forward is back on exit."""
+    swapped = []
+    for mod in model.modules():
+        fn = _TWICE_DIFFERENTIABLE.get(type(mod))
+        if fn is not None:
+            mod.forward = fn
+            swapped.append(mod)
+    try:
+        yield model
+    finally:
+        for mod in swapped:
+            del mod.forward
+
+
 def hutchinson_trace(model: nn.Module, layers: list[str], data: TensorData, samples: int = 8,
                      batch_size: int = 256, seed: int = 0) -> dict[str, float]:
     """Per-layer trace of the loss Hessian, divided by the layer's weight count (E[v'Hv], Rademacher v)."""
@@ -91,14 +118,15 @@ def hutchinson_trace(model: nn.Module, layers: list[str], data: TensorData, samp
     model = model.eval()
     params = [layer_weight(model.get_submodule(n)) for n in layers]
     x, y = data.x[:batch_size], data.y[:batch_size]
-    loss = F.cross_entropy(model(x), y)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
     totals = [0.0] * len(params)
-    for _ in range(samples):
-        vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in params]
-        hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
-        for i, (hv, v) in enumerate(zip(hvs, vs)):
-            totals[i] += float((hv * v).sum()) / samples
+    with twice_differentiable(model):
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        for _ in range(samples):
+            vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in params]
+            hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
+            for i, (hv, v) in enumerate(zip(hvs, vs)):
+                totals[i] += float((hv * v).sum()) / samples
     return {n: t / p.numel() for n, t, p in zip(layers, totals, params)}
 
 

@@ -76,3 +76,22 @@ def test_thinned_amount_grid_keeps_the_high_amounts_where_bytes_change_fastest()
     grid = _grid(load_space(None).bind(model).layers["fc1"]["amount"])
     assert len(grid) <= 41 and grid[0] == 0.0 and grid[-1] == pytest.approx(0.9975)
     assert {0.985, 0.99, 0.995} <= set(grid)  # each halves or so the weights kept at 100x
+
+
+def test_hessian_trace_of_mobilenet_v3():
+    """MobileNetV3's Hardsigmoid has no double backward in torch (the search died in its
+    sensitivity stage): the trace computes it, and Hardswish, with double-differentiable ops."""
+    from autocompress.sensitivity import twice_differentiable
+
+    torch.manual_seed(0)
+    data = TensorData(torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,)))
+    model = build_model(ModelSpec("torchvision:mobilenet_v3_small", 10, 1, 32)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    want = model(data.x)
+    with twice_differentiable(model):
+        assert torch.allclose(model(data.x), want, atol=1e-5)
+    sens = analyse(model, data, data.x[:2], amounts=(0.5,), bits=(4,), samples=16, hessian_samples=1)
+    assert len(sens.hessian_trace) == len(sens.layers) > 50
+    assert all(torch.isfinite(torch.tensor(v)) for v in sens.hessian_trace.values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(model(data.x), want)  # its own modules are back
