@@ -158,3 +158,20 @@ def test_batchnorm_folding_keeps_a_model_fx_cannot_trace():
 
     net = Branchy().eval()
     assert fold_batchnorm(net, (1, 8, 8)) is net
+
+
+def test_shufflenet_on_small_images_deploys(tmp_path):
+    """ShuffleNet-v2 on 28 x 28 images ends on a 1 x 1 map and takes x.mean([2, 3]) of it; the
+    quantized mean fails there without keepdim, so the deployed graph spells it with keepdim."""
+    torch.manual_seed(0)
+    spec = ModelSpec("torchvision:shufflenet_v2_x0_5", 10, 1, 28)
+    x = torch.randn(16, 1, 28, 28)
+    net = warm_bn(build_model(spec), x)
+    model = compress(net, CompressionPlan(layers={"conv1.0": LayerPlan(bits=8), "fc": LayerPlan(bits=4)}), x[:2])
+    export(model, tmp_path / "s.acz", spec)
+    evaluated = load(tmp_path / "s.acz")
+    deployed = deployable(tmp_path / "s.acz", calib=[x], script=False, backend=ENGINES[0])
+    with torch.no_grad():
+        a, b = evaluated(x), deployed(x)
+    assert b.shape == (16, 10) and float((a - b).abs().max()) <= 0.1 * float(a.abs().max())
+    assert "keepdim = True" in deployed.code and "squeeze" in deployed.code

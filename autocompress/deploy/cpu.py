@@ -107,9 +107,15 @@ def _fused_weights(prepared: nn.Module, names: list[str]) -> dict[str, torch.Ten
 
 
 def relu_as_functional(model: nn.Module) -> nn.Module:
-    """The model as an FX graph with torch.relu / Tensor.relu written as F.relu, the spelling the
-    int8 fusion patterns know: conv/linear + ReLU then run as one int8 kernel instead of
-    dequantise -> float ReLU -> quantise (3 ops saved per layer; 1.5x faster LeNet-5 at batch 1).
+    """The model as an FX graph in the spellings the int8 path handles:
+
+    - torch.relu / Tensor.relu written as F.relu, the spelling the int8 fusion patterns know:
+      conv/linear + ReLU then run as one int8 kernel instead of dequantise -> float ReLU ->
+      quantise (3 ops saved per layer; 1.5x faster LeNet-5 at batch 1);
+    - `x.mean(dims)` written as `x.mean(dims, keepdim=True).squeeze(dims)`: the quantized mean
+      without keepdim fails on a 1 x 1 channels-last map ("required rank 4 tensor to use
+      channels_last format"), which ShuffleNet and MNASNet reach on small inputs.
+
     Models FX cannot trace are returned unchanged (prepare_fx reports why)."""
     import torch.fx
     from torch.nn import functional as F
@@ -119,16 +125,38 @@ def relu_as_functional(model: nn.Module) -> nn.Module:
     except Exception:
         return model
     changed = False
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         if (node.op == "call_function" and node.target in (torch.relu, torch.relu_)) or \
                 (node.op == "call_method" and node.target in ("relu", "relu_")):
             node.op, node.target, node.kwargs = "call_function", F.relu, {}
             node.args = node.args[:1]
             changed = True
+        elif _mean_keepdim(gm.graph, node):
+            changed = True
     if not changed:
         return model
     gm.recompile()
     return gm
+
+
+def _mean_keepdim(graph: Any, node: Any) -> bool:
+    """Rewrite one `mean(x, dims)` node without keepdim as mean with keepdim, then squeeze(dims)."""
+    if not ((node.op == "call_method" and node.target == "mean")
+            or (node.op == "call_function" and node.target is torch.mean)):
+        return False
+    args, kwargs = list(node.args), dict(node.kwargs)
+    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+    keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    dims = (dims,) if isinstance(dims, int) else dims
+    if keep is not False or not isinstance(dims, (list, tuple)) or not dims or \
+            not all(isinstance(d, int) for d in dims):
+        return False
+    node.args = (args[0], tuple(dims))
+    node.kwargs = {**{k: v for k, v in kwargs.items() if k not in ("dim", "keepdim")}, "keepdim": True}
+    with graph.inserting_after(node):
+        squeezed = graph.call_method("squeeze", (node, tuple(dims)))
+    node.replace_all_uses_with(squeezed, delete_user_cb=lambda user: user is not squeezed)
+    return True
 
 
 def to_int8_cpu(model: nn.Module, int8: list[str], example: torch.Tensor, calib: Any = None,
