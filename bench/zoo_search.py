@@ -76,17 +76,30 @@ def search_cli(name: str, ckpt: str, size: int | None, out: str, row: dict[str, 
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
+    log = os.path.join(os.path.dirname(out), "search.log")
+    with open(log, "w") as f:  # written as it goes: a timed-out model's log says where it was
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
     row["search_s"] = round(time.perf_counter() - t0, 1)
     row["search_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     row["exit"] = proc.returncode
-    m = re.search(r"^sensitivity \(([\d.]+)s\)", proc.stdout, re.M)
+    with open(log) as f:
+        text = f.read()
+    m = re.search(r"^sensitivity \(([\d.]+)s\)", text, re.M)
     if m:
         row["sensitivity_s"] = float(m.group(1))
     if proc.returncode != 0:
-        lines = [line for line in proc.stdout.strip().splitlines() if line.strip()]
-        row["error"] = (lines or ["no output"])[-1][:200]
-    return proc.stdout
+        row["error"] = last_line(log)
+    return text
+
+
+def last_line(path: str) -> str:
+    """The last non-empty line of a text file ('' when there is none)."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    return (lines or [""])[-1][:200]
 
 
 def study_checks(out: str, row: dict[str, Any]) -> Any:
@@ -180,15 +193,18 @@ def measure(name: str, folder: str, row: dict[str, Any]) -> None:
     del model
     out = os.path.join(folder, "out")
     os.makedirs(out)
-    log = search_cli(name, ckpt, size, out, row)
-    with open(os.path.join(folder, "search.log"), "w") as f:
-        f.write(log)
+    search_cli(name, ckpt, size, out, row)
     if not os.path.isfile(os.path.join(out, "optuna.db")):
         return
     plan = study_checks(out, row)
     best = os.path.join(out, "best.acz")
     if plan is not None and os.path.isfile(best):
         artifact_checks(name, ckpt, row["input"], plan, best, folder, row)
+
+
+def work_folder(name: str) -> str:
+    """The model's folder (checkpoint, search output, search.log), known to the parent too."""
+    return os.path.join(tempfile.gettempdir(), f"zoo_search_{name}")
 
 
 def run_one(name: str, keep: str | None) -> dict[str, Any]:
@@ -198,7 +214,9 @@ def run_one(name: str, keep: str | None) -> dict[str, Any]:
     torch.set_num_threads(1)
     row: dict[str, Any] = {"model": name, "status": "ok"}
     t0 = time.perf_counter()
-    folder = tempfile.mkdtemp(prefix=f"zoo_search_{name}_")
+    folder = work_folder(name)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
     try:
         measure(name, folder, row)
     except MemoryError:
@@ -208,8 +226,8 @@ def run_one(name: str, keep: str | None) -> dict[str, Any]:
         row["error"] = zoo._first_line(e)
         row["trace"] = traceback.format_exc().splitlines()[-3:]
     finally:
-        if keep:
-            shutil.copytree(folder, os.path.join(keep, name), dirs_exist_ok=True)
+        if keep and os.path.isfile(os.path.join(folder, "search.log")):
+            shutil.copyfile(os.path.join(folder, "search.log"), os.path.join(keep, f"{name}.log"))
         shutil.rmtree(folder, ignore_errors=True)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["peak_rss_bytes"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -263,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", default=zoo.RESULTS)
     ap.add_argument("--table", action="store_true", help="only rewrite zoo_search.md from zoo_search.jsonl")
     ap.add_argument("--jobs", type=int, default=1, help="models searched at once (one thread each)")
-    ap.add_argument("--keep", help="copy each model's folder (checkpoint, search output, log) here")
+    ap.add_argument("--keep", help="copy each model's search output (NAME.log) to this folder")
+    ap.add_argument("--exclude", help="comma-separated names to leave out")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -276,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     names = torchvision.models.list_models(module=torchvision.models)
     counts = {n: zoo.listed_params(n) for n in names}
     skipped = [(n, p) for n, p in counts.items() if p is not None and p > a.max_params]
-    wanted = a.models.split(",") if a.models else names
+    wanted = [n for n in (a.models.split(",") if a.models else names) if n not in (a.exclude or "").split(",")]
     todo = sorted((n for n in wanted if (n, counts.get(n)) not in skipped), key=lambda n: (counts.get(n) or 0, n))
     os.makedirs(a.results, exist_ok=True)
     jsonl, md = os.path.join(a.results, "zoo_search.jsonl"), os.path.join(a.results, "zoo_search.md")
@@ -318,7 +337,11 @@ def main(argv: list[str] | None = None) -> None:
 def spawn(name: str, mem_gb: float, timeout: float, extra: list[str]) -> dict[str, Any]:
     """zoo.spawn of this script for one model; the verdict filled in for rows the child could not write."""
     row = zoo.spawn(name, 0, mem_gb, timeout, script=__file__, extra=extra)
-    row.setdefault("verdict", verdict(row))
+    row.pop("input", None)
+    if "verdict" not in row:  # the child was killed: say where its search was
+        row["error"] = last_line(os.path.join(work_folder(name), "search.log")) or row.get("error", "")
+        row["verdict"] = verdict(row)
+        shutil.rmtree(work_folder(name), ignore_errors=True)
     return row
 
 
