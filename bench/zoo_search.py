@@ -77,19 +77,45 @@ def search_cli(name: str, ckpt: str, size: int | None, out: str, row: dict[str, 
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     log = os.path.join(os.path.dirname(out), "search.log")
-    with open(log, "w") as f:  # written as it goes: a timed-out model's log says where it was
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
+    stamped: list[tuple[float, str]] = []
+    with open(log, "w") as f:  # written as it goes, each line with its second: a timed-out model's log says where it was
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            stamped.append((time.perf_counter() - t0, line.rstrip("\n")))
+            f.write(f"{stamped[-1][0]:7.1f}  {line}")
+            f.flush()
+        proc.wait()
     row["search_s"] = round(time.perf_counter() - t0, 1)
     row["search_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     row["exit"] = proc.returncode
-    with open(log) as f:
-        text = f.read()
+    text = "\n".join(line for _, line in stamped)
     m = re.search(r"^sensitivity \(([\d.]+)s\)", text, re.M)
     if m:
         row["sensitivity_s"] = float(m.group(1))
+    row.update(phases(stamped, row["search_s"]))
     if proc.returncode != 0:
         row["error"] = last_line(log)
     return text
+
+
+PHASES = (("setup_s", "study "), ("warm_start_s", "warm start:"), ("trials_wall_s", "finalist trial"),
+          ("finalists_s", "top trials"))  # (phase, first line of the next one)
+
+
+def phases(stamped: list[tuple[float, str]], total: float) -> dict[str, float]:
+    """Wall seconds of each stage from the time-stamped output: setup (imports, data, baseline,
+    binding the space) until the study line, the warm start (sensitivity), the trials, the
+    finalists' fine-tunes, and the finish (test accuracy, export, review) after them."""
+    out, start = {}, 0.0
+    for key, marker in PHASES:
+        t = next((t for t, line in stamped if line.startswith(marker)), None)
+        if t is None:
+            continue
+        out[key], start = round(t - start, 1), t
+    if out:
+        out["finish_s"] = round(total - start, 1)
+    return out
 
 
 def last_line(path: str) -> str:
@@ -241,7 +267,7 @@ def run_one(name: str, keep: str | None) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], meta: str) -> str:
     """The Markdown summary: one row per model, then the totals."""
     head = ("| model | params M | input | exit | complete | bytes = recorded | load (max diff) | deployable "
-            "| sensitivity s | trials s | search s | peak RSS GB | result |")
+            "| search s | setup / sensitivity / trials / finalists / finish s | peak RSS GB | result |")
     lines = ["# torchvision zoo through `autocompress search`", "", meta, "", head,
              "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(rows, key=lambda r: r.get("params") or 0):
@@ -257,8 +283,8 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
             f"| {r['model']}", zoo._mb(r.get("params")), str(r.get("input", "-")), str(r.get("exit", "-")),
             f"{r['complete']}/{len(r['trial_states'])}" if "trial_states" in r else "-",
             zoo._yes(r["bytes_equal"] and r.get("replan_bytes_equal")) if "bytes_equal" in r else "-", load,
-            str(r.get("deploy", "-")), str(r.get("sensitivity_s", "-")), str(r.get("trials_s", "-")),
-            str(r.get("search_s", r.get("seconds", "-"))), f"{rss / 1e9:.2f}" if rss else "-",
+            str(r.get("deploy", "-")), str(r.get("search_s", r.get("seconds", "-"))), split(r),
+            f"{rss / 1e9:.2f}" if rss else "-",
             why.replace("|", "/")]) + " |")
     ok = [r for r in rows if (r.get("verdict") or verdict(r)) == "ok"]
     times = [r.get("search_s", r.get("seconds", 0)) for r in rows]
@@ -269,6 +295,14 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
         lines += ["", "Skipped (over the parameter cap): " + ", ".join(
             f"{n} ({(p or 0) / 1e6:.0f}M)" for n, p in skipped) + "."]
     return "\n".join(lines) + "\n"
+
+
+def split(r: dict[str, Any]) -> str:
+    """'12 / 30 / 8 / 20 / 15' from a row's phases ('-' where a stage was not reached); the
+    sensitivity is its own printed time where there is one."""
+    keys = ("setup_s", "warm_start_s", "trials_wall_s", "finalists_s", "finish_s")
+    vals = [r.get("sensitivity_s", r.get(k)) if k == "warm_start_s" else r.get(k) for k in keys]
+    return " / ".join("-" if v is None else f"{v:.0f}" for v in vals) if any(v is not None for v in vals) else "-"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -337,8 +371,8 @@ def main(argv: list[str] | None = None) -> None:
 def spawn(name: str, mem_gb: float, timeout: float, extra: list[str]) -> dict[str, Any]:
     """zoo.spawn of this script for one model; the verdict filled in for rows the child could not write."""
     row = zoo.spawn(name, 0, mem_gb, timeout, script=__file__, extra=extra)
-    row.pop("input", None)
-    if "verdict" not in row:  # the child was killed: say where its search was
+    if "verdict" not in row:  # zoo.spawn's row for a child that wrote none (killed): say where its search was
+        row.pop("input", None)
         row["error"] = last_line(os.path.join(work_folder(name), "search.log")) or row.get("error", "")
         row["verdict"] = verdict(row)
         shutil.rmtree(work_folder(name), ignore_errors=True)
