@@ -297,6 +297,11 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
     return "\n".join(lines) + "\n"
 
 
+def family(name: str) -> str:
+    """'resnet' for resnet50, 'regnet_x' for regnet_x_8gf, 'efficientnet_v2' for efficientnet_v2_s."""
+    return re.match(r"regnet_[xy]|[a-z]+(_v\d)?", name).group()
+
+
 def split(r: dict[str, Any]) -> str:
     """'12 / 30 / 8 / 20 / 15' from a row's phases ('-' where a stage was not reached); the
     sensitivity is its own printed time where there is one."""
@@ -317,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", type=int, default=1, help="models searched at once (one thread each)")
     ap.add_argument("--keep", help="copy each model's search output (NAME.log) to this folder")
     ap.add_argument("--exclude", help="comma-separated names to leave out")
+    ap.add_argument("--families-first", action="store_true",
+                    help="the smallest model of each family first, then the others (each by parameters)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -331,6 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     skipped = [(n, p) for n, p in counts.items() if p is not None and p > a.max_params]
     wanted = [n for n in (a.models.split(",") if a.models else names) if n not in (a.exclude or "").split(",")]
     todo = sorted((n for n in wanted if (n, counts.get(n)) not in skipped), key=lambda n: (counts.get(n) or 0, n))
+    if a.families_first:
+        firsts = {family(n): n for n in reversed(todo)}
+        todo = sorted(todo, key=lambda n: firsts[family(n)] != n)
     os.makedirs(a.results, exist_ok=True)
     jsonl, md = os.path.join(a.results, "zoo_search.jsonl"), os.path.join(a.results, "zoo_search.md")
     rows: list[dict[str, Any]] = []
