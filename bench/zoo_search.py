@@ -53,8 +53,8 @@ SEARCH_ARGS = ["--data", "fashion-mnist", "--budget", "20x", "--trials", "3", "-
                "--limit", "600", "--no-progress"]
 
 
-def image_size(model: Any) -> int | None:
-    """None when the model runs (eval and train mode) on 28 x 28 grey images, else the size to use."""
+def runs_at_native(model: Any) -> bool:
+    """Whether the model runs (eval and train mode) on 28 x 28 grey images."""
     import torch
 
     x = torch.randn(2, 1, NATIVE, NATIVE)
@@ -62,9 +62,9 @@ def image_size(model: Any) -> int | None:
         with torch.no_grad():
             model.eval()(x)
             model.train()(x)
-        return None
+        return True
     except Exception:
-        return -1
+        return False
     finally:
         model.eval()
 
@@ -212,7 +212,7 @@ def measure(name: str, folder: str, row: dict[str, Any]) -> None:
     model = build_model(ModelSpec(f"torchvision:{name}", 10, 1, NATIVE))
     row["params"] = sum(p.numel() for p in model.parameters())
     row["fp32_bytes"] = param_bytes(model)
-    size = None if image_size(model) is None else zoo.input_size(name)
+    size = None if runs_at_native(model) else zoo.input_size(name)
     row["input"] = size or NATIVE
     ckpt = os.path.join(folder, "ckpt.pt")
     torch.save(model.state_dict(), ckpt)
@@ -294,6 +294,10 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
     if skipped:
         lines += ["", "Skipped (over the parameter cap): " + ", ".join(
             f"{n} ({(p or 0) / 1e6:.0f}M)" for n, p in skipped) + "."]
+    notes = os.path.join(zoo.RESULTS, "zoo_search.notes.md")  # hand-written: what was not run, and why
+    if os.path.isfile(notes):
+        with open(notes) as f:
+            lines += ["", f.read().rstrip()]
     return "\n".join(lines) + "\n"
 
 
