@@ -186,6 +186,13 @@ def layout(model: nn.Module, spec: ModelSpec) -> dict:
     return {"format": FORMAT_VERSION, "spec": spec.to_dict(), "record": rec, "entries": entries}
 
 
+def _as_stored(t: torch.Tensor, bits: int) -> np.ndarray:
+    """A float tensor as the flat array stored at `bits` (16: saturated to the float16 range, as
+    quantize.half_round gives the model the same values)."""
+    arr = t.detach().float().cpu().flatten().numpy()
+    return (np.clip(arr, -quantize.HALF_MAX, quantize.HALF_MAX) if bits == 16 else arr).astype(_FLOAT_DTYPE[bits])
+
+
 def _weight_streams(mod: nn.Module, attr: str, entry: dict) -> list[bytes]:
     """The payload streams of a compressed weight, in the coding its header entry says."""
     comp = compressor(mod, attr)
@@ -202,7 +209,7 @@ def _weight_streams(mod: nn.Module, attr: str, entry: dict) -> list[bytes]:
             streams.append(codec.pack_uint(zp.flatten().numpy().astype(np.int64), bits))
         pack = lambda sel: codec.pack_uint(codes[sel], bits)  # noqa: E731
     else:
-        vals = w_dev.cpu().flatten().numpy().astype(_FLOAT_DTYPE[bits])
+        vals = _as_stored(w_dev, bits)
         pack = lambda sel: vals[sel].tobytes()  # noqa: E731
     minfo = entry["mask"]
     if minfo["kind"] == "dense":
@@ -226,7 +233,7 @@ def encode(model: nn.Module, spec: ModelSpec) -> tuple[dict, list[bytes]]:
             if e["t"] == "q":
                 chunks = _weight_streams(model.get_submodule(e["module"]), e["name"].rpartition(".")[2], e)
             elif e["t"] == "f":
-                chunks = [state[e["name"]].float().cpu().numpy().astype(_FLOAT_DTYPE[e["bits"]]).tobytes()]
+                chunks = [_as_stored(state[e["name"]], e["bits"]).tobytes()]
             else:
                 mod = model.get_submodule(e["module"])
                 chunks = [ACT_RECORD.pack(float(mod.act_scale), int(mod.act_zero_point))]

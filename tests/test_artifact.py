@@ -112,6 +112,29 @@ def test_residual_bn_net_round_trips(tmp_path):
     _same_outputs(c, load(path, TinyResNet()), x)
 
 
+def test_float16_storage_saturates_instead_of_overflowing(tmp_path):
+    """A BatchNorm with a near-zero variance (a random-weight EfficientNet after calibration)
+    folds into a bias beyond float16's range: stored as inf, it made the search's model and its
+    artifact give NaN. Those values saturate at +-65504, in the model and in the file alike."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 8, 8)
+    net = warm_bn(TinyResNet(), x)
+    with torch.no_grad():
+        net.bn.running_var.fill_(1e-12)
+        net.bn.running_mean.fill_(1.0)
+        net.bn.eps = 1e-12
+        net.layer1.bn1.running_mean.fill_(1e6)  # not folded at float_bits=16 alone: stored as is
+    plan = CompressionPlan(layers={"stem": LayerPlan(bits=8), "fc": LayerPlan(bits=8)}, float_bits=16)
+    c = compress(net, plan, x[:1], calibrate=False)
+    with torch.no_grad():
+        assert float(c.eval().stem.bias.abs().max()) == 65504.0  # the folded bias, saturated
+        out = c(x)
+    assert torch.isfinite(out).all()
+    spec = ModelSpec("tests/conftest_models.py:TinyResNet", 10, 1, 8)
+    export(c, tmp_path / "h.acz", spec)
+    _same_outputs(c, load(tmp_path / "h.acz", TinyResNet()), x)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_b_bit_tensors_take_b_bits(lenet, data, symmetric):
     """Dense b-bit codes: 2 bytes of float16 scale per row, b-bit zero-points, ceil(numel*b/8) bytes of codes."""

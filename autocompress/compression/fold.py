@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..models import batchnorm_scale, weight_slot
+from .quantize import half_round
 
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 _PAIRS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, str]]]" = weakref.WeakKeyDictionary()
@@ -99,9 +100,9 @@ class FoldedBias(nn.Module):
 
     def forward(self, b: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return b.detach().half().float() + (b - b.detach()) if self.half else b
+            return half_round(b.detach()) + (b - b.detach()) if self.half else b
         out = folded_bias(b, self.bn)
-        return out.detach().half().float() + (out - out.detach()) if self.half else out
+        return half_round(out.detach()) + (out - out.detach()) if self.half else out
 
 
 def attach(model: nn.Module, layer_name: str, bn_name: str, half: bool) -> None:

@@ -14,6 +14,15 @@ from ..models import batchnorm_scale, device_of
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
 
 
+HALF_MAX = 65504.0  # the largest finite float16
+
+
+def half_round(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor rounded to the float16 value it is stored as, saturating at +-HALF_MAX (a
+    folded bias of a BatchNorm with a tiny variance would otherwise be stored as inf)."""
+    return t.clamp(-HALF_MAX, HALF_MAX).half().float()
+
+
 def round_scale(s: torch.Tensor) -> torch.Tensor:
     """Scales are stored as float16: round them so the forward uses exactly the stored value."""
     return s.clamp(2.0 ** -24, 65504.0).half().float()
@@ -135,7 +144,7 @@ class WeightCompressor(nn.Module):
         if self.bits == 32:
             return w
         if self.bits == 16:
-            return w.half().float()
+            return half_round(w)
         q, s, zp = self.quantize(w)
         shape = (-1,) + (1,) * (w.dim() - 1)
         deq = dequantize(q, s.view(shape), zp.view(shape))
@@ -152,7 +161,7 @@ class HalfRound(nn.Module):
     """Parametrization rounding a float tensor to float16 values (stored at float_bits=16)."""
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        return p.detach().half().float() + (p - p.detach())
+        return half_round(p.detach()) + (p - p.detach())
 
 
 def round_bn_stats_hook(module: nn.Module, args: tuple) -> None:
@@ -162,7 +171,7 @@ def round_bn_stats_hook(module: nn.Module, args: tuple) -> None:
             for name in ("running_mean", "running_var"):
                 t = getattr(module, name, None)
                 if t is not None:
-                    t.copy_(t.half().float())
+                    t.copy_(half_round(t))
 
 
 def act_fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
