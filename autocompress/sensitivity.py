@@ -121,12 +121,20 @@ def hutchinson_trace(model: nn.Module, layers: list[str], data: TensorData, samp
     totals = [0.0] * len(params)
     with twice_differentiable(model):
         loss = F.cross_entropy(model(x), y)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        # Layers the eval-mode forward does not use (GoogLeNet's and Inception-v3's auxiliary
+        # classifiers) have no gradient, and a gradient that does not depend on the weights no
+        # curvature: their trace is 0.
+        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         for _ in range(samples):
             vs = [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in params]
-            hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
-            for i, (hv, v) in enumerate(zip(hvs, vs)):
-                totals[i] += float((hv * v).sum()) / samples
+            if not used:
+                continue
+            hvs = torch.autograd.grad([grads[i] for i in used], [params[i] for i in used],
+                                      grad_outputs=[vs[i] for i in used], retain_graph=True, allow_unused=True)
+            for i, hv in zip(used, hvs):
+                if hv is not None:
+                    totals[i] += float((hv * vs[i]).sum()) / samples
     return {n: t / p.numel() for n, t, p in zip(layers, totals, params)}
 
 

@@ -95,3 +95,16 @@ def test_hessian_trace_of_mobilenet_v3():
     assert all(torch.isfinite(torch.tensor(v)) for v in sens.hessian_trace.values())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert torch.equal(model(data.x), want)  # its own modules are back
+
+
+def test_sensitivity_of_googlenet_with_its_unused_auxiliary_classifiers():
+    """In eval mode GoogLeNet's auxiliary classifiers are not run: their weights get no gradient
+    (the Hessian trace died with "appears to not have been used in the graph"). Their trace and
+    drops are 0; the main layers' are measured."""
+    torch.manual_seed(0)
+    data = TensorData(torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,)))
+    model = build_model(ModelSpec("torchvision:googlenet", 10, 1, 32)).eval()
+    sens = analyse(model, data, data.x[:2], amounts=(0.9,), bits=(2,), samples=16, hessian_samples=1)
+    aux = [n for n in sens.layers if n.startswith("aux")]
+    assert aux and all(sens.hessian_trace[n] == 0.0 and sens.score(n) == 0.0 for n in aux)
+    assert any(sens.hessian_trace[n] != 0.0 for n in sens.layers if not n.startswith("aux"))
