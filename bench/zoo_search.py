@@ -251,14 +251,18 @@ def run_one(name: str, keep: str | None) -> dict[str, Any]:
         row["status"] = "error"
         row["error"] = zoo._first_line(e)
         row["trace"] = traceback.format_exc().splitlines()[-3:]
-    finally:
-        if keep and os.path.isfile(os.path.join(folder, "search.log")):
-            shutil.copyfile(os.path.join(folder, "search.log"), os.path.join(keep, f"{name}.log"))
-        shutil.rmtree(folder, ignore_errors=True)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["peak_rss_bytes"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                                 resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
     row["verdict"] = verdict(row)
+    if keep:  # the log; for a failing model also its checkpoint and best artifact, to reproduce it
+        files = ["search.log"] + (["ckpt.pt", "out/best.acz", "out/optuna.db"] if row["verdict"] != "ok" else [])
+        for rel in files:
+            if os.path.isfile(os.path.join(folder, rel)):
+                dst = os.path.join(keep, name + ".log") if rel == "search.log" else os.path.join(keep, name, rel)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copyfile(os.path.join(folder, rel), dst)
+    shutil.rmtree(folder, ignore_errors=True)
     return row
 
 
