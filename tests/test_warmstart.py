@@ -78,33 +78,41 @@ def test_thinned_amount_grid_keeps_the_high_amounts_where_bytes_change_fastest()
     assert {0.985, 0.99, 0.995} <= set(grid)  # each halves or so the weights kept at 100x
 
 
+
 def test_hessian_trace_of_mobilenet_v3():
     """MobileNetV3's Hardsigmoid has no double backward in torch (the search died in its
     sensitivity stage): the trace computes it, and Hardswish, with double-differentiable ops."""
-    from autocompress.sensitivity import twice_differentiable
+    from autocompress.models import prunable_layers
+    from autocompress.sensitivity import hutchinson_trace, twice_differentiable
 
     torch.manual_seed(0)
-    data = TensorData(torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,)))
-    model = build_model(ModelSpec("torchvision:mobilenet_v3_small", 10, 1, 32)).eval()
+    data = TensorData(torch.randn(2, 1, 16, 16), torch.randint(0, 10, (2,)))
+    model = build_model(ModelSpec("torchvision:mobilenet_v3_small", 10, 1, 16)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    want = model(data.x)
-    with twice_differentiable(model):
-        assert torch.allclose(model(data.x), want, atol=1e-5)
-    sens = analyse(model, data, data.x[:2], amounts=(0.5,), bits=(4,), samples=16, hessian_samples=1)
-    assert len(sens.hessian_trace) == len(sens.layers) > 50
-    assert all(torch.isfinite(torch.tensor(v)) for v in sens.hessian_trace.values())
+    with torch.no_grad():
+        want = model(data.x)
+        with twice_differentiable(model):
+            assert torch.allclose(model(data.x), want, atol=1e-5)
+    layers = prunable_layers(model)
+    trace = hutchinson_trace(model, layers, data, samples=1)
+    assert list(trace) == layers and len(layers) > 50
+    assert all(torch.isfinite(torch.tensor(v)) for v in trace.values())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert torch.equal(model(data.x), want)  # its own modules are back
+    with torch.no_grad():
+        assert torch.equal(model(data.x), want)  # its own modules are back
 
 
-def test_sensitivity_of_googlenet_with_its_unused_auxiliary_classifiers():
+def test_hessian_trace_of_googlenet_with_its_unused_auxiliary_classifiers():
     """In eval mode GoogLeNet's auxiliary classifiers are not run: their weights get no gradient
-    (the Hessian trace died with "appears to not have been used in the graph"). Their trace and
-    drops are 0; the main layers' are measured."""
+    (the trace died with "appears to not have been used in the graph"). Their trace is 0; the
+    main layers' are measured."""
+    from autocompress.models import prunable_layers
+    from autocompress.sensitivity import hutchinson_trace
+
     torch.manual_seed(0)
-    data = TensorData(torch.randn(16, 1, 32, 32), torch.randint(0, 10, (16,)))
+    data = TensorData(torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,)))
     model = build_model(ModelSpec("torchvision:googlenet", 10, 1, 32)).eval()
-    sens = analyse(model, data, data.x[:2], amounts=(0.9,), bits=(2,), samples=16, hessian_samples=1)
-    aux = [n for n in sens.layers if n.startswith("aux")]
-    assert aux and all(sens.hessian_trace[n] == 0.0 and sens.score(n) == 0.0 for n in aux)
-    assert any(sens.hessian_trace[n] != 0.0 for n in sens.layers if not n.startswith("aux"))
+    trace = hutchinson_trace(model, prunable_layers(model), data, samples=1)
+    aux = [n for n in trace if n.startswith("aux")]
+    assert aux and all(trace[n] == 0.0 for n in aux)
+    assert any(v != 0.0 for n, v in trace.items() if not n.startswith("aux"))
