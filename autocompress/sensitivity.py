@@ -30,6 +30,12 @@ from .jsonfile import read_json, write_json
 
 AMOUNTS = (0.5, 0.8, 0.9, 0.95, 0.99)
 BITS = (2, 3, 4, 6)
+# Past MAX_EVALUATIONS layers x settings the default grid is the coarse one, the settings between
+# interpolated: mobilenet_v2 (52 layers, 468) keeps all 9 settings, densenet121 (120 layers) or
+# efficientnet_b0 (81) take 5 (their sensitivity took 6 min and 2.3 min on one CPU thread).
+MAX_EVALUATIONS = 480
+COARSE_AMOUNTS = (0.5, 0.9, 0.99)
+COARSE_BITS = (2, 4)
 SAMPLES = 128  # validation images per measurement (one batch): cost is layers x settings x samples; the drops
 #               are paired on one fixed subset, so steadier than its size suggests (one image = 1/SAMPLES)
 BATCH = 128  # images per forward pass (faster on CPU than one big batch)
@@ -160,14 +166,24 @@ def _accuracy(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
     return correct / max(total, 1)
 
 
-def analyse(model: nn.Module, val: TensorData, example: torch.Tensor, *, amounts: tuple[float, ...] = AMOUNTS,
-            bits: tuple[int, ...] = BITS, samples: int = SAMPLES, device: str = "cpu",
+def default_grid(n_layers: int) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """(amounts, bits) measured when the caller names none: AMOUNTS x BITS, or the coarse grid for
+    a model whose layers x settings would pass MAX_EVALUATIONS."""
+    if n_layers * (len(AMOUNTS) + len(BITS)) <= MAX_EVALUATIONS:
+        return AMOUNTS, BITS
+    return COARSE_AMOUNTS, COARSE_BITS
+
+
+def analyse(model: nn.Module, val: TensorData, example: torch.Tensor, *, amounts: tuple[float, ...] | None = None,
+            bits: tuple[int, ...] | None = None, samples: int = SAMPLES, device: str = "cpu",
             hessian_samples: int = 4, progress: bool = False) -> Sensitivity:
     """Measure every layer's sensitivity on (a subset of) the validation split.
 
     Each setting replaces one layer's weight in place for one evaluation and restores it after,
     so the model comes back unchanged (also on an error). `example` is unused (kept for callers)."""
     layers = prunable_layers(model)
+    grid = default_grid(len(layers))
+    amounts, bits = amounts or grid[0], bits or grid[1]
     sub = val.subset(min(samples, len(val)), seed=0).to(device)
     training = model.training
     model = model.to(device).eval()
@@ -218,7 +234,8 @@ def model_key(model: nn.Module, data: TensorData, settings: dict | None = None) 
 def cached_analyse(model: nn.Module, val: TensorData, example: torch.Tensor, cache_dir: str, *,
                    device: str = "cpu", progress: bool = False, **kwargs) -> tuple[Sensitivity, str, bool]:
     """analyse() once per (weights, validation split); returns (result, json path, was cached)."""
-    settings = {"amounts": tuple(kwargs.get("amounts", AMOUNTS)), "bits": tuple(kwargs.get("bits", BITS)),
+    grid = default_grid(len(prunable_layers(model)))
+    settings = {"amounts": tuple(kwargs.get("amounts") or grid[0]), "bits": tuple(kwargs.get("bits") or grid[1]),
                 "samples": min(kwargs.get("samples", SAMPLES), len(val))}
     path = os.path.join(cache_dir, f"{model_key(model, val, settings)}.json")
     if os.path.exists(path):

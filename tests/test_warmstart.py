@@ -116,3 +116,26 @@ def test_hessian_trace_of_googlenet_with_its_unused_auxiliary_classifiers():
     aux = [n for n in trace if n.startswith("aux")]
     assert aux and all(trace[n] == 0.0 for n in aux)
     assert any(v != 0.0 for n, v in trace.items() if not n.startswith("aux"))
+
+
+def test_sensitivity_of_a_deep_model_uses_the_coarse_default_grid():
+    """layers x settings past MAX_EVALUATIONS: the default grid is the coarse one (DenseNet-121's
+    sensitivity took 6 minutes of one CPU thread with the full grid); named settings are kept."""
+    from torch import nn
+
+    from autocompress.sensitivity import COARSE_AMOUNTS, COARSE_BITS, MAX_EVALUATIONS, cached_analyse
+
+    torch.manual_seed(0)
+    deep = nn.Sequential(nn.Flatten(), *[m for _ in range(60) for m in (nn.Linear(16, 16), nn.ReLU())],
+                         nn.Linear(16, 10)).eval()
+    data = TensorData(torch.randn(16, 1, 4, 4), torch.randint(0, 10, (16,)))
+    assert 61 * 9 > MAX_EVALUATIONS
+    sens = analyse(deep, data, data.x[:2], samples=16, hessian_samples=1)
+    assert all(list(sens.prune_drop[n]) == [str(a) for a in COARSE_AMOUNTS] for n in sens.layers)
+    assert all(list(sens.bits_drop[n]) == [str(b) for b in COARSE_BITS] for n in sens.layers)
+    assert 0.0 <= sens.drop(sens.layers[0], 0.8, 3) <= 1.0  # the settings between are interpolated
+    named = analyse(deep, data, data.x[:2], amounts=(0.8,), bits=(3,), samples=16, hessian_samples=1)
+    assert list(named.prune_drop["1"]) == ["0.8"] and list(named.bits_drop["1"]) == ["3"]
+    mlp = MLP(num_classes=10, in_channels=1, image_size=4).eval()
+    small = analyse(mlp, data, data.x[:2], samples=16, hessian_samples=1)
+    assert len(small.prune_drop["fc1"]) == 5 and len(small.bits_drop["fc1"]) == 4
