@@ -320,7 +320,8 @@ def split(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", help="comma-separated names (default: every torchvision classifier)")
+    ap.add_argument("--models", help="comma-separated names, run in this order (default: every torchvision "
+                    "classifier, by parameters)")
     ap.add_argument("--max-params", type=float, default=100e6)
     ap.add_argument("--mem-gb", type=float, default=8.0, help="address-space limit per model (ulimit -v)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
@@ -345,7 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     counts = {n: zoo.listed_params(n) for n in names}
     skipped = [(n, p) for n, p in counts.items() if p is not None and p > a.max_params]
     wanted = [n for n in (a.models.split(",") if a.models else names) if n not in (a.exclude or "").split(",")]
-    todo = sorted((n for n in wanted if (n, counts.get(n)) not in skipped), key=lambda n: (counts.get(n) or 0, n))
+    todo = [n for n in wanted if (n, counts.get(n)) not in skipped]
+    if not a.models:  # named models run in the order given
+        todo.sort(key=lambda n: (counts.get(n) or 0, n))
     if a.families_first:
         firsts = {family(n): n for n in reversed(todo)}
         todo = sorted(todo, key=lambda n: firsts[family(n)] != n)
