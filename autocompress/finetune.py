@@ -7,6 +7,7 @@ imports Optuna or MLflow.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -23,6 +24,7 @@ from .models import logits_of
 from .train import evaluate
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+PROBE_STEPS = 5  # steps timed before a time-budgeted fine-tune plans its schedule
 
 
 @dataclass
@@ -38,6 +40,7 @@ class FinetuneConfig:
     l1: float = 0.0
     seed: int = 0
     optimizer: str = "sgd"
+    seconds: float | None = None  # train for this long instead of `epochs` (the cosine schedule is fitted to it)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -53,6 +56,7 @@ class FinetuneResult:
     train_loss: list[float]
     seconds: float
     eval_seconds: float
+    steps: int = 0  # optimiser steps taken
 
 
 def finetune_loss(logits: Tensor, y: Tensor, config: FinetuneConfig, teacher_logits: Tensor | None = None,
@@ -87,7 +91,11 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
              l1_weights: Callable[[], list[Tensor]] | None = None, device: str = "cpu",
              progress: bool = False) -> FinetuneResult:
     """Fine-tune `model` in place; evaluate and report val accuracy after each epoch (step = epoch
-    number, from 1). With epochs == 0 it only evaluates, reporting once at step 0."""
+    number, from 1). With epochs == 0 it only evaluates, reporting once at step 0.
+
+    With `config.seconds` it trains for that long (evaluations included) instead of `epochs`: the
+    cosine schedule is planned from the speed of the first steps and re-planned after the first
+    epoch, and a deadline stops it (the last, partial epoch is evaluated too)."""
     start = time.perf_counter()
     eval_seconds = 0.0
     val_acc: list[float] = []
@@ -105,7 +113,7 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
     if str(device).startswith("cuda"):  # fixed shapes: let cuDNN time and keep its fastest kernels
         torch.backends.cudnn.benchmark = True
     model.to(device)
-    if config.epochs <= 0:
+    if config.epochs <= 0 and config.seconds is None:
         check(0)
         return FinetuneResult(val_acc, losses, time.perf_counter() - start - eval_seconds, eval_seconds)
     torch.manual_seed(config.seed)
@@ -117,34 +125,84 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
     per_epoch = math.ceil(len(train) / config.batch_size)
     if config.max_batches is not None:
         per_epoch = min(per_epoch, config.max_batches)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * per_epoch))
-    for epoch in range(1, config.epochs + 1):
+    total = config.epochs * per_epoch  # steps of the cosine schedule
+    if config.seconds is not None:  # a first guess, re-planned from the speed after PROBE_STEPS steps
+        total = max(config.epochs, 1) * per_epoch + PROBE_STEPS
+    deadline = None if config.seconds is None else start + config.seconds
+    step = 0
+
+    def replan() -> int:
+        assert config.seconds is not None
+        return planned_steps(step, time.perf_counter() - start - eval_seconds, config.seconds, eval_seconds,
+                             len(val), config.batch_size, per_epoch)
+
+    for epoch in itertools.count(1):
+        if config.seconds is None and epoch > config.epochs:
+            break
         model.train()
         batches = train.batches(config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch,
                                 limit=config.max_batches)
         if progress:
             from tqdm import tqdm
 
-            batches = tqdm(batches, total=per_epoch, leave=False, desc=f"fine-tune {epoch}/{config.epochs}",
-                           file=sys.stderr)
-        total, count = 0.0, 0
-        for step, (x, y) in enumerate(batches, 1):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = logits_of(model(x))
-            teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-            loss = finetune_loss(logits, y, config, teacher_logits, l1_weights)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"fine-tune loss became {value} at epoch {epoch}, step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += value * len(y)
+            batches = tqdm(batches, total=per_epoch, leave=False, file=sys.stderr,
+                           desc=f"fine-tune {epoch}" + (f"/{config.epochs}" if config.seconds is None else ""))
+        loss_sum, count = 0.0, 0
+        for x, y in batches:
+            if step >= total or deadline is not None and time.perf_counter() >= deadline:
+                break
+            _set_lr(opt, config.lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0))))
+            value = _train_step(model, x, y, config, opt, teacher, l1_weights, device, epoch, step)
+            step += 1
+            loss_sum += value * len(y)
             count += len(y)
-        losses.append(total / max(count, 1))
-        check(epoch)
-    return FinetuneResult(val_acc, losses, time.perf_counter() - start - eval_seconds, eval_seconds)
+            if deadline is not None and step == PROBE_STEPS:  # plan the schedule from the speed seen
+                total = replan()
+        if count:
+            losses.append(loss_sum / count)
+            check(epoch)
+            if deadline is not None and epoch == 1:  # now with an evaluation timed
+                total = replan()
+        if count == 0 or step >= total or deadline is not None and time.perf_counter() >= deadline:
+            break
+    if not val_acc:
+        check(0)
+    return FinetuneResult(val_acc, losses, time.perf_counter() - start - eval_seconds, eval_seconds, step)
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _train_step(model: nn.Module, x: Tensor, y: Tensor, config: FinetuneConfig, opt: torch.optim.Optimizer,
+                teacher: nn.Module | None, l1_weights: Callable[[], list[Tensor]] | None, device: str,
+                epoch: int, step: int) -> float:
+    """One optimiser step; returns the loss (raises NonFiniteLoss when it is NaN or infinite)."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    logits = logits_of(model(x))
+    teacher_logits = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+    loss = finetune_loss(logits, y, config, teacher_logits, l1_weights)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"fine-tune loss became {value} at epoch {epoch}, step {step + 1}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return value
+
+
+def planned_steps(steps: int, train_seconds: float, budget: float, eval_seconds: float, val_size: int,
+                  batch_size: int, per_epoch: int) -> int:
+    """Steps that fit a time-budgeted fine-tune, from the speed of the `steps` done so far: the
+    budget less one evaluation per epoch (an evaluation is timed once it has run; before, it is
+    taken as the forward third of a training step per validation batch)."""
+    per_step = train_seconds / max(steps, 1)
+    per_eval = eval_seconds if eval_seconds > 0 else per_step / 3 * math.ceil(val_size / batch_size)
+    fit = int(budget / per_step)
+    for _ in range(3):  # evaluations per epoch depend on the steps, which depend on them
+        fit = int(max(budget - math.ceil(max(fit, 1) / per_epoch) * per_eval, 0) / per_step)
+    return max(fit, steps + 1)

@@ -143,3 +143,29 @@ def test_unknown_optimizer(digits):
 def test_other_optimizers(digits, name):
     result = finetune(student(), digits.train, digits.val, FinetuneConfig(epochs=1, lr=1e-3, optimizer=name))
     assert result.val_acc[-1] > 0.5
+
+
+def test_time_budget_trains_for_that_long(digits):
+    """`seconds` replaces epochs: several epochs fit 1.5 s on digits, the deadline holds (plus
+    one evaluation's slack), and the cosine schedule is planned to end near the deadline."""
+    import time
+
+    model = student()
+    opt_lrs = []
+    t0 = time.perf_counter()
+    result = finetune(model, digits.train, digits.val, FinetuneConfig(epochs=0, lr=0.05, batch_size=32, seconds=1.5),
+                      report=lambda acc, step: opt_lrs.append(step))
+    wall = time.perf_counter() - t0
+    per_epoch = -(-len(digits.train) // 32)
+    assert 1.0 < wall < 2.5
+    assert result.steps > 2 * per_epoch and len(result.val_acc) == len(opt_lrs) >= 2
+    assert result.val_acc[-1] > 0.8
+
+
+def test_planned_steps_leaves_time_for_evaluations():
+    from autocompress.finetune import planned_steps
+
+    # 10 steps took 1 s; 100 s budget; an evaluation costs 2 s; 50 steps per epoch
+    steps = planned_steps(10, 1.0, 100.0, 2.0, 1000, 128, 50)
+    epochs = -(-steps // 50)
+    assert steps * 0.1 + epochs * 2.0 <= 100.0 < (steps + 50) * 0.1 + (epochs + 1) * 2.0
