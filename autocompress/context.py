@@ -28,6 +28,9 @@ class SearchContext:
     example_input: torch.Tensor = field(default=None)  # type: ignore[assignment]
     calib: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     latency: LatencyPredictor | None = None  # when a latency budget or objective is set
+    started: float = 0.0  # time.monotonic() when the search began (--time-budget counts from it)
+    baseline_test_acc: float | None = None  # measured at the start when a checkpoint was given (api.validation_line)
+    baseline_saw_val: bool | None = None  # the checkpoint has most likely been trained on the validation split
 
 
 @dataclass
