@@ -7,9 +7,11 @@ submodule of that name would shadow it after its first import.
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
+from dataclasses import replace
 
 import optuna
 
@@ -18,12 +20,13 @@ from .context import SearchContext, SearchOutcome
 from .cost import space_untouchable
 from .objective import Objective, TrialFailed, sized
 from .plan import CompressionPlan, format_bytes
-from .refine import refine
+from .refine import refine, refine_timed
 from .report import format_table, print_table, trial_rows
 from .review import log_review
 from .settings import SearchSettings
 from .storage import StudyLock
 from .study import check_same_study, make_sampler, make_tracker, open_study, resume_cleanup, space_json
+from .timebudget import Clock, Speed, describe, final_seconds, probe_speed, trial_batches, worth_refining
 from .tracking import Tracker
 from .trials import Attr, StudyAttr, TrialState, accuracy, best_final, best_trial, pareto_trials
 from .workers import optimize_shared, spawn_workers, study_counts, wait_workers
@@ -45,7 +48,8 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
     parent = tracker.start_parent(f"search-{time.strftime('%Y%m%d-%H%M%S')}", {
         "budget": str(settings.budget), "budget_bytes": limit, "model": ctx.spec.spec, "data": ctx.data.name,
         "trials": settings.trials, "epochs": settings.epochs, "seed": settings.seed, "device": settings.device,
-        "space_params": len(ctx.space.param_names()), "workers": workers,
+        "space_params": len(ctx.space.param_names()), "workers": workers, "time_budget_s": settings.time_budget,
+        "validation": ctx.data.val_source, "baseline_saw_val": ctx.baseline_saw_val,
     })
     tracker.log_metrics(parent, {"baseline_val_accuracy": ctx.baseline_val_acc,
                                  "baseline_fp32_bytes": ctx.original_bytes})
@@ -61,6 +65,9 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
           + (f"; closed {closed} run(s) left by a killed search" if closed else ""), flush=True)
     if settings.warm_start and not study.get_trials(deepcopy=False) and remaining:
         enqueue_warm_start(study, settings, ctx, tracker, parent, limit, remaining)
+    timed = None
+    if settings.time_budget is not None:
+        settings, timed = plan_time(settings, ctx, max(remaining, 1))
     try:
         if workers > 1 and remaining > 0:
             options = {**settings.options(), "progress": False}
@@ -75,7 +82,20 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
         print("interrupted: the current trial is recorded as interrupted; run the same command to resume")
         tracker.end(parent, TrialState.INTERRUPTED)
         raise
-    return finish(study, settings, ctx, tracker, parent, limit)
+    return finish(study, settings, ctx, tracker, parent, limit, timed)
+
+
+def plan_time(settings: SearchSettings, ctx: SearchContext, trials: int) -> tuple[SearchSettings, tuple[Clock, Speed]]:
+    """--time-budget: size the screening fine-tunes so `trials` of them fit what is left of the
+    exploring share (unless --max-batches fixes them), and stop starting trials when it is spent."""
+    clock = Clock(ctx.started, settings.time_budget or 0.0, settings.explore_share)
+    speed = probe_speed(ctx, settings)
+    per_epoch = math.ceil(len(ctx.data.train) / settings.batch_size)
+    left = clock.left(clock.explore_end)
+    batches = settings.max_batches or trial_batches(speed, left, trials, per_epoch, settings.epochs)
+    timeout = max(min(left, settings.timeout or left), 1.0)  # at least one trial starts
+    print(describe(clock, speed, batches, per_epoch, trials), flush=True)
+    return replace(settings, max_batches=batches, timeout=timeout), (clock, speed)
 
 
 def budget_ratio(limit: int, original_bytes: int) -> str:
@@ -134,9 +154,19 @@ def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Searc
 
 
 def finish(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, parent: str,
-           limit: int) -> SearchOutcome:
-    """After the trials: refine the finalists, print the tables, export the best, log the review."""
-    if settings.final_top > 0 and settings.final_epochs > 0:
+           limit: int, timed: tuple[Clock, Speed] | None = None) -> SearchOutcome:
+    """After the trials: refine the finalists (for what is left of a time budget, when one is
+    set), print the tables, export the best, log the review."""
+    if timed is not None and settings.final_top > 0:
+        clock, speed = timed
+        seconds = final_seconds(clock, speed, len(ctx.data.test), len(ctx.data.val))
+        if worth_refining(seconds, speed, settings.max_batches or 1, settings.final_top):
+            print(f"final phase: {seconds:.0f}s for the top {settings.final_top}", flush=True)
+            refine_timed(study, settings, ctx, tracker, settings.final_top, seconds)
+        else:
+            print(f"final phase skipped: {seconds:.0f}s left is too little to fine-tune the finalists longer than "
+                  "their trials; the best trial is exported (give a larger --time-budget)", flush=True)
+    elif settings.final_top > 0 and settings.final_epochs > 0:
         refine(study, settings, ctx, tracker, settings.final_top, settings.final_epochs)
     best = best_trial(study)
     print_table(study, ctx.original_bytes, limit)
@@ -178,7 +208,8 @@ def finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCon
     deployed = load(dst)
     outcome.best_path = dst
     outcome.test_accuracy = evaluate(deployed, ctx.data.test, device=settings.device)
-    outcome.baseline_test_accuracy = evaluate(ctx.model, ctx.data.test, device=settings.device)
+    outcome.baseline_test_accuracy = (ctx.baseline_test_acc if ctx.baseline_test_acc is not None
+                                      else evaluate(ctx.model, ctx.data.test, device=settings.device))
     size = os.path.getsize(dst)
     tracker.log_metrics(outcome.parent_run_id, {
         "best_val_accuracy": best_val, "best_test_accuracy": outcome.test_accuracy,
