@@ -107,8 +107,10 @@ class Tracker:
         self.client.log_artifact(run_id, path, artifact_path)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        if tags:  # one write for all of them (each write is a transaction of the tracking store)
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def end(self, run_id: str, state: TrialState) -> None:
         """Close a run; `state` is the trial's (complete / early-stopped / infeasible / failed / ...)."""
