@@ -66,23 +66,27 @@ class TensorData:
     def batches(self, batch_size: int, shuffle: bool, seed: int | None = None,
                 limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (x, y) mini-batches by slicing; `limit` caps the number of batches."""
-        n = len(self)
-        order = None
-        if shuffle:
-            gen = torch.Generator()
-            if seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(seed)
-            order = torch.randperm(n, generator=gen).to(self.y.device)
-        for i, start in enumerate(range(0, n, batch_size)):
+        if not shuffle:
+            for i, start in enumerate(range(0, len(self), batch_size)):
+                if limit is not None and i >= limit:
+                    return
+                yield self.x[start:start + batch_size], self.y[start:start + batch_size]
+            return
+        for idx in self.index_batches(batch_size, seed, limit):
+            yield self.x[idx], self.y[idx]
+
+    def index_batches(self, batch_size: int, seed: int | None = None, limit: int | None = None) -> Iterator[Tensor]:
+        """The sample indices of shuffled mini-batches (the order `batches(shuffle=True)` uses)."""
+        gen = torch.Generator()
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        order = torch.randperm(len(self), generator=gen).to(self.y.device)
+        for i, start in enumerate(range(0, len(self), batch_size)):
             if limit is not None and i >= limit:
                 return
-            if order is None:
-                yield self.x[start:start + batch_size], self.y[start:start + batch_size]
-            else:
-                idx = order[start:start + batch_size]
-                yield self.x[idx], self.y[idx]
+            yield order[start:start + batch_size]
 
 
 @dataclass
