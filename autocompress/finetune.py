@@ -24,7 +24,7 @@ from .models import logits_of
 from .train import evaluate
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-PROBE_STEPS = 5  # steps timed before a time-budgeted fine-tune plans its schedule
+PROBE_STEPS = 5  # steps timed before a time-budgeted fine-tune first plans its schedule
 
 
 @dataclass
@@ -185,13 +185,30 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
     if config.seconds is not None:  # a first guess, re-planned from the speed after PROBE_STEPS steps
         total = max(config.epochs, 1) * per_epoch + PROBE_STEPS
     begun = time.perf_counter()  # after the optimiser: its first creation imports torch._dynamo (seconds, once)
+    next_plan = PROBE_STEPS  # re-planned at 5, 10, 20, 40... steps: the first steps are slower (warm-up, teacher)
     deadline = None if config.seconds is None else begun + config.seconds
     step = 0
 
+    def eval_cost() -> float:
+        """The evaluation that follows the last step, so that it too ends by the deadline."""
+        if val_acc:
+            return eval_seconds / len(val_acc)
+        if step == 0:
+            return 0.0
+        return (time.perf_counter() - begun) / step / 3 * math.ceil(len(val) / config.batch_size)
+
+    mark = (0, begun, 0.0)  # (steps, time, evaluation seconds) when the schedule was last planned
+
     def replan() -> int:
-        assert config.seconds is not None
-        return planned_steps(step, time.perf_counter() - begun - eval_seconds, config.seconds, eval_seconds,
-                             len(val), config.batch_size, per_epoch)
+        """Re-plan the schedule's length from the speed since the last plan (the first steps are
+        slower: warm-up, teacher logits not yet kept)."""
+        nonlocal mark
+        assert deadline is not None
+        now = time.perf_counter()
+        per_step = (now - mark[1] - (eval_seconds - mark[2])) / max(step - mark[0], 1)
+        mark = (step, now, eval_seconds)
+        per_eval = eval_seconds / len(val_acc) if val_acc else per_step / 3 * math.ceil(len(val) / config.batch_size)
+        return planned_steps(step, per_step, deadline - now, per_eval, per_epoch)
 
     for epoch in itertools.count(1):
         if config.seconds is None and epoch > config.epochs:
@@ -206,7 +223,7 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
         loss_sum, count = 0.0, 0
         for idx in batches:
             x, y = train.x[idx], train.y[idx]
-            if step >= total or deadline is not None and time.perf_counter() >= deadline:
+            if step >= total or deadline is not None and time.perf_counter() >= deadline - eval_cost():
                 break
             _set_lr(opt, config.lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0))))
             soft = None if teacher_cache is None else teacher_cache.get(idx, x.to(device, non_blocking=True))
@@ -214,14 +231,14 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
             step += 1
             loss_sum += value * len(y)
             count += len(y)
-            if deadline is not None and step == PROBE_STEPS:  # plan the schedule from the speed seen
-                total = replan()
+            if deadline is not None and step == next_plan:  # plan the schedule from the speed seen so far
+                total, next_plan = replan(), next_plan * 2
         if count:
             losses.append(loss_sum / count)
             check(epoch)
             if deadline is not None and epoch == 1:  # now with an evaluation timed
                 total = replan()
-        if count == 0 or step >= total or deadline is not None and time.perf_counter() >= deadline:
+        if count == 0 or step >= total or deadline is not None and time.perf_counter() >= deadline - eval_cost():
             break
     if not val_acc:
         check(0)
@@ -249,14 +266,12 @@ def _train_step(model: nn.Module, x: Tensor, y: Tensor, config: FinetuneConfig, 
     return value
 
 
-def planned_steps(steps: int, train_seconds: float, budget: float, eval_seconds: float, val_size: int,
-                  batch_size: int, per_epoch: int) -> int:
-    """Steps that fit a time-budgeted fine-tune, from the speed of the `steps` done so far: the
-    budget less one evaluation per epoch (an evaluation is timed once it has run; before, it is
-    taken as the forward third of a training step per validation batch)."""
-    per_step = train_seconds / max(steps, 1)
-    per_eval = eval_seconds if eval_seconds > 0 else per_step / 3 * math.ceil(val_size / batch_size)
-    fit = int(budget / per_step)
-    for _ in range(3):  # evaluations per epoch depend on the steps, which depend on them
-        fit = int(max(budget - math.ceil(max(fit, 1) / per_epoch) * per_eval, 0) / per_step)
-    return max(fit, steps + 1)
+def planned_steps(done: int, per_step: float, left: float, per_eval: float, per_epoch: int) -> int:
+    """Total steps of a time-budgeted fine-tune that has done `done` steps and has `left` seconds:
+    the steps that fit at `per_step` seconds each, less one evaluation (`per_eval`) per epoch end
+    still ahead, the last, partial epoch included."""
+    more = int(left / max(per_step, 1e-9))
+    for _ in range(3):  # evaluations ahead depend on the steps, which depend on them
+        evals = math.ceil((done + max(more, 1)) / per_epoch) - done // per_epoch
+        more = int(max(left - evals * per_eval, 0) / max(per_step, 1e-9))
+    return done + max(more, 1)

@@ -7,7 +7,7 @@ submodule of that name would shadow it after its first import.
 """
 from __future__ import annotations
 
-import math
+import itertools
 import os
 import shutil
 import time
@@ -26,7 +26,8 @@ from .review import log_review
 from .settings import SearchSettings
 from .storage import StudyLock
 from .study import check_same_study, make_sampler, make_tracker, open_study, resume_cleanup, space_json
-from .timebudget import Clock, Speed, describe, final_seconds, probe_speed, trial_batches, worth_refining
+from .timebudget import (SCREEN_VAL_SAMPLES, Clock, Speed, describe, final_seconds, probe_speed, trial_seconds,
+                         worth_refining)
 from .tracking import Tracker
 from .trials import Attr, StudyAttr, TrialState, accuracy, best_final, best_trial, pareto_trials
 from .workers import optimize_shared, spawn_workers, study_counts, wait_workers
@@ -86,16 +87,20 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
 
 
 def plan_time(settings: SearchSettings, ctx: SearchContext, trials: int) -> tuple[SearchSettings, tuple[Clock, Speed]]:
-    """--time-budget: size the screening fine-tunes so `trials` of them fit what is left of the
-    exploring share (unless --max-batches fixes them), and stop starting trials when it is spent."""
+    """--time-budget: give every screening fine-tune the same time, so that `trials` of them fit
+    what is left of the exploring share, and stop starting trials when it is spent.
+    Screening trials are scored on a fixed subset of SCREEN_VAL_SAMPLES validation samples: at a
+    fraction of an epoch of fine-tuning, a full evaluation would cost as much as the training."""
     clock = Clock(ctx.started, settings.time_budget or 0.0, settings.explore_share)
-    speed = probe_speed(ctx, settings)
-    per_epoch = math.ceil(len(ctx.data.train) / settings.batch_size)
+    if len(ctx.data.val) > SCREEN_VAL_SAMPLES:
+        ctx.screen_val = ctx.data.val.subset(SCREEN_VAL_SAMPLES, seed=settings.seed)
+    speed = probe_speed(ctx, settings, ctx.screen_val)
+    clock.start_exploring()
     left = clock.left(clock.explore_end)
-    batches = settings.max_batches or trial_batches(speed, left, trials, per_epoch, settings.epochs)
+    seconds = trial_seconds(speed, left, trials)
     timeout = max(min(left, settings.timeout or left), 1.0)  # at least one trial starts
-    print(describe(clock, speed, batches, per_epoch, trials), flush=True)
-    return replace(settings, max_batches=batches, timeout=timeout), (clock, speed)
+    print(describe(clock, speed, seconds, trials), flush=True)
+    return replace(settings, trial_seconds=seconds, timeout=timeout), (clock, speed)
 
 
 def budget_ratio(limit: int, original_bytes: int) -> str:
@@ -145,12 +150,23 @@ def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Searc
     tracker.log_file(parent, cache)
     study.set_user_attr(StudyAttr.SENSITIVITY, sens.table())  # the heat map of the review
     plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: sized(ctx, p)[1], limit, sens)
-    plans = sorted(plans, key=lambda np_: np_[0] != "knapsack")[:remaining]  # never more than the trials asked
+    plans = interleave(plans)[:remaining]  # never more than the trials asked
     for name, plan in plans:
         params = to_params(plan, ctx.space.layers)
         if params is not None:
             study.enqueue_trial(params, user_attrs={Attr.WARM_START: name}, skip_if_exists=True)
     print(f"warm start: {', '.join(n for n, _ in plans) or 'no plan fits'}")
+
+
+def interleave(plans: list[tuple[str, CompressionPlan]]) -> list[tuple[str, CompressionPlan]]:
+    """The knapsack plan first, then the uniform and the channel plans taken in turn, each family
+    in its own order: when only a few trials run (a short --time-budget), both kinds get tried."""
+    first = [p for p in plans if p[0] == "knapsack"]
+    families = [[p for p in plans if p[0].startswith("uniform")],
+                [p for p in plans if p[0].startswith("channels")]]
+    rest = [p for p in plans if p not in first and not any(p in f for f in families)]
+    turns = [p for pair in itertools.zip_longest(*families) for p in pair if p is not None]
+    return first + turns + rest
 
 
 def finish(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, parent: str,
@@ -159,8 +175,8 @@ def finish(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tr
     set), print the tables, export the best, log the review."""
     if timed is not None and settings.final_top > 0:
         clock, speed = timed
-        seconds = final_seconds(clock, speed, len(ctx.data.test), len(ctx.data.val))
-        if worth_refining(seconds, speed, settings.max_batches or 1, settings.final_top):
+        seconds = final_seconds(clock, speed, len(ctx.data.test))
+        if worth_refining(seconds, speed, settings.trial_seconds or 0.0, settings.final_top):
             print(f"final phase: {seconds:.0f}s for the top {settings.final_top}", flush=True)
             refine_timed(study, settings, ctx, tracker, settings.final_top, seconds)
         else:

@@ -16,6 +16,7 @@ from torch import nn
 from .artifact import export
 from .compression import compress, kept_weights
 from .context import SearchContext
+from .data import TensorData
 from .cost import artifact_size
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .plan import CompressionPlan, format_bytes
@@ -29,7 +30,8 @@ SCREEN_SHARE = 0.3  # of a timed final phase: the finalists' equal first fine-tu
 def finetune_and_export(model: nn.Module, plan: CompressionPlan, size: int, path: str, settings: SearchSettings,
                         ctx: SearchContext, *,
                         epochs: int, max_batches: int | None, report: Callable[[float, int], None],
-                        min_distill: float = 0.0, seconds: float | None = None) -> FinetuneResult:
+                        min_distill: float = 0.0, seconds: float | None = None,
+                        val: TensorData | None = None) -> FinetuneResult:
     """Fine-tune a compressed model (distilled from the baseline when the plan asks, or with
     weight at least `min_distill`), write its artifact to `path`, and check the file has exactly
     the `size` bytes the cost model reported. Shared by search trials and finalists so both are
@@ -38,7 +40,7 @@ def finetune_and_export(model: nn.Module, plan: CompressionPlan, size: int, path
     config = FinetuneConfig(epochs=epochs, lr=settings.lr, batch_size=settings.batch_size, max_batches=max_batches,
                             distill=distill, temperature=plan.temperature, l1=plan.l1, seed=settings.seed,
                             seconds=seconds)
-    result = finetune(model, ctx.data.train, ctx.data.val, config, teacher=ctx.model if distill > 0 else None,
+    result = finetune(model, ctx.data.train, ctx.data.val if val is None else val, config, teacher=ctx.model if distill > 0 else None,
                       report=report, l1_weights=lambda: kept_weights(model), device=settings.device,
                       progress=settings.progress)
     written = export(model.cpu(), path, ctx.spec)
@@ -97,6 +99,8 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
         if model is None:
             model = compress(ctx.model, plan, ctx.example_input, ctx.calib)
         size = artifact_size(model, ctx.spec)
+        if seconds is not None:  # the share includes compressing: the fine-tune gets what is left of it
+            seconds = max(seconds - (time.perf_counter() - start), 1.0)
         path = os.path.join(settings.artifact_dir, f"final-{t.number}.acz")
 
         def report(acc: float, epoch: int) -> None:

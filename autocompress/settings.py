@@ -144,6 +144,8 @@ class SearchSettings:
                                        check=positive())
     explore_share: float = option(0.3, "with --time-budget: the share spent exploring plans",
                                   check=between(0, 1, low_open=True, high_open=True))
+    trial_seconds: float | None = option(None, "fine-tune each trial for this long instead of --epochs (--time-budget "
+                                         "sets it)", check=positive(), cli=False)
     # each trial
     epochs: int = option(1, "fine-tune epochs per trial", check=at_least(0))
     baseline_epochs: int | None = option(None, "epochs to train the baseline when no --weights (default: "

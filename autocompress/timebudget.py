@@ -1,10 +1,10 @@
 """--time-budget: how one wall-clock budget is split between exploring plans and the final fine-tune.
 
 A user's alternative to searching is to fine-tune one uniform plan for the same minutes, and
-fine-tune length moves accuracy more than most allocations do. So with a time budget T the search
-spends `explore_share` of T (counted from the start, set-up and warm start included) screening
-plans with short fine-tunes of equal length, sized so that the asked number of trials fit, and
-the rest fine-tuning the finalists: each for a short equal share, then the best of them for all
+fine-tune length moves accuracy more than most allocations do. So with a time budget T (counted
+from the start of the search) the search, once set up, spends `explore_share` of what is left
+screening plans with short fine-tunes of equal length, sized so that the asked number of trials
+fit, and the rest fine-tuning the finalists: each for a short equal share, then the best of them for all
 that is left (refine.refine_timed). A reserve is kept for writing, loading and testing the pick.
 """
 from __future__ import annotations
@@ -17,23 +17,26 @@ import torch
 from torch import nn
 
 from .context import SearchContext
+from .data import TensorData
 from .models import logits_of
 from .settings import SearchSettings
 from .train import evaluate
 
 PROBE_STEPS = 3  # timed training steps of the probe (after one warm-up step)
-MIN_TRIAL_BATCHES = 10  # a screening fine-tune shorter than this ranks plans by their noise
-OVERHEAD_S = 1.0  # per-trial time outside fine-tune and evaluation assumed before any trial ran
+SCREEN_VAL_SAMPLES = 2000  # validation samples that score a screening trial (stratified, fixed)
+OVERHEAD_S = 0.25  # per-trial time outside fine-tune and evaluation (LeNet-5 on this CPU: 0.15-0.5 s)
+MIN_TRIAL_S = 19 * OVERHEAD_S  # shortest screening fine-tune: the overhead then stays within 5% of a trial
 FINAL_RESERVE_EVALS = 3  # evaluations' worth of time kept for exporting, loading and testing the pick
-REVIEW_RESERVE_S = 3.0  # and for the tables, plots and MLflow review after it
+REVIEW_RESERVE_S = 5.0  # and for the tables, plots and MLflow review after it
 
 
 @dataclass
 class Speed:
-    """Seconds per fine-tune step (with the teacher's forward) and per validation pass."""
+    """Seconds per fine-tune step (with the teacher's forward) and per evaluation of `eval_samples`."""
 
     step_s: float
     eval_s: float
+    eval_samples: int = 1
 
 
 @dataclass
@@ -43,10 +46,13 @@ class Clock:
     started: float
     budget: float
     explore_share: float
+    explore_end: float = 0.0  # set by start_exploring
 
-    @property
-    def explore_end(self) -> float:
-        return self.started + self.budget * self.explore_share
+    def start_exploring(self) -> None:
+        """Set-up (data, baseline check, MLflow and Optuna stores, sensitivity, warm start) is done:
+        explore for `explore_share` of what is left, so a slow set-up does not eat the exploring
+        share alone."""
+        self.explore_end = time.monotonic() + self.left() * self.explore_share
 
     @property
     def end(self) -> float:
@@ -56,8 +62,9 @@ class Clock:
         return max((self.end if until is None else until) - time.monotonic(), 0.0)
 
 
-def probe_speed(ctx: SearchContext, settings: SearchSettings) -> Speed:
-    """Time a few distilled training steps of a copy of the baseline, and one validation pass.
+def probe_speed(ctx: SearchContext, settings: SearchSettings, val: TensorData | None = None) -> Speed:
+    """Time a few distilled training steps of a copy of the baseline, and one pass over `val`
+    (default: the validation split).
 
     The compressed models train at about this speed (fake quantisation and masks add a little);
     the probe copy is thrown away, so the baseline is unchanged."""
@@ -77,42 +84,42 @@ def probe_speed(ctx: SearchContext, settings: SearchSettings) -> Speed:
         opt.step()
         times.append(time.perf_counter() - t0)
     step_s = sum(times[1:]) / max(len(times) - 1, 1) if len(times) > 1 else times[0]
+    val = ctx.data.val if val is None else val
     t0 = time.perf_counter()
-    evaluate(ctx.model, ctx.data.val, settings.device)
-    return Speed(step_s=step_s, eval_s=time.perf_counter() - t0)
+    evaluate(ctx.model, val, settings.device)
+    return Speed(step_s=step_s, eval_s=time.perf_counter() - t0, eval_samples=len(val))
 
 
-def trial_batches(speed: Speed, seconds: float, trials: int, per_epoch: int, epochs: int) -> int:
-    """Fine-tune batches per epoch that let `trials` screening trials of `epochs` epochs fit in
-    `seconds` (each also evaluates once per epoch and has some overhead); at least
-    MIN_TRIAL_BATCHES, at most a whole epoch."""
-    per_trial = seconds / max(trials, 1) - OVERHEAD_S
-    epochs = max(epochs, 1)
-    batches = int((per_trial / epochs - speed.eval_s) / max(speed.step_s, 1e-9))
-    return max(MIN_TRIAL_BATCHES, min(batches, per_epoch))
+def trial_seconds(speed: Speed, seconds: float, trials: int) -> float:
+    """Fine-tune seconds of each screening trial, so that `trials` of them (each with its
+    evaluation and overhead) fit in `seconds`; at least MIN_TRIAL_S, so fewer trials run when
+    the exploring time is short. Every trial trains for the same time, not the same number of
+    batches: the final fine-tune is bounded by time too, so a plan that trains faster (fewer
+    channels) rightly gets more steps, in screening as in the final."""
+    return max(seconds / max(trials, 1) - OVERHEAD_S - speed.eval_s, MIN_TRIAL_S)
 
 
-def final_seconds(clock: Clock, speed: Speed, test_size: int, val_size: int) -> float:
+def final_seconds(clock: Clock, speed: Speed, test_size: int) -> float:
     """Time left for the final fine-tunes: what remains of the budget less the reserve for
-    exporting, loading back and testing the pick (a few validation passes' worth, scaled to the
-    test split's size)."""
-    reserve = FINAL_RESERVE_EVALS * speed.eval_s * max(test_size / max(val_size, 1), 1.0) + REVIEW_RESERVE_S
+    exporting, loading back and testing the pick (a few test-split evaluations' worth) and for
+    the review."""
+    reserve = FINAL_RESERVE_EVALS * speed.eval_s * test_size / max(speed.eval_samples, 1) + REVIEW_RESERVE_S
     return max(clock.left() - reserve, 0.0)
 
 
-def worth_refining(seconds: float, speed: Speed, batches: int, finalists: int) -> bool:
+def worth_refining(seconds: float, speed: Speed, trial_s: float, finalists: int) -> bool:
     """Whether the final phase has time to train each finalist longer than its screening trial
     did (a finalist starts again from the baseline: with less, it would end worse than its trial)."""
-    return seconds >= 2 * max(finalists, 1) * (batches * speed.step_s + speed.eval_s)
+    return seconds >= 2 * max(finalists, 1) * (trial_s + speed.eval_s)
 
 
-def describe(clock: Clock, speed: Speed, batches: int, per_epoch: int, trials: int) -> str:
+def describe(clock: Clock, speed: Speed, seconds: float, trials: int) -> str:
     """One line for the search header: how the budget is split."""
-    explore = clock.budget * clock.explore_share
-    share = f"{batches / per_epoch:.0%} of an epoch" if batches < per_epoch else "a whole epoch"
-    return (f"time budget {_dur(clock.budget)}: up to {_dur(explore)} exploring ({trials} trials, each fine-tuned "
-            f"for {batches} batches, {share}; {speed.step_s * 1000:.0f} ms a batch), the rest fine-tuning the "
-            "finalists, then the best of them")
+    explore = clock.explore_end - time.monotonic()
+    fit = min(trials, max(int(explore / (seconds + speed.eval_s + OVERHEAD_S)), 1))
+    return (f"time budget {_dur(clock.budget)}, {_dur(clock.left())} left after set-up: {_dur(explore)} exploring "
+            f"(about {fit} trials, each fine-tuned for {seconds:.1f}s, about {seconds / speed.step_s:.0f} batches at "
+            "the baseline's speed), the rest fine-tuning the finalists, then the best of them")
 
 
 def _dur(seconds: float) -> str:

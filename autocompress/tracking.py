@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .plantable import granularity_mix, plan_csv
-from .storage import default_tracking_uri
+from .storage import default_tracking_uri, fast_sqlite
 from .trials import TrialState
 
 __all__ = ["PARENT_TAG", "Tracker", "default_tracking_uri"]
@@ -30,6 +30,7 @@ class Tracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import: mlflow sets its own level
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
+        fast_sqlite()  # before MLflow opens its store
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)

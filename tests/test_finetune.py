@@ -165,10 +165,10 @@ def test_time_budget_trains_for_that_long(digits):
 def test_planned_steps_leaves_time_for_evaluations():
     from autocompress.finetune import planned_steps
 
-    # 10 steps took 1 s; 100 s budget; an evaluation costs 2 s; 50 steps per epoch
-    steps = planned_steps(10, 1.0, 100.0, 2.0, 1000, 128, 50)
-    epochs = -(-steps // 50)
-    assert steps * 0.1 + epochs * 2.0 <= 100.0 < (steps + 50) * 0.1 + (epochs + 1) * 2.0
+    # 10 steps done, 0.1 s a step, 100 s left, an evaluation costs 2 s, 50 steps per epoch
+    total = planned_steps(10, 0.1, 100.0, 2.0, 50)
+    more, evals = total - 10, -(-total // 50)
+    assert more * 0.1 + evals * 2.0 <= 100.0 < (more + 50) * 0.1 + (evals + 1) * 2.0
 
 
 def test_teacher_logits_are_computed_once_per_sample_and_shared(digits, teacher):

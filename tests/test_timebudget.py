@@ -7,26 +7,27 @@ import optuna
 import pytest
 
 from autocompress.api import search
-from autocompress.timebudget import Clock, Speed, final_seconds, trial_batches, worth_refining
+from autocompress.timebudget import MIN_TRIAL_S, OVERHEAD_S, Clock, Speed, final_seconds, trial_seconds, worth_refining
 from autocompress.trials import Attr, StudyAttr
 
 
-def test_trial_batches_fit_the_trials_in_the_exploring_time():
+def test_trial_seconds_fit_the_trials_in_the_exploring_time():
     speed = Speed(step_s=0.1, eval_s=1.0)
-    # 60 s for 6 trials: 10 s each, less 1 s overhead and 1 s evaluation -> 80 batches
-    assert trial_batches(speed, 60.0, 6, per_epoch=400, epochs=1) == 80
-    assert trial_batches(speed, 60.0, 6, per_epoch=50, epochs=1) == 50  # at most an epoch
-    assert trial_batches(speed, 1.0, 6, per_epoch=400, epochs=1) == 10  # at least MIN_TRIAL_BATCHES
-    assert trial_batches(speed, 60.0, 6, per_epoch=400, epochs=2) < 80  # two epochs share the time
+    # 60 s for 6 trials: 10 s each, less the overhead and one evaluation
+    assert trial_seconds(speed, 60.0, 6) == pytest.approx(10.0 - OVERHEAD_S - 1.0)
+    assert trial_seconds(speed, 6.0, 6) == MIN_TRIAL_S  # fewer trials then fit, each long enough
+    assert OVERHEAD_S / (MIN_TRIAL_S + OVERHEAD_S) <= 0.05
 
 
 def test_final_phase_keeps_a_reserve_and_is_skipped_when_too_short():
     clock = Clock(started=time.monotonic(), budget=100.0, explore_share=0.3)
-    speed = Speed(step_s=0.1, eval_s=1.0)
-    left = final_seconds(clock, speed, test_size=2000, val_size=1000)
+    clock.start_exploring()
+    assert 99.0 < clock.explore_end - clock.started + 70.0 <= 100.5  # 30% of what is left
+    speed = Speed(step_s=0.1, eval_s=1.0, eval_samples=1000)
+    left = final_seconds(clock, speed, test_size=2000)
     assert 85.0 < left < 100.0 - 6.0  # at least 3 test-sized evaluations (6 s) kept back
-    assert worth_refining(left, speed, batches=80, finalists=3)
-    assert not worth_refining(20.0, speed, batches=80, finalists=3)  # 3 finalists x 2 x 9 s > 20 s
+    assert worth_refining(left, speed, trial_s=8.0, finalists=3)
+    assert not worth_refining(20.0, speed, trial_s=8.0, finalists=3)  # 3 finalists x 2 x 9 s > 20 s
 
 
 @pytest.mark.slow
