@@ -16,8 +16,8 @@ from torch import nn
 from .artifact import export
 from .compression import compress, kept_weights
 from .context import SearchContext
-from .data import TensorData
 from .cost import artifact_size
+from .data import TensorData
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .plan import CompressionPlan, format_bytes
 from .settings import SearchSettings
@@ -40,9 +40,9 @@ def finetune_and_export(model: nn.Module, plan: CompressionPlan, size: int, path
     config = FinetuneConfig(epochs=epochs, lr=settings.lr, batch_size=settings.batch_size, max_batches=max_batches,
                             distill=distill, temperature=plan.temperature, l1=plan.l1, seed=settings.seed,
                             seconds=seconds)
-    result = finetune(model, ctx.data.train, ctx.data.val if val is None else val, config, teacher=ctx.model if distill > 0 else None,
-                      report=report, l1_weights=lambda: kept_weights(model), device=settings.device,
-                      progress=settings.progress)
+    result = finetune(model, ctx.data.train, ctx.data.val if val is None else val, config,
+                      teacher=ctx.model if distill > 0 else None, report=report,
+                      l1_weights=lambda: kept_weights(model), device=settings.device, progress=settings.progress)
     written = export(model.cpu(), path, ctx.spec)
     if written != size:
         raise RuntimeError(f"artifact {os.path.basename(path)} has {written} bytes, cost model said {size}")

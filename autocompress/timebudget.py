@@ -3,9 +3,10 @@
 A user's alternative to searching is to fine-tune one uniform plan for the same minutes, and
 fine-tune length moves accuracy more than most allocations do. So with a time budget T (counted
 from the start of the search) the search, once set up, spends `explore_share` of what is left
-screening plans with short fine-tunes of equal length, sized so that the asked number of trials
-fit, and the rest fine-tuning the finalists: each for a short equal share, then the best of them for all
-that is left (refine.refine_timed). A reserve is kept for writing, loading and testing the pick.
+screening plans with fine-tunes of equal (short) time, sized so that the asked number of trials
+fit, and the rest fine-tuning the finalists: each for a short equal share, then the best of them
+for all that is left (refine.refine_timed). A reserve is kept for writing, loading and testing
+the pick, and for the review.
 """
 from __future__ import annotations
 
