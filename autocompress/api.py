@@ -6,8 +6,10 @@ created. The options themselves are declared once, in settings.SearchSettings.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
+import time
 
 import torch
 from torch import nn
@@ -36,20 +38,20 @@ def space_floor(model: nn.Module, space: BoundSpace, spec: ModelSpec, example: t
 
 
 def load_inputs(model: str, data: str | None, weights: str | None, data_dir: str | None, seed: int,
-                limit: int | None, val_fraction: float, image_size: int | None = None
+                limit: int | None, val_fraction: float, image_size: int | None = None, val_data: str | None = None
                 ) -> tuple[ModelSpec, DataBundle, nn.Module]:
     """The data bundle (default: Fashion-MNIST, else digits with a notice), the model spec, and the
     model with its checkpoint loaded (untrained otherwise), in eval mode."""
     from .data import default_data, load_data
     from .models import build_model, load_weights
 
-    if data is None:
+    if data is None and val_data is None:
         bundle = default_data(seed, image_size=image_size)
         if bundle.notice:
             print(bundle.notice)
     else:
-        bundle = load_data(data, data_dir=data_dir, seed=seed, limit=limit, val_fraction=val_fraction,
-                           image_size=image_size, model=model)
+        bundle = load_data(data or "fashion-mnist", data_dir=data_dir, seed=seed, limit=limit,
+                           val_fraction=val_fraction, image_size=image_size, model=model, val_data=val_data)
     spec = ModelSpec(model, bundle.num_classes, bundle.in_channels, bundle.image_size, data=bundle.name)
     net = build_model(spec)
     if weights:
@@ -102,8 +104,9 @@ def prepare(settings: SearchSettings) -> tuple[SearchSettings, SearchContext]:
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     bound_space_src = load_space(s.space)
-    spec, bundle, net = load_inputs(s.model, s.data, s.weights, s.data_dir, s.seed, s.limit, s.val_fraction,
-                                    image_size=s.image_size)
+    started = time.monotonic()
+    spec, bundle, net = load_inputs(s.model, s.data, s.weights, s.data_dir, s.data_seed, s.limit, s.val_fraction,
+                                    image_size=s.image_size, val_data=s.val_data)
     example = bundle.train.x[:2]
     bound = bound_space_src.bind(net, example)
     original = param_bytes(net)
@@ -130,14 +133,50 @@ def prepare(settings: SearchSettings) -> tuple[SearchSettings, SearchContext]:
                                            budget_ms=s.latency_budget, progress=s.progress)
         print(f"latency predictor on {s.device}: fastest plan {fastest:.3f} ms; held-out error "
               + (f"{predictor.error:.1%}" if predictor.error is not None else "n/a"))
-    net, val_acc = baseline(spec, bundle, epochs=s.baseline_epochs_or_default, seed=s.seed, device=s.device,
+    t0 = time.monotonic()
+    net, val_acc = baseline(spec, bundle, epochs=s.baseline_epochs_or_default, seed=s.data_seed, device=s.device,
                             weights=s.weights, progress=s.progress)
+    started += time.monotonic() - t0  # a --time-budget is the search's: training the baseline is not counted
     s = replace(s, study=s.study or default_study_name(s.model, bundle.name, s.budget))
     bundle.train, bundle.val, bundle.test = (bundle.train.to(s.device), bundle.val.to(s.device),
                                              bundle.test.to(s.device))
     net = net.to(s.device)
     calib = list(bundle.train.batches(s.batch_size, shuffle=True, seed=s.seed, limit=s.calib_batches))
     ctx = SearchContext(model=net, spec=spec, data=bundle, space=bound, baseline_val_acc=val_acc,
-                        original_bytes=original, example_input=bundle.train.x[:2], calib=calib, latency=predictor)
+                        original_bytes=original, example_input=bundle.train.x[:2], calib=calib, latency=predictor,
+                        started=started)
     print(f"baseline {s.model} on {bundle.name}: val accuracy {val_acc:.4f}, {format_bytes(original)} fp32 params")
+    print(validation_line(ctx, s))
     return s, ctx
+
+
+def validation_line(ctx: SearchContext, s: SearchSettings) -> str:
+    """The header line saying which validation split ranks the trials and whether the baseline has
+    seen it. A checkpoint the user brings may have been trained on the whole training set, carved
+    validation split included: then its accuracy there is higher than on the test split by more
+    than sampling noise. The baseline's test accuracy is measured here, once, and reused for the
+    final report; no compressed model's test accuracy is measured before the search ends."""
+    from .train import evaluate
+
+    line = f"validation: {ctx.data.val_source}"
+    if not s.weights:
+        return line + ("" if s.val_data else "; the baseline was trained without it")
+    ctx.baseline_test_acc = evaluate(ctx.model, ctx.data.test, device=s.device)
+    seen = has_seen(ctx.baseline_val_acc, len(ctx.data.val), ctx.baseline_test_acc, len(ctx.data.test))
+    ctx.baseline_saw_val = seen
+    verdict = (f"the checkpoint scores {ctx.baseline_val_acc:.2%} on it and {ctx.baseline_test_acc:.2%} on the test "
+               "split: ")
+    if seen and not s.val_data:
+        return (line + "; " + verdict + "it has most likely been trained on these samples, so validation accuracies "
+                "read high (trials are still ranked on samples their fine-tune did not train on); pass held-out "
+                "data with --val-data for honest figures")
+    return line + "; " + verdict + ("no sign that it has seen them" if not seen else
+                                    "it reads higher than test by more than sampling noise")
+
+
+def has_seen(val_acc: float, n_val: int, test_acc: float, n_test: int) -> bool:
+    """Validation accuracy above test accuracy by more than 3 standard errors of the difference
+    (and 1 point): the model has most likely been trained on the validation samples."""
+    p = (val_acc * n_val + test_acc * n_test) / max(n_val + n_test, 1)
+    se = math.sqrt(max(p * (1 - p), 1e-6) * (1 / max(n_val, 1) + 1 / max(n_test, 1)))
+    return val_acc - test_acc > max(3 * se, 0.01)

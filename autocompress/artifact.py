@@ -197,6 +197,7 @@ def _weight_streams(mod: nn.Module, attr: str, entry: dict) -> list[bytes]:
     """The payload streams of a compressed weight, in the coding its header entry says."""
     comp = compressor(mod, attr)
     bits, sym = comp.bits, comp.symmetric
+    comp.ensure_clip(mod.parametrizations[attr].original.detach())
     w_dev = comp.effective(mod.parametrizations[attr].original.detach())
     streams: list[bytes] = []
     if bits <= 8:

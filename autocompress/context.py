@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .cost.latency import LatencyPredictor, LatencyResult
-from .data import DataBundle
+from .data import DataBundle, TensorData
 from .models import ModelSpec
 from .space import BoundSpace
 
@@ -28,6 +28,10 @@ class SearchContext:
     example_input: torch.Tensor = field(default=None)  # type: ignore[assignment]
     calib: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     latency: LatencyPredictor | None = None  # when a latency budget or objective is set
+    started: float = 0.0  # time.monotonic() when the search began (--time-budget counts from it)
+    baseline_test_acc: float | None = None  # measured at the start when a checkpoint was given (api.validation_line)
+    baseline_saw_val: bool | None = None  # the checkpoint has most likely been trained on the validation split
+    screen_val: TensorData | None = None  # --time-budget: the validation subset screening trials are scored on
 
 
 @dataclass

@@ -32,6 +32,7 @@ from .userspec import import_callable
 SPEC_FORMS = "fashion-mnist, digits, imagefolder:DIR, torchvision:NAME, module:callable or path/file.py:callable"
 CACHE_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "autocompress")
 SYSTEM_FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+TENSOR_NAMES = ("train_x", "train_y", "test_x", "test_y")
 FASHION_FILES = {
     "train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
     "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte",
@@ -65,23 +66,27 @@ class TensorData:
     def batches(self, batch_size: int, shuffle: bool, seed: int | None = None,
                 limit: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (x, y) mini-batches by slicing; `limit` caps the number of batches."""
-        n = len(self)
-        order = None
-        if shuffle:
-            gen = torch.Generator()
-            if seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(seed)
-            order = torch.randperm(n, generator=gen).to(self.y.device)
-        for i, start in enumerate(range(0, n, batch_size)):
+        if not shuffle:
+            for i, start in enumerate(range(0, len(self), batch_size)):
+                if limit is not None and i >= limit:
+                    return
+                yield self.x[start:start + batch_size], self.y[start:start + batch_size]
+            return
+        for idx in self.index_batches(batch_size, seed, limit):
+            yield self.x[idx], self.y[idx]
+
+    def index_batches(self, batch_size: int, seed: int | None = None, limit: int | None = None) -> Iterator[Tensor]:
+        """The sample indices of shuffled mini-batches (the order `batches(shuffle=True)` uses)."""
+        gen = torch.Generator()
+        if seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(seed)
+        order = torch.randperm(len(self), generator=gen).to(self.y.device)
+        for i, start in enumerate(range(0, len(self), batch_size)):
             if limit is not None and i >= limit:
                 return
-            if order is None:
-                yield self.x[start:start + batch_size], self.y[start:start + batch_size]
-            else:
-                idx = order[start:start + batch_size]
-                yield self.x[idx], self.y[idx]
+            yield order[start:start + batch_size]
 
 
 @dataclass
@@ -96,6 +101,7 @@ class DataBundle:
     image_size: int
     name: str
     notice: str | None = None
+    val_source: str = ""  # where the validation split comes from, in words (search header)
 
 
 def _pick(y: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -391,42 +397,86 @@ def _load_torchvision(name: str, data_dir: str | None, image_size: int | None) -
 
 
 def load_data(spec: str, *, data_dir: str | None = None, val_fraction: float = 0.1, seed: int = 0,
-              limit: int | None = None, image_size: int | None = None, model: str | None = None) -> DataBundle:
+              limit: int | None = None, image_size: int | None = None, model: str | None = None,
+              val_data: str | None = None) -> DataBundle:
     """Load a data spec into memory with train / val (carved from train) / test splits.
 
     `image_size` S resizes images to S x S (image folders: resize and centre-crop). Without it,
     image folders take the natural input size of `model` (a model spec such as torchvision:resnet50),
-    and other data keep their own size.
+    and other data keep their own size. `val_data` (a spec of the same forms) is a held-out
+    validation set: all of its samples, normalised like the training split, replace the carved one.
     """
     if image_size is not None and image_size < 1:
         raise UserError(f"--image-size must be a positive number of pixels, got {image_size}")
-    opts: dict[str, Any] = dict(val_fraction=val_fraction, seed=seed, limit=limit, image_size=image_size)
+    if spec.startswith("imagefolder:") and image_size is None and model:
+        from .models import natural_image_size
+
+        image_size = natural_image_size(model)
+    raw = _raw(spec, data_dir, seed, image_size)
+    if isinstance(raw, DataBundle):
+        if val_data:
+            raise UserError(f"--val-data cannot replace the validation split of {spec}, which returns a DataBundle; "
+                            "put the held-out data in that bundle's val")
+        return raw
+    tensors, opts = raw
+    own_val = "val" in tensors
+    if val_data:
+        tensors["val"] = _held_out(val_data, data_dir, seed, image_size, tensors, opts.get("num_classes"))
+    bundle = _finish(**tensors, **opts, val_fraction=val_fraction, seed=seed, limit=limit, image_size=image_size)
+    n = f"{len(bundle.val):,} samples"
+    bundle.val_source = (f"{n} of {val_data} (--val-data)" if val_data else f"{n} of {spec}'s val/ folder" if own_val
+                         else f"{n} carved from the training data (--val-fraction {val_fraction:g}, seed {seed})")
+    return bundle
+
+
+def _raw(spec: str, data_dir: str | None, seed: int, image_size: int | None
+         ) -> tuple[dict[str, Any], dict[str, Any]] | DataBundle:
+    """A spec's unnormalised tensors (train_x, train_y, test_x, test_y, maybe val) and the other
+    arguments of _finish (name, classes, normalisation); a callable's own DataBundle as it is."""
     if spec == "fashion-mnist":
-        return _finish(*_load_fashion(data_dir), "fashion-mnist", **opts, num_classes=10)
+        return dict(zip(TENSOR_NAMES, _load_fashion(data_dir))), dict(name="fashion-mnist", num_classes=10)
     if spec == "digits":
-        return _finish(*_load_digits(seed), "digits", **opts, num_classes=10)
+        return dict(zip(TENSOR_NAMES, _load_digits(seed))), dict(name="digits", num_classes=10)
     kind, _, rest = spec.partition(":")
     if kind == "imagefolder" and rest:
-        if image_size is None and model:
-            from .models import natural_image_size
-
-            opts["image_size"] = natural_image_size(model)
-        tensors, n_classes = _load_imagefolder(rest, opts["image_size"], seed)
-        return _finish(**tensors, name=f"imagefolder:{os.path.abspath(rest)}", **opts, num_classes=n_classes,
-                       norm_stats=(IMAGENET_MEAN, IMAGENET_STD))
+        tensors, n_classes = _load_imagefolder(rest, image_size, seed)
+        return tensors, dict(name=f"imagefolder:{os.path.abspath(rest)}", num_classes=n_classes,
+                             norm_stats=(IMAGENET_MEAN, IMAGENET_STD))
     if kind == "torchvision" and rest:
-        return _finish(*_load_torchvision(rest, data_dir, image_size), spec, **opts)
-    if rest and kind not in ("imagefolder", "torchvision"):
+        return dict(zip(TENSOR_NAMES, _load_torchvision(rest, data_dir, image_size))), dict(name=spec)
+    if rest:
         result = import_callable(spec, "--data")()
         if isinstance(result, DataBundle):
             return result
         if not (isinstance(result, tuple) and len(result) == 2):
             raise UserError(f"--data {spec} must return (train_dataset, test_dataset) or a DataBundle, "
                             f"got {type(result).__name__}")
-        tx, ty = _stack(result[0], f"{spec} train dataset")
-        vx, vy = _stack(result[1], f"{spec} test dataset")
-        return _finish(tx, ty, vx, vy, spec, **opts)
+        return dict(zip(TENSOR_NAMES, (*_stack(result[0], f"{spec} train dataset"),
+                                       *_stack(result[1], f"{spec} test dataset")))), dict(name=spec)
     raise UserError(f"unknown data spec {spec!r}: use one of {SPEC_FORMS}")
+
+
+def _held_out(spec: str, data_dir: str | None, seed: int, image_size: int | None, main: dict[str, Any],
+              num_classes: int | None) -> tuple[Tensor, Tensor]:
+    """Every sample of the --val-data spec (its train and test parts together), checked against
+    the main data's image shape and classes."""
+    raw = _raw(spec, data_dir, seed, image_size)
+    if isinstance(raw, DataBundle):
+        parts = [(raw.train.x, raw.train.y), (raw.val.x, raw.val.y), (raw.test.x, raw.test.y)]
+    else:
+        t = raw[0]
+        parts = [(t["train_x"], t["train_y"]), (t["test_x"], t["test_y"])] + ([t["val"]] if "val" in t else [])
+    x = torch.cat([p[0].float() if p[0].dim() == 4 else p[0].float().unsqueeze(1) for p in parts])
+    y = torch.cat([p[1].long() for p in parts])
+    want = main["train_x"].shape[1:] if main["train_x"].dim() == 4 else (1, *main["train_x"].shape[1:])
+    if tuple(x.shape[1:]) != tuple(want) and image_size is None:
+        raise UserError(f"--val-data {spec}: images are {tuple(x.shape[1:])}, the training data's are "
+                        f"{tuple(want)}; pass --image-size to bring both to one size")
+    classes = num_classes or int(main["train_y"].max()) + 1
+    if len(y) == 0 or int(y.max()) >= classes:
+        raise UserError(f"--val-data {spec}: " + ("no samples" if len(y) == 0 else
+                        f"labels up to {int(y.max())}, the training data has {classes} classes"))
+    return x, y
 
 
 def default_data(seed: int = 0, image_size: int | None = None) -> DataBundle:

@@ -97,7 +97,8 @@ class Objective:
                 return 0.0, size
             path = os.path.join(self.s.artifact_dir, f"trial-{trial.number}.acz")
             result = finetune_and_export(compressed, plan, size, path, self.s, self.ctx, epochs=self.s.epochs,
-                                         max_batches=self.s.max_batches, report=self._reporter(trial, run_id))
+                                         max_batches=self.s.max_batches, report=self._reporter(trial, run_id),
+                                         val=self.ctx.screen_val, seconds=self.s.trial_seconds)
             finetune_s = result.seconds + result.eval_seconds
             for epoch, loss in enumerate(result.train_loss):
                 self.tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch + 1)

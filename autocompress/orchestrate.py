@@ -7,9 +7,11 @@ submodule of that name would shadow it after its first import.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
+from dataclasses import replace
 
 import optuna
 
@@ -18,12 +20,14 @@ from .context import SearchContext, SearchOutcome
 from .cost import space_untouchable
 from .objective import Objective, TrialFailed, sized
 from .plan import CompressionPlan, format_bytes
-from .refine import refine
+from .refine import refine, refine_timed
 from .report import format_table, print_table, trial_rows
 from .review import log_review
 from .settings import SearchSettings
 from .storage import StudyLock
 from .study import check_same_study, make_sampler, make_tracker, open_study, resume_cleanup, space_json
+from .timebudget import (SCREEN_VAL_SAMPLES, Clock, Speed, describe, final_seconds, probe_speed, trial_seconds,
+                         worth_refining)
 from .tracking import Tracker
 from .trials import Attr, StudyAttr, TrialState, accuracy, best_final, best_trial, pareto_trials
 from .workers import optimize_shared, spawn_workers, study_counts, wait_workers
@@ -45,7 +49,8 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
     parent = tracker.start_parent(f"search-{time.strftime('%Y%m%d-%H%M%S')}", {
         "budget": str(settings.budget), "budget_bytes": limit, "model": ctx.spec.spec, "data": ctx.data.name,
         "trials": settings.trials, "epochs": settings.epochs, "seed": settings.seed, "device": settings.device,
-        "space_params": len(ctx.space.param_names()), "workers": workers,
+        "space_params": len(ctx.space.param_names()), "workers": workers, "time_budget_s": settings.time_budget,
+        "validation": ctx.data.val_source, "baseline_saw_val": ctx.baseline_saw_val,
     })
     tracker.log_metrics(parent, {"baseline_val_accuracy": ctx.baseline_val_acc,
                                  "baseline_fp32_bytes": ctx.original_bytes})
@@ -61,6 +66,9 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
           + (f"; closed {closed} run(s) left by a killed search" if closed else ""), flush=True)
     if settings.warm_start and not study.get_trials(deepcopy=False) and remaining:
         enqueue_warm_start(study, settings, ctx, tracker, parent, limit, remaining)
+    timed = None
+    if settings.time_budget is not None:
+        settings, timed = plan_time(settings, ctx, max(remaining, 1))
     try:
         if workers > 1 and remaining > 0:
             options = {**settings.options(), "progress": False}
@@ -75,7 +83,24 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
         print("interrupted: the current trial is recorded as interrupted; run the same command to resume")
         tracker.end(parent, TrialState.INTERRUPTED)
         raise
-    return finish(study, settings, ctx, tracker, parent, limit)
+    return finish(study, settings, ctx, tracker, parent, limit, timed)
+
+
+def plan_time(settings: SearchSettings, ctx: SearchContext, trials: int) -> tuple[SearchSettings, tuple[Clock, Speed]]:
+    """--time-budget: give every screening fine-tune the same time, so that `trials` of them fit
+    what is left of the exploring share, and stop starting trials when it is spent.
+    Screening trials are scored on a fixed subset of SCREEN_VAL_SAMPLES validation samples: at a
+    fraction of an epoch of fine-tuning, a full evaluation would cost as much as the training."""
+    clock = Clock(ctx.started, settings.time_budget or 0.0, settings.explore_share)
+    if len(ctx.data.val) > SCREEN_VAL_SAMPLES:
+        ctx.screen_val = ctx.data.val.subset(SCREEN_VAL_SAMPLES, seed=settings.seed)
+    speed = probe_speed(ctx, settings, ctx.screen_val)
+    clock.start_exploring()
+    left = clock.left(clock.explore_end)
+    seconds = trial_seconds(speed, left, trials)
+    timeout = max(min(left, settings.timeout or left), 1.0)  # at least one trial starts
+    print(describe(clock, speed, seconds, trials), flush=True)
+    return replace(settings, trial_seconds=seconds, timeout=timeout), (clock, speed)
 
 
 def budget_ratio(limit: int, original_bytes: int) -> str:
@@ -125,7 +150,7 @@ def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Searc
     tracker.log_file(parent, cache)
     study.set_user_attr(StudyAttr.SENSITIVITY, sens.table())  # the heat map of the review
     plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: sized(ctx, p)[1], limit, sens)
-    plans = sorted(plans, key=lambda np_: np_[0] != "knapsack")[:remaining]  # never more than the trials asked
+    plans = interleave(plans)[:remaining]  # never more than the trials asked
     for name, plan in plans:
         params = to_params(plan, ctx.space.layers)
         if params is not None:
@@ -133,10 +158,31 @@ def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Searc
     print(f"warm start: {', '.join(n for n, _ in plans) or 'no plan fits'}")
 
 
+def interleave(plans: list[tuple[str, CompressionPlan]]) -> list[tuple[str, CompressionPlan]]:
+    """The knapsack plan first, then the uniform and the channel plans taken in turn, each family
+    in its own order: when only a few trials run (a short --time-budget), both kinds get tried."""
+    first = [p for p in plans if p[0] == "knapsack"]
+    families = [[p for p in plans if p[0].startswith("uniform")],
+                [p for p in plans if p[0].startswith("channels")]]
+    rest = [p for p in plans if p not in first and not any(p in f for f in families)]
+    turns = [p for pair in itertools.zip_longest(*families) for p in pair if p is not None]
+    return first + turns + rest
+
+
 def finish(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, parent: str,
-           limit: int) -> SearchOutcome:
-    """After the trials: refine the finalists, print the tables, export the best, log the review."""
-    if settings.final_top > 0 and settings.final_epochs > 0:
+           limit: int, timed: tuple[Clock, Speed] | None = None) -> SearchOutcome:
+    """After the trials: refine the finalists (for what is left of a time budget, when one is
+    set), print the tables, export the best, log the review."""
+    if timed is not None and settings.final_top > 0:
+        clock, speed = timed
+        seconds = final_seconds(clock, speed, len(ctx.data.test))
+        if worth_refining(seconds, speed, settings.trial_seconds or 0.0, settings.final_top):
+            print(f"final phase: {seconds:.0f}s for the top {settings.final_top}", flush=True)
+            refine_timed(study, settings, ctx, tracker, settings.final_top, seconds)
+        else:
+            print(f"final phase skipped: {seconds:.0f}s left is too little to fine-tune the finalists longer than "
+                  "their trials; the best trial is exported (give a larger --time-budget)", flush=True)
+    elif settings.final_top > 0 and settings.final_epochs > 0:
         refine(study, settings, ctx, tracker, settings.final_top, settings.final_epochs)
     best = best_trial(study)
     print_table(study, ctx.original_bytes, limit)
@@ -178,7 +224,8 @@ def finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchCon
     deployed = load(dst)
     outcome.best_path = dst
     outcome.test_accuracy = evaluate(deployed, ctx.data.test, device=settings.device)
-    outcome.baseline_test_accuracy = evaluate(ctx.model, ctx.data.test, device=settings.device)
+    outcome.baseline_test_accuracy = (ctx.baseline_test_acc if ctx.baseline_test_acc is not None
+                                      else evaluate(ctx.model, ctx.data.test, device=settings.device))
     size = os.path.getsize(dst)
     tracker.log_metrics(outcome.parent_run_id, {
         "best_val_accuracy": best_val, "best_test_accuracy": outcome.test_accuracy,

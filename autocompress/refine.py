@@ -17,27 +17,32 @@ from .artifact import export
 from .compression import compress, kept_weights
 from .context import SearchContext
 from .cost import artifact_size
+from .data import TensorData
 from .finetune import FinetuneConfig, FinetuneResult, finetune
 from .plan import CompressionPlan, format_bytes
 from .settings import SearchSettings
 from .tracking import Tracker
 from .trials import Attr, StudyAttr, TrialState, accuracy, final_results, finalists
 
+SCREEN_SHARE = 0.3  # of a timed final phase: the finalists' equal first fine-tunes, before the best goes on
+
 
 def finetune_and_export(model: nn.Module, plan: CompressionPlan, size: int, path: str, settings: SearchSettings,
                         ctx: SearchContext, *,
                         epochs: int, max_batches: int | None, report: Callable[[float, int], None],
-                        min_distill: float = 0.0) -> FinetuneResult:
+                        min_distill: float = 0.0, seconds: float | None = None,
+                        val: TensorData | None = None) -> FinetuneResult:
     """Fine-tune a compressed model (distilled from the baseline when the plan asks, or with
     weight at least `min_distill`), write its artifact to `path`, and check the file has exactly
     the `size` bytes the cost model reported. Shared by search trials and finalists so both are
     trained and stored the same way."""
     distill = max(plan.distill, min_distill)
     config = FinetuneConfig(epochs=epochs, lr=settings.lr, batch_size=settings.batch_size, max_batches=max_batches,
-                            distill=distill, temperature=plan.temperature, l1=plan.l1, seed=settings.seed)
-    result = finetune(model, ctx.data.train, ctx.data.val, config, teacher=ctx.model if distill > 0 else None,
-                      report=report, l1_weights=lambda: kept_weights(model), device=settings.device,
-                      progress=settings.progress)
+                            distill=distill, temperature=plan.temperature, l1=plan.l1, seed=settings.seed,
+                            seconds=seconds)
+    result = finetune(model, ctx.data.train, ctx.data.val if val is None else val, config,
+                      teacher=ctx.model if distill > 0 else None, report=report,
+                      l1_weights=lambda: kept_weights(model), device=settings.device, progress=settings.progress)
     written = export(model.cpu(), path, ctx.spec)
     if written != size:
         raise RuntimeError(f"artifact {os.path.basename(path)} has {written} bytes, cost model said {size}")
@@ -51,32 +56,73 @@ def refine(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tr
     done = final_results(study)
     for t in finalists(study, k):
         key = str(t.number)
-        if key in done and done[key]["epochs"] == epochs:
+        if key in done and done[key]["epochs"] == epochs and "seconds" not in done[key]:
             continue
-        plan = CompressionPlan.from_dict(t.user_attrs[Attr.PLAN])
-        start = time.perf_counter()
-        run_id = tracker.start_trial(t.number, {"phase": "final", "epochs": epochs,
-                                                 "distill": max(plan.distill, settings.final_distill)},
-                                       plan.to_dict(), role="final")
-        state = TrialState.FAILED
-        try:
+        refine_one(study, settings, ctx, tracker, t, epochs=epochs)
+
+
+def refine_timed(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, k: int,
+                 seconds: float) -> None:
+    """--time-budget's final phase: the top-k plans are fine-tuned for an equal share of
+    SCREEN_SHARE of `seconds` each, then the best of them on validation goes on training (a new
+    cosine cycle from its weights) for all the time that is left. With one finalist it gets all."""
+    start = time.monotonic()
+    tops = finalists(study, k)
+    if not tops:
+        return
+    share = seconds * SCREEN_SHARE / len(tops) if len(tops) > 1 else seconds
+    models = {t.number: refine_one(study, settings, ctx, tracker, t, seconds=share) for t in tops}
+    left = seconds - (time.monotonic() - start)
+    if len(tops) == 1 or left <= 0:
+        return
+    done = final_results(study)
+    winner = max(tops, key=lambda t: (done[str(t.number)]["val_accuracy"], -done[str(t.number)]["size_bytes"]))
+    refine_one(study, settings, ctx, tracker, winner, seconds=left, model=models[winner.number])
+
+
+def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker,
+               t: optuna.trial.FrozenTrial, *, epochs: int = 0, seconds: float | None = None,
+               model: nn.Module | None = None) -> nn.Module:
+    """Compress trial t's plan from the baseline (or go on training `model`, its compressed model
+    from an earlier call), fine-tune it for `epochs` or `seconds`, export it as final-N.acz and
+    record it in the study's "final" results; returns the fine-tuned model."""
+    plan = CompressionPlan.from_dict(t.user_attrs[Attr.PLAN])
+    start = time.perf_counter()
+    done = final_results(study)
+    before = done.get(str(t.number), {}) if model is not None else {}
+    distill = max(plan.distill, settings.final_distill)
+    run_id = tracker.start_trial(t.number, {"phase": "final", "epochs": epochs if seconds is None else "time",
+                                             "seconds": seconds, "continued": model is not None, "distill": distill},
+                                 plan.to_dict(), role="final")
+    state = TrialState.FAILED
+    try:
+        if model is None:
             model = compress(ctx.model, plan, ctx.example_input, ctx.calib)
-            size = artifact_size(model, ctx.spec)
-            path = os.path.join(settings.artifact_dir, f"final-{t.number}.acz")
+        size = artifact_size(model, ctx.spec)
+        if seconds is not None:  # the share includes compressing: the fine-tune gets what is left of it
+            seconds = max(seconds - (time.perf_counter() - start), 1.0)
+        path = os.path.join(settings.artifact_dir, f"final-{t.number}.acz")
 
-            def report(acc: float, epoch: int) -> None:
-                tracker.log_metrics(run_id, {"val_accuracy": acc}, step=epoch)
+        def report(acc: float, epoch: int) -> None:
+            tracker.log_metrics(run_id, {"val_accuracy": acc}, step=epoch)
 
-            res = finetune_and_export(model, plan, size, path, settings, ctx, epochs=epochs, max_batches=None,
-                                      report=report, min_distill=settings.final_distill)
-            done[key] = {"val_accuracy": res.val_acc[-1], "size_bytes": size, "artifact": os.path.abspath(path),
-                         "epochs": epochs, "distill": max(plan.distill, settings.final_distill),
-                         "search_val_accuracy": accuracy(t)}
-            study.set_user_attr(StudyAttr.FINAL, done)
-            tracker.log_metrics(run_id, {"val_accuracy_final": res.val_acc[-1], "size_bytes": size,
-                                         "trial_seconds": time.perf_counter() - start})
-            state = TrialState.COMPLETE
-            print(f"finalist trial {t.number:3d}: val {accuracy(t):.4f} -> {res.val_acc[-1]:.4f} after "
-                  f"{epochs} epochs, {format_bytes(size)}")
-        finally:
-            tracker.end(run_id, state)
+        res = finetune_and_export(model, plan, size, path, settings, ctx, epochs=epochs, max_batches=None,
+                                  report=report, min_distill=settings.final_distill, seconds=seconds)
+        trained = before.get("seconds", 0.0) + (res.seconds + res.eval_seconds if seconds is not None else 0.0)
+        entry = {"val_accuracy": res.val_acc[-1], "size_bytes": size, "artifact": os.path.abspath(path),
+                 "epochs": before.get("epochs", 0) + len(res.train_loss), "distill": distill,
+                 "search_val_accuracy": accuracy(t)}
+        if seconds is not None:
+            entry["seconds"] = round(trained, 1)
+        done[str(t.number)] = entry
+        study.set_user_attr(StudyAttr.FINAL, done)
+        tracker.log_metrics(run_id, {"val_accuracy_final": res.val_acc[-1], "size_bytes": size,
+                                     "trial_seconds": time.perf_counter() - start})
+        state = TrialState.COMPLETE
+        how = f"{entry['epochs']} epochs" if seconds is None else \
+            f"{trained:.0f}s ({entry['epochs']} epochs{', continued' if before else ''})"
+        print(f"finalist trial {t.number:3d}: val {accuracy(t):.4f} -> {res.val_acc[-1]:.4f} after {how}, "
+              f"{format_bytes(size)}", flush=True)
+        return model
+    finally:
+        tracker.end(run_id, state)

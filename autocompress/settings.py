@@ -121,6 +121,9 @@ class SearchSettings:
     limit: int | None = option(None, "use at most this many training samples (quick runs)", check=at_least(1))
     val_fraction: float = option(0.1, "share of the training data held out as the validation split",
                                  check=between(0, 1, low_open=True, high_open=True))
+    val_data: str | None = option(None, "held-out validation data, in the forms --data takes (all of its samples are "
+                                  "used): pass it when --weights were trained on the whole training set, whose "
+                                  "carved validation split the model has then already seen")
     space: str | None = option(None, "bundled search space by name (default, full, quantize-only) or a YAML file path (default: default)")
     # where results go
     out: str = option("runs", "output folder of the search: study DB, MLflow store, artifacts", flags=("--runs",))
@@ -135,6 +138,14 @@ class SearchSettings:
                           "same command on each with a shared --storage and --tracking-uri", check=at_least(1))
     timeout: float | None = option(None, "stop starting trials after this long: 90s, 30m, 1h", parse=parse_duration,
                                    check=positive())
+    time_budget: float | None = option(None, "wall-clock time for the whole search (10m, 1h): --explore-share of it "
+                                       "screens plans with short fine-tunes (sized to fit --trials in it), the rest "
+                                       "fine-tunes the finalists and then the best of them", parse=parse_duration,
+                                       check=positive())
+    explore_share: float = option(0.3, "with --time-budget: the share spent exploring plans",
+                                  check=between(0, 1, low_open=True, high_open=True))
+    trial_seconds: float | None = option(None, "fine-tune each trial for this long instead of --epochs (--time-budget "
+                                         "sets it)", check=positive(), cli=False)
     # each trial
     epochs: int = option(1, "fine-tune epochs per trial", check=at_least(0))
     baseline_epochs: int | None = option(None, "epochs to train the baseline when no --weights (default: "
@@ -145,6 +156,8 @@ class SearchSettings:
     max_batches: int | None = option(None, "cap on fine-tune batches per epoch (faster, noisier trials)",
                                      check=at_least(1))
     seed: int = option(0, "random seed of the data split, the sampler and the fine-tunes")
+    split_seed: int | None = option(None, "seed of the train / validation split and of the baseline trained on it "
+                                    "(default: --seed): vary --seed alone to repeat a search on the same split")
     device: str = option("cpu", "cpu | cuda")
     early_stopping: str = option("median", "stop hopeless trials on their per-epoch val accuracy (with --epochs > 1): "
                                  "median | hyperband | none", parse=parse_early_stopping)
@@ -209,6 +222,11 @@ class SearchSettings:
             out[f.name] = str(value) if isinstance(value, Budget) else list(value) if isinstance(value, tuple) \
                 else value
         return out
+
+    @property
+    def data_seed(self) -> int:
+        """--split-seed, else --seed."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def latency_budget_ms(self) -> float | None:

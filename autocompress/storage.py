@@ -76,9 +76,42 @@ class StudyLock:
         self.conn = self.fd = None
 
 
+_FAST_SQLITE = False
+
+
+def fast_sqlite() -> None:
+    """Open every SQLite store of this process (the study's and MLflow's) in WAL mode with
+    synchronous=NORMAL. A commit then survives a crash or kill of the process, though not a power
+    cut, and costs about 2.5 ms here instead of 23 ms (no fsync per commit). A trial makes about
+    40 commits (its parameters, attributes, metrics and tags), so this is most of the per-trial
+    overhead of a search. WAL needs a local file system, which SQLite needs for locking anyway."""
+    global _FAST_SQLITE
+    if _FAST_SQLITE:
+        return
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @event.listens_for(Engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        if isinstance(dbapi_conn, sqlite3.Connection):
+            cur = dbapi_conn.cursor()
+            try:
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
+            except sqlite3.Error:  # e.g. busy switching modes: the defaults still work
+                pass
+            finally:
+                cur.close()
+
+    _FAST_SQLITE = True
+
+
 def rdb_storage(url: str, attempts: int = 5, **kwargs: Any) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage; retried a few times because workers starting together on an empty
     database may race to create its tables (one of them gets an IntegrityError)."""
+    fast_sqlite()
     for i in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, **kwargs)

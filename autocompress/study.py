@@ -67,8 +67,10 @@ def early_stopper(kind: bool | str, epochs: int) -> optuna.pruners.BasePruner:
 
 def make_sampler(settings: SearchSettings, trial_number: int) -> optuna.samplers.BaseSampler:
     """TPE seeded with seed + trial number: a run repeats itself, and workers sharing a study
-    (same --seed) still propose different plans. TPE keeps no state beyond its random generator."""
-    return optuna.samplers.TPESampler(seed=settings.seed + trial_number,
+    (same --seed) still propose different plans. TPE keeps no state beyond its random generator.
+    Multivariate (with groups, as the per-layer parameters are conditional): the layers' bits and
+    sparsities trade against each other under one budget, which independent TPE cannot model."""
+    return optuna.samplers.TPESampler(seed=settings.seed + trial_number, multivariate=True, group=True,
                                       n_startup_trials=min(8, max(settings.trials // 3, 2)))
 
 

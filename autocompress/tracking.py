@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .plantable import granularity_mix, plan_csv
-from .storage import default_tracking_uri
+from .storage import default_tracking_uri, fast_sqlite
 from .trials import TrialState
 
 __all__ = ["PARENT_TAG", "Tracker", "default_tracking_uri"]
@@ -30,6 +30,7 @@ class Tracker:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # after import: mlflow sets its own level
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
+        fast_sqlite()  # before MLflow opens its store
         self.uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(experiment)
@@ -107,8 +108,10 @@ class Tracker:
         self.client.log_artifact(run_id, path, artifact_path)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        if tags:  # one write for all of them (each write is a transaction of the tracking store)
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def end(self, run_id: str, state: TrialState) -> None:
         """Close a run; `state` is the trial's (complete / early-stopped / infeasible / failed / ...)."""

@@ -127,3 +127,34 @@ def test_image_size_resizes_tensor_data():
     assert abs(float(b.train.x.mean())) < 1e-4  # normalised after resizing
     with pytest.raises(UserError, match="--image-size"):
         load_data("digits", image_size=0)
+
+
+def test_val_data_replaces_the_carved_split(tmp_path):
+    """--val-data: every sample of the held-out spec is the validation split, normalised with the
+    training split's statistics; nothing is carved from the training data."""
+    (tmp_path / "held.py").write_text(
+        "import numpy as np\n"
+        "from sklearn.datasets import load_digits\n"
+        "def make():\n"
+        "    d = load_digits()\n"
+        "    x = (d.images[:50] * 16).astype(np.uint8)\n"
+        "    items = [(x[i], int(d.target[i])) for i in range(50)]\n"
+        "    return items[:30], items[30:]\n")
+    plain = load_data("digits", seed=0)
+    held = load_data("digits", seed=0, val_data=f"{tmp_path / 'held.py'}:make")
+    assert len(held.val) == 50 and len(held.train) == len(plain.train) + len(plain.val)
+    assert len(held.test) == len(plain.test)
+    assert "(--val-data)" in held.val_source and "carved" in plain.val_source
+    assert held.val.x.shape[1:] == held.train.x.shape[1:]
+
+
+def test_val_data_of_another_shape_or_more_classes_is_refused(tmp_path):
+    (tmp_path / "wide.py").write_text(
+        "import numpy as np\n"
+        "def make():\n"
+        "    item = lambda i: (np.zeros((5, 5), dtype=np.uint8), i)\n"
+        "    return [item(i) for i in range(12)], [item(i) for i in range(12)]\n")
+    with pytest.raises(UserError, match="images are"):
+        load_data("digits", val_data=f"{tmp_path / 'wide.py'}:make")
+    with pytest.raises(UserError, match="labels up to 11"):
+        load_data("digits", val_data=f"{tmp_path / 'wide.py'}:make", image_size=8)

@@ -143,3 +143,52 @@ def test_unknown_optimizer(digits):
 def test_other_optimizers(digits, name):
     result = finetune(student(), digits.train, digits.val, FinetuneConfig(epochs=1, lr=1e-3, optimizer=name))
     assert result.val_acc[-1] > 0.5
+
+
+def test_time_budget_trains_for_that_long(digits):
+    """`seconds` replaces epochs: the fine-tune uses its time (several epochs of digits, each
+    evaluated) and stops at the deadline, give or take one evaluation."""
+    import time
+
+    model = student()
+    steps = []
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # its first creation imports torch._dynamo (once)
+    t0 = time.perf_counter()
+    result = finetune(model, digits.train, digits.val, FinetuneConfig(epochs=0, lr=0.05, batch_size=32, seconds=1.5),
+                      report=lambda acc, step: steps.append(step))
+    wall = time.perf_counter() - t0
+    assert 1.4 < wall < 1.5 + 1.0
+    assert result.steps > 0 and steps == list(range(1, len(steps) + 1)) and len(result.val_acc) == len(steps)
+    assert result.seconds + result.eval_seconds == pytest.approx(wall, abs=0.2)
+
+
+def test_planned_steps_leaves_time_for_evaluations():
+    from autocompress.finetune import planned_steps
+
+    # 10 steps done, 0.1 s a step, 100 s left, an evaluation costs 2 s, 50 steps per epoch
+    total = planned_steps(10, 0.1, 100.0, 2.0, 50)
+    more, evals = total - 10, -(-total // 50)
+    assert more * 0.1 + evals * 2.0 <= 100.0 < (more + 50) * 0.1 + (evals + 1) * 2.0
+
+
+def test_teacher_logits_are_computed_once_per_sample_and_shared(digits, teacher):
+    """Distilling twice from the same teacher on the same data runs the teacher once per sample;
+    the kept logits are the teacher's; a changed teacher gets new ones."""
+    from autocompress.finetune import TeacherLogits
+
+    seen = []
+    hook = teacher.register_forward_hook(lambda m, a, out: seen.append(len(a[0])))
+    try:
+        cfg = FinetuneConfig(epochs=2, lr=0.05, distill=0.5)
+        finetune(student(), digits.train, digits.val, cfg, teacher=teacher)
+        first = sum(seen)
+        finetune(student(2), digits.train, digits.val, cfg, teacher=teacher)
+        cache = TeacherLogits.of(teacher, digits.train)
+        assert first == len(digits.train) and sum(seen) == first  # the second run reused every logit
+        idx = torch.arange(10)
+        with torch.no_grad():
+            assert torch.allclose(cache.get(idx, digits.train.x[:10]), teacher(digits.train.x[:10]), atol=1e-5)
+            teacher.fc3.bias.add_(0.0)  # an in-place update: the teacher may have changed
+        assert TeacherLogits.of(teacher, digits.train) is not cache
+    finally:
+        hook.remove()

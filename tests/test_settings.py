@@ -91,3 +91,17 @@ def test_api_search_documents_every_option():
 
 def test_flag_names():
     assert flag("final_distill") == "--final-distill"
+
+
+def test_split_seed_defaults_to_seed_and_can_be_held_fixed():
+    assert SearchSettings.from_options("8x", seed=3).data_seed == 3
+    assert SearchSettings.from_options("8x", seed=3, split_seed=0).data_seed == 0
+
+
+def test_time_budget_and_explore_share_are_parsed_and_checked():
+    s = SearchSettings.from_options("8x", time_budget="10m", explore_share="0.25")
+    assert s.time_budget == 600.0 and s.explore_share == 0.25
+    with pytest.raises(UserError, match="--explore-share must be in"):
+        SearchSettings.from_options("8x", explore_share=1.5)
+    with pytest.raises(UserError, match="cannot parse duration"):
+        SearchSettings.from_options("8x", time_budget="soon")

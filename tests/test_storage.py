@@ -55,3 +55,27 @@ def test_sqlite_study_lock_excludes_a_second_holder(tmp_path):
     assert order == ["first releases", "second"]
     first.close()
     second.close()
+
+
+def test_sqlite_stores_open_in_wal_mode_and_keep_a_killed_writers_commits(tmp_path):
+    """The study's SQLite store runs in WAL mode (a commit without an fsync); what a process
+    committed before it was killed is still there for the next one."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    url = default_storage_url(str(tmp_path))
+    code = ("import optuna, os, signal\n"
+            "from autocompress.storage import rdb_storage\n"
+            f"s = optuna.create_study(study_name='w', storage=rdb_storage({url!r}))\n"
+            "t = s.ask(); t.set_user_attr('kept', 1)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    subprocess.run([sys.executable, "-c", code], check=False)
+    db = str(tmp_path / "optuna.db")
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    import optuna
+
+    from autocompress.storage import rdb_storage
+
+    study = optuna.load_study(study_name="w", storage=rdb_storage(url))
+    assert study.trials[0].user_attrs == {"kept": 1}

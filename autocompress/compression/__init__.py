@@ -160,7 +160,8 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
         mod = model.get_submodule(name)
         for attr, w in layer_weights(mod):
             comp = WeightCompressor(_mask(w, scores.get(f"{name}.{attr}"), lp), lp.bits, lp.symmetric)
-            comp.choose_clip(w)
+            if calibrate:  # else chosen on first use (WeightCompressor.ensure_clip): sizing never needs it
+                comp.choose_clip(w)
             parametrize.register_parametrization(mod, attr, comp, unsafe=True)  # shape kept: skip the check's forward
     folded = [[f"{p}.1" if p in ranks else p, bn] for p, bn in pairs if p in plan.layers]
     for layer_name, bn_name in folded:

@@ -131,6 +131,12 @@ class WeightCompressor(nn.Module):
         """(Re)choose the per-channel clipping ratios for the current weight (MSE search)."""
         self.clip = search_clip(self.masked(w.detach()), self.bits, self.symmetric)
 
+    def ensure_clip(self, raw: torch.Tensor) -> None:
+        """Choose the clipping ratios on first use: compress() leaves them unset when it only sizes
+        a plan (the bytes do not depend on them, and the search costs most of a sizing's time)."""
+        if self.clip is None and self.bits < 16:
+            self.choose_clip(raw)
+
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Codes, scale, zero-point of an already masked weight."""
         return quantize_weight(w, self.bits, self.symmetric, self.clip)
@@ -151,6 +157,7 @@ class WeightCompressor(nn.Module):
         return deq if self.mask is None else deq * self.mask
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        self.ensure_clip(w)
         w = self.masked(w) if self.training else self.effective(w)
         if self.bits == 32:
             return w

@@ -29,6 +29,7 @@ def artifact_codes(source: Any, header: dict) -> dict[str, tuple[torch.Tensor, t
                 comp = compressor(mod, attr)
                 if comp.bits > 8 or attr != "weight":
                     continue
+                comp.ensure_clip(mod.parametrizations.weight.original.detach())
                 w = comp.effective(mod.parametrizations.weight.original.detach()).cpu()
                 q, s, zp = (t.cpu() for t in comp.quantize(w))
                 k = (q.reshape(q.shape[0], -1) - zp)

@@ -1,0 +1,128 @@
+"""--time-budget: how one wall-clock budget is split between exploring plans and the final fine-tune.
+
+A user's alternative to searching is to fine-tune one uniform plan for the same minutes, and
+fine-tune length moves accuracy more than most allocations do. So with a time budget T (counted
+from the start of the search) the search, once set up, spends `explore_share` of what is left
+screening plans with fine-tunes of equal (short) time, sized so that the asked number of trials
+fit, and the rest fine-tuning the finalists: each for a short equal share, then the best of them
+for all that is left (refine.refine_timed). A reserve is kept for writing, loading and testing
+the pick, and for the review.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .context import SearchContext
+from .data import TensorData
+from .models import logits_of
+from .settings import SearchSettings
+from .train import evaluate
+
+PROBE_STEPS = 3  # timed training steps of the probe (after one warm-up step)
+SCREEN_VAL_SAMPLES = 2000  # validation samples that score a screening trial (stratified, fixed)
+OVERHEAD_S = 0.25  # per-trial time outside fine-tune and evaluation (LeNet-5 on this CPU: 0.15-0.5 s)
+MIN_TRIAL_S = 19 * OVERHEAD_S  # shortest screening fine-tune: the overhead then stays within 5% of a trial
+FINAL_RESERVE_EVALS = 3  # evaluations' worth of time kept for exporting, loading and testing the pick
+REVIEW_RESERVE_S = 5.0  # and for the tables, plots and MLflow review after it
+
+
+@dataclass
+class Speed:
+    """Seconds per fine-tune step (with the teacher's forward) and per evaluation of `eval_samples`."""
+
+    step_s: float
+    eval_s: float
+    eval_samples: int = 1
+
+
+@dataclass
+class Clock:
+    """The phases of a time-budgeted search, as time.monotonic() deadlines."""
+
+    started: float
+    budget: float
+    explore_share: float
+    explore_end: float = 0.0  # set by start_exploring
+
+    def start_exploring(self) -> None:
+        """Set-up (data, baseline check, MLflow and Optuna stores, sensitivity, warm start) is done:
+        explore for `explore_share` of what is left, so a slow set-up does not eat the exploring
+        share alone."""
+        self.explore_end = time.monotonic() + self.left() * self.explore_share
+
+    @property
+    def end(self) -> float:
+        return self.started + self.budget
+
+    def left(self, until: float | None = None) -> float:
+        return max((self.end if until is None else until) - time.monotonic(), 0.0)
+
+
+def probe_speed(ctx: SearchContext, settings: SearchSettings, val: TensorData | None = None) -> Speed:
+    """Time a few distilled training steps of a copy of the baseline, and one pass over `val`
+    (default: the validation split).
+
+    The compressed models train at about this speed (fake quantisation and masks add a little);
+    the probe copy is thrown away, so the baseline is unchanged."""
+    model = copy.deepcopy(ctx.model).to(settings.device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = list(ctx.data.train.batches(settings.batch_size, shuffle=True, seed=settings.seed,
+                                          limit=PROBE_STEPS + 1))
+    times = []
+    for x, y in batches:
+        t0 = time.perf_counter()
+        x, y = x.to(settings.device), y.to(settings.device)
+        with torch.no_grad():
+            ctx.model(x)
+        loss = nn.functional.cross_entropy(logits_of(model(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    step_s = sum(times[1:]) / max(len(times) - 1, 1) if len(times) > 1 else times[0]
+    val = ctx.data.val if val is None else val
+    t0 = time.perf_counter()
+    evaluate(ctx.model, val, settings.device)
+    return Speed(step_s=step_s, eval_s=time.perf_counter() - t0, eval_samples=len(val))
+
+
+def trial_seconds(speed: Speed, seconds: float, trials: int) -> float:
+    """Fine-tune seconds of each screening trial, so that `trials` of them (each with its
+    evaluation and overhead) fit in `seconds`; at least MIN_TRIAL_S, so fewer trials run when
+    the exploring time is short. Every trial trains for the same time, not the same number of
+    batches: the final fine-tune is bounded by time too, so a plan that trains faster (fewer
+    channels) rightly gets more steps, in screening as in the final."""
+    return max(seconds / max(trials, 1) - OVERHEAD_S - speed.eval_s, MIN_TRIAL_S)
+
+
+def final_seconds(clock: Clock, speed: Speed, test_size: int) -> float:
+    """Time left for the final fine-tunes: what remains of the budget less the reserve for
+    exporting, loading back and testing the pick (a few test-split evaluations' worth) and for
+    the review."""
+    reserve = FINAL_RESERVE_EVALS * speed.eval_s * test_size / max(speed.eval_samples, 1) + REVIEW_RESERVE_S
+    return max(clock.left() - reserve, 0.0)
+
+
+def worth_refining(seconds: float, speed: Speed, trial_s: float, finalists: int) -> bool:
+    """Whether the final phase has time to train each finalist longer than its screening trial
+    did (a finalist starts again from the baseline: with less, it would end worse than its trial)."""
+    return seconds >= 2 * max(finalists, 1) * (trial_s + speed.eval_s)
+
+
+def describe(clock: Clock, speed: Speed, seconds: float, trials: int) -> str:
+    """One line for the search header: how the budget is split."""
+    explore = clock.explore_end - time.monotonic()
+    fit = min(trials, max(int(explore / (seconds + speed.eval_s + OVERHEAD_S)), 1))
+    return (f"time budget {_dur(clock.budget)}, {_dur(clock.left())} left after set-up: {_dur(explore)} exploring "
+            f"(about {fit} trials, each fine-tuned for {seconds:.1f}s, about {seconds / speed.step_s:.0f} batches at "
+            "the baseline's speed), the rest fine-tuning the finalists, then the best of them")
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
+

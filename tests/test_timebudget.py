@@ -1,0 +1,50 @@
+"""--time-budget: how the budget is split, and a real search that keeps to it (digits, SQLite, MLflow)."""
+from __future__ import annotations
+
+import time
+
+import optuna
+import pytest
+
+from autocompress.api import search
+from autocompress.timebudget import MIN_TRIAL_S, OVERHEAD_S, Clock, Speed, final_seconds, trial_seconds, worth_refining
+from autocompress.trials import Attr, StudyAttr
+
+
+def test_trial_seconds_fit_the_trials_in_the_exploring_time():
+    speed = Speed(step_s=0.1, eval_s=1.0)
+    # 60 s for 6 trials: 10 s each, less the overhead and one evaluation
+    assert trial_seconds(speed, 60.0, 6) == pytest.approx(10.0 - OVERHEAD_S - 1.0)
+    assert trial_seconds(speed, 6.0, 6) == MIN_TRIAL_S  # fewer trials then fit, each long enough
+    assert OVERHEAD_S / (MIN_TRIAL_S + OVERHEAD_S) <= 0.05
+
+
+def test_final_phase_keeps_a_reserve_and_is_skipped_when_too_short():
+    clock = Clock(started=time.monotonic(), budget=100.0, explore_share=0.3)
+    clock.start_exploring()
+    assert 99.0 < clock.explore_end - clock.started + 70.0 <= 100.5  # 30% of what is left
+    speed = Speed(step_s=0.1, eval_s=1.0, eval_samples=1000)
+    left = final_seconds(clock, speed, test_size=2000)
+    assert 85.0 < left < 100.0 - 6.0  # at least 3 test-sized evaluations (6 s) kept back
+    assert worth_refining(left, speed, trial_s=8.0, finalists=3)
+    assert not worth_refining(20.0, speed, trial_s=8.0, finalists=3)  # 3 finalists x 2 x 9 s > 20 s
+
+
+@pytest.mark.slow
+def test_search_keeps_to_its_time_budget(tmp_path):
+    """Without the budget, 40 one-epoch trials and 3 finalists would take minutes; with 25 s the
+    search explores for its share, refines for the rest, and records how long each finalist trained."""
+    t0 = time.monotonic()
+    outcome = search("8x", model="lenet5", data="digits", out=str(tmp_path), study="tb", trials=40,
+                     baseline_epochs=3, time_budget=25, progress=False)
+    wall = time.monotonic() - t0
+    study = optuna.load_study(study_name="tb", storage=f"sqlite:///{tmp_path}/optuna.db")
+    ran = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 1 <= len(ran) < 40
+    assert outcome.best_path is not None and outcome.test_accuracy is not None
+    final = study.user_attrs.get(StudyAttr.FINAL, {})
+    assert final and all("seconds" in v for v in final.values())
+    assert sum(v["seconds"] for v in final.values()) < 25
+    assert wall < 60  # baseline training (3 epochs on digits) is not counted in the 25 s
+    sizes = {t.user_attrs[Attr.SIZE_BYTES] for t in ran}
+    assert max(sizes) <= outcome.limit
