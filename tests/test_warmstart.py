@@ -139,3 +139,22 @@ def test_sensitivity_of_a_deep_model_uses_the_coarse_default_grid():
     mlp = MLP(num_classes=10, in_channels=1, image_size=4).eval()
     small = analyse(mlp, data, data.x[:2], samples=16, hessian_samples=1)
     assert len(small.prune_drop["fc1"]) == 5 and len(small.bits_drop["fc1"]) == 4
+
+
+def test_global_amounts_threshold_is_the_kth_smallest_magnitude():
+    """global_amounts selects the threshold in place on one copy (AlexNet's search ran out of
+    memory in torch.kthvalue); the amounts are those of the k-th smallest magnitude, ties and all."""
+    from autocompress.models import layer_weight
+    from autocompress.warmstart import global_amounts
+
+    torch.manual_seed(0)
+    model = LeNet5().eval()
+    with torch.no_grad():
+        model.fc2.weight[:2] = 0.0  # ties at the bottom
+    names = ["conv1", "conv2", "fc1", "fc2"]
+    allw = torch.cat([layer_weight(model.get_submodule(n)).detach().abs().flatten() for n in names])
+    for sparsity in (1e-9, 0.001, 0.3, 0.5, 0.9, 0.998):
+        thr = allw.kthvalue(max(int(sparsity * allw.numel()), 1)).values
+        want = {n: min(float((layer_weight(model.get_submodule(n)).detach().abs() <= thr).float().mean()), 0.999)
+                for n in names}
+        assert global_amounts(model, sparsity, names) == want
