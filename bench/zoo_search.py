@@ -119,13 +119,13 @@ def phases(stamped: list[tuple[float, str]], total: float) -> dict[str, float]:
 
 
 def last_line(path: str) -> str:
-    """The last non-empty line of a text file ('' when there is none)."""
+    """The last non-empty line of a (time-stamped) log ('' when there is none)."""
     try:
         with open(path, errors="replace") as f:
             lines = [line.strip() for line in f if line.strip()]
     except OSError:
         return ""
-    return (lines or [""])[-1][:200]
+    return re.sub(r"^\d+\.\d\s+", "", (lines or [""])[-1])[:200]  # without the log's time stamp
 
 
 def study_checks(out: str, row: dict[str, Any]) -> Any:
