@@ -268,8 +268,9 @@ def run_one(name: str, keep: str | None) -> dict[str, Any]:
 
 # ---- the driver (parent) -------------------------------------------------------------------
 
-def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], meta: str) -> str:
-    """The Markdown summary: one row per model, then the totals."""
+def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], meta: str,
+          missing: list[str] | None = None) -> str:
+    """The Markdown summary: one row per model, then the totals, the models not run, and the notes."""
     head = ("| model | params M | input | exit | complete | bytes = recorded | load (max diff) | deployable "
             "| search s | setup / sensitivity / trials / finalists / finish s | peak RSS GB | result |")
     lines = ["# torchvision zoo through `autocompress search`", "", meta, "", head,
@@ -295,6 +296,8 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
     lines += ["", f"{len(ok)} of {len(rows)} models pass every check; search time {sum(times) / 60:.1f} min in all"
               + (f", slowest {max(rows, key=lambda r: r.get('search_s', r.get('seconds', 0)))['model']} "
                  f"({max(times):.0f} s)" if rows else "") + "."]
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)}, in scope but without a row): " + ", ".join(missing) + "."]
     if skipped:
         lines += ["", "Skipped (over the parameter cap): " + ", ".join(
             f"{n} ({(p or 0) / 1e6:.0f}M)" for n, p in skipped) + "."]
@@ -361,11 +364,15 @@ def main(argv: list[str] | None = None) -> None:
     elif os.path.exists(jsonl):
         os.remove(jsonl)
     have = {r["model"] for r in rows}
-    meta = (f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared: load average "
-            f"{os.getloadavg()[0]:.1f} at the start), 1 thread per search, torch {torch.__version__}, torchvision "
-            f"{torchvision.__version__}. Random-weight checkpoint, `search {' '.join(SEARCH_ARGS)}` (input 28 x 28 "
+    loads = [r["load_avg"] for r in rows if "load_avg" in r] or [os.getloadavg()[0]]
+    meta = (f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared with other work: load average "
+            f"{min(loads):.1f} to {max(loads):.1f} when the models started), 1 thread per search, torch {torch.__version__}, "
+            f"torchvision {torchvision.__version__}. Random-weight checkpoint, `search {' '.join(SEARCH_ARGS)}` (input 28 x 28 "
             f"grey unless the model needs more: then `--image-size`, see the input column); address space capped at "
-            f"{a.mem_gb:g} GiB, {a.timeout:.0f} s per model. `python bench/zoo_search.py` (ordered by parameters).")
+            f"{a.mem_gb:g} GiB, {a.timeout:.0f} s per model unless the notes say otherwise. `python bench/zoo_search.py` "
+            "(ordered by parameters).")
+    in_scope = sorted((n for n in names if (n, counts.get(n)) not in skipped), key=lambda n: (counts.get(n) or 0, n))
+    missing = lambda: [n for n in in_scope if n not in {r["model"] for r in rows}]  # noqa: E731
     if a.table:
         todo = []
     if a.keep:
@@ -381,17 +388,19 @@ def main(argv: list[str] | None = None) -> None:
         with open(jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         with open(md, "w") as f:
-            f.write(table(rows, skipped, meta))
+            f.write(table(rows, skipped, meta, missing()))
         print(f"{row['model']}: {row.get('verdict') or verdict(row)} exit={row.get('exit', '-')} "
               f"complete={row.get('complete', '-')} deploy={row.get('deploy', '-')} {row.get('seconds')} s"
               + (f" ({row['error']})" if row.get("error") else ""), flush=True)
     with open(md, "w") as f:
-        f.write(table(rows, skipped, meta))
+        f.write(table(rows, skipped, meta, missing()))
 
 
 def spawn(name: str, mem_gb: float, timeout: float, extra: list[str]) -> dict[str, Any]:
     """zoo.spawn of this script for one model; the verdict filled in for rows the child could not write."""
+    load = os.getloadavg()[0]
     row = zoo.spawn(name, 0, mem_gb, timeout, script=__file__, extra=extra)
+    row.update(load_avg=round(load, 1), mem_gb=mem_gb, timeout_s=timeout)
     if "verdict" not in row:  # zoo.spawn's row for a child that wrote none (killed): say where its search was
         row.pop("input", None)
         row["error"] = last_line(os.path.join(work_folder(name), "search.log")) or row.get("error", "")
