@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from .compression import RECORD_ATTR, channel, codec, compressed_weights, compressor, fold, lowrank, quantize
 from .compression.prune import blocks_of
 from .errors import UserError
-from .models import ModelSpec, build_model, set_submodule
+from .models import HALF_MAX, ModelSpec, build_model, set_submodule
 
 MAGIC = b"ACZP"
 FORMAT_VERSION = 1
@@ -188,9 +188,9 @@ def layout(model: nn.Module, spec: ModelSpec) -> dict:
 
 def _as_stored(t: torch.Tensor, bits: int) -> np.ndarray:
     """A float tensor as the flat array stored at `bits` (16: saturated to the float16 range, as
-    quantize.half_round gives the model the same values)."""
+    models.half_round gives the model the same values)."""
     arr = t.detach().float().cpu().flatten().numpy()
-    return (np.clip(arr, -quantize.HALF_MAX, quantize.HALF_MAX) if bits == 16 else arr).astype(_FLOAT_DTYPE[bits])
+    return (np.clip(arr, -HALF_MAX, HALF_MAX) if bits == 16 else arr).astype(_FLOAT_DTYPE[bits])
 
 
 def _weight_streams(mod: nn.Module, attr: str, entry: dict) -> list[bytes]:

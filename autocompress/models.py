@@ -283,6 +283,16 @@ def batchnorm_scale(bn: nn.Module) -> torch.Tensor:
     return g * bn.weight if bn.weight is not None else g
 
 
+HALF_MAX = 65504.0  # the largest finite float16
+
+
+def half_round(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor rounded to the float16 value it is stored as (float_bits=16), saturating at
+    +-HALF_MAX: a folded bias of a BatchNorm with a near-zero variance would otherwise be stored as
+    inf. Here, below compression/ and artifact, so both round alike."""
+    return t.clamp(-HALF_MAX, HALF_MAX).half().float()
+
+
 def prunable_layers(model: nn.Module) -> list[str]:
     """Names of the layers a plan can address (those with a WeightSlot), in module order."""
     return [n for n, m in model.named_modules() if n and weight_slot(m) is not None

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..models import batchnorm_scale, weight_slot
-from .quantize import half_round
+from ..models import batchnorm_scale, half_round, weight_slot
 
 _FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 _PAIRS: "weakref.WeakKeyDictionary[nn.Module, list[tuple[str, str]]]" = weakref.WeakKeyDictionary()

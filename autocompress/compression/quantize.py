@@ -9,18 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..models import batchnorm_scale, device_of
+from ..models import batchnorm_scale, device_of, half_round
 
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
-
-
-HALF_MAX = 65504.0  # the largest finite float16
-
-
-def half_round(t: torch.Tensor) -> torch.Tensor:
-    """A float tensor rounded to the float16 value it is stored as, saturating at +-HALF_MAX (a
-    folded bias of a BatchNorm with a tiny variance would otherwise be stored as inf)."""
-    return t.clamp(-HALF_MAX, HALF_MAX).half().float()
 
 
 def round_scale(s: torch.Tensor) -> torch.Tensor:
