@@ -26,7 +26,7 @@ from .review import log_review
 from .settings import SearchSettings
 from .storage import StudyLock
 from .study import check_same_study, make_sampler, make_tracker, open_study, resume_cleanup, space_json
-from .timebudget import (SCREEN_VAL_SAMPLES, Clock, Speed, describe, final_seconds, probe_speed, trial_seconds,
+from .timebudget import (Clock, Speed, describe, final_seconds, probe_speed, screening_split, trial_seconds,
                          worth_refining)
 from .tracking import Tracker
 from .trials import Attr, StudyAttr, TrialState, accuracy, best_final, best_trial, pareto_trials
@@ -89,11 +89,10 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
 def plan_time(settings: SearchSettings, ctx: SearchContext, trials: int) -> tuple[SearchSettings, tuple[Clock, Speed]]:
     """--time-budget: give every screening fine-tune the same time, so that `trials` of them fit
     what is left of the exploring share, and stop starting trials when it is spent.
-    Screening trials are scored on a fixed subset of SCREEN_VAL_SAMPLES validation samples: at a
+    Screening trials are scored on a fixed validation subset (timebudget.screening_split): at a
     fraction of an epoch of fine-tuning, a full evaluation would cost as much as the training."""
     clock = Clock(ctx.started, settings.time_budget or 0.0, settings.explore_share)
-    if len(ctx.data.val) > SCREEN_VAL_SAMPLES:
-        ctx.screen_val = ctx.data.val.subset(SCREEN_VAL_SAMPLES, seed=settings.seed)
+    ctx.screen_val = screening_split(ctx.data.val, settings.seed)
     speed = probe_speed(ctx, settings, ctx.screen_val)
     clock.start_exploring()
     left = clock.left(clock.explore_end)
@@ -113,6 +112,8 @@ def budget_ratio(limit: int, original_bytes: int) -> str:
 def run_worker(settings: SearchSettings, ctx: SearchContext, parent_run_id: str) -> int:
     """One worker process of `--workers N`: runs trials of the (existing) study under the given parent run."""
     limit = settings.budget.limit(ctx.original_bytes)
+    if settings.trial_seconds is not None:  # a time-budgeted search: score trials as the main process does
+        ctx.screen_val = screening_split(ctx.data.val, settings.seed)
     study = open_study(settings, create=False)
     tracker = make_tracker(settings)
     tracker.parent_id = parent_run_id

@@ -63,6 +63,13 @@ class Clock:
         return max((self.end if until is None else until) - time.monotonic(), 0.0)
 
 
+def screening_split(val: TensorData, seed: int) -> TensorData | None:
+    """The fixed, stratified validation subset that scores screening trials (None: use all of
+    it). At a fraction of an epoch of fine-tuning, a full evaluation would cost as much as the
+    training; the finalists and the pick are scored on the whole split."""
+    return val.subset(SCREEN_VAL_SAMPLES, seed=seed) if len(val) > SCREEN_VAL_SAMPLES else None
+
+
 def probe_speed(ctx: SearchContext, settings: SearchSettings, val: TensorData | None = None) -> Speed:
     """Time a few distilled training steps of a copy of the baseline, and one pass over `val`
     (default: the validation split).

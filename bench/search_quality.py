@@ -11,6 +11,7 @@ per trial (time outside fine-tune and evaluation) are recorded too.
 
     python bench/search_quality.py                     # 40x,100x; 20 trials; 3 final epochs; 20-epoch baseline
     python bench/search_quality.py --budgets 40x --trials 8 --final-epochs 2
+    python bench/search_quality.py --equal-time 300 --budgets 200x --seeds 0,1,2 --trials 8   # equal time
 
 Writes bench/results/search_quality.jsonl and bench/results/search_quality.md.
 """
@@ -92,7 +93,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "autocompress-bench"))
     ap.add_argument("--tag", default="search_quality")
     ap.add_argument("--keep", help="folder to copy each search's best artifact to (e.g. to time it later)")
+    ap.add_argument("--equal-time", type=float, help="seconds per arm: search(time_budget=T) against the uniform plan "
+                    "fine-tuned for T (bench/equal_time.py); default tag equal_time")
+    ap.add_argument("--seeds", default="0,1,2", help="with --equal-time: the seeds of each case")
+    ap.add_argument("--uniform-bits", type=int, help="with --equal-time: U's bit width, when an earlier run chose it")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.equal_time and a.tag == "search_quality":
+        a.tag = "equal_time"
     data = load_data(a.data, seed=0, limit=a.limit)
     spec = ModelSpec(a.model, data.num_classes, data.in_channels, data.image_size, data=data.name)
     model, _ = baseline(spec, data, epochs=a.baseline_epochs, seed=0, device=a.device)
@@ -103,6 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     device = f"{platform.machine()} CPU, {torch.get_num_threads()} threads" if a.device == "cpu" else \
         torch.cuda.get_device_name(0)
     os.makedirs(RESULTS, exist_ok=True)
+    if a.equal_time:
+        from equal_time import equal_time
+
+        return equal_time(a, model, spec, data, original, base_test, device, RESULTS)
     rows = []
     for budget in a.budgets.split(","):
         limit = parse_budget(budget).limit(original)

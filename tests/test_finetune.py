@@ -176,6 +176,7 @@ def test_teacher_logits_are_computed_once_per_sample_and_shared(digits, teacher)
     the kept logits are the teacher's; a changed teacher gets new ones."""
     from autocompress.finetune import TeacherLogits
 
+    TeacherLogits._current = None  # earlier tests distilled from this teacher on these data
     seen = []
     hook = teacher.register_forward_hook(lambda m, a, out: seen.append(len(a[0])))
     try:
