@@ -275,7 +275,7 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
             "| search s | setup / sensitivity / trials / finalists / finish s | peak RSS GB | result |")
     lines = ["# torchvision zoo through `autocompress search`", "", meta, "", head,
              "|" + "---|" * (head.count("|") - 1)]
-    for r in sorted(rows, key=lambda r: r.get("params") or 0):
+    for r in sorted(rows, key=lambda r: r.get("params") or r.get("listed_params") or 0):
         v = r.get("verdict") or verdict(r)
         why = v if v == "ok" else f"**{v}**" + (f": {r['error']}" if r.get("error") else "") \
             + (f" (trials: {r['fail_reason']})" if r.get("fail_reason") and not r.get("complete") else "")
@@ -363,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = [json.loads(line) for line in f if line.strip()]
     elif os.path.exists(jsonl):
         os.remove(jsonl)
+    for r in rows:  # a killed model's row has no count of its own: order it by torchvision's
+        r.setdefault("listed_params", counts.get(r["model"]))
     have = {r["model"] for r in rows}
     loads = [r["load_avg"] for r in rows if "load_avg" in r] or [os.getloadavg()[0]]
     meta = (f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, shared with other work: load average "
