@@ -52,3 +52,24 @@ def test_input_sizes_and_table():
     line = md.splitlines()[6]
     assert "| m | 2.0 | 64 | ok (3/3) | NO | yes | ok | 51.2x |" in line and "OVER" in line
     assert "big (300M)" in md
+
+
+def test_zoo_search_reads_stages_and_verdicts_from_a_search_log(tmp_path):
+    """bench/zoo_search.py: the stage split from the time-stamped output, the error line without
+    its stamp, and the first failing check as the verdict."""
+    spec = importlib.util.spec_from_file_location("zoo_search", os.path.join(ROOT, "bench", "zoo_search.py"))
+    zs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zs)
+    stamped = [(2.0, "baseline: ..."), (10.0, "study s: 0 trials done"), (30.0, "sensitivity (19.5s): a, b"),
+               (31.0, "warm start: knapsack"), (45.0, "finalist trial   0: ..."), (60.0, "top trials (budget 1 KB)")]
+    assert zs.phases(stamped, 75.0) == {"setup_s": 10.0, "warm_start_s": 21.0, "trials_wall_s": 14.0,
+                                        "finalists_s": 15.0, "finish_s": 15.0}
+    (tmp_path / "search.log").write_text("   10.0  study s\n  201.8  RuntimeError: out of memory\n\n")
+    assert zs.last_line(str(tmp_path / "search.log")) == "RuntimeError: out of memory"
+    ok = {"status": "ok", "exit": 0, "complete": 3, "bytes_equal": True, "replan_bytes_equal": True,
+          "load_runs": True, "load_shapes_equal": True, "load_equal": True, "deploy": "ok"}
+    assert zs.verdict(ok) == "ok"
+    assert zs.verdict({**ok, "load_runs": False}) == "load runs"
+    assert zs.verdict({**ok, "exit": 1}) == "exit 1"
+    assert zs.verdict({**ok, "status": "timeout (420 s)"}) == "timeout (420 s)"
+    assert zs.family("regnet_x_8gf") == "regnet_x" and zs.family("efficientnet_v2_s") == "efficientnet_v2"
