@@ -36,7 +36,6 @@ def _prepare(tmp_path, weights: str, capsys):
 def test_checkpoint_trained_on_the_validation_split_is_detected(tmp_path, capsys):
     ctx, out = _prepare(tmp_path, _checkpoint(tmp_path / "all.pt", with_val=True), capsys)
     assert ctx.baseline_saw_val is True
-    assert ctx.baseline_val_acc > ctx.baseline_test_acc + 0.05
     line = next(ln for ln in out.splitlines() if ln.startswith("validation:"))
     assert "carved from the training data" in line and "--val-data" in line and "most likely" in line
 
