@@ -26,8 +26,8 @@ from .review import log_review
 from .settings import SearchSettings
 from .storage import StudyLock
 from .study import check_same_study, make_sampler, make_tracker, open_study, resume_cleanup, space_json
-from .timebudget import (Clock, Speed, describe, final_seconds, probe_speed, screening_split, trial_seconds,
-                         worth_refining)
+from .timebudget import (Clock, Speed, describe, final_seconds, finalists_that_fit, probe_speed, screening_split,
+                         trial_seconds)
 from .tracking import Tracker
 from .trials import Attr, StudyAttr, TrialState, accuracy, best_final, best_trial, pareto_trials
 from .workers import optimize_shared, spawn_workers, study_counts, wait_workers
@@ -177,9 +177,10 @@ def finish(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tr
     if timed is not None and settings.final_top > 0:
         clock, speed = timed
         seconds = final_seconds(clock, speed, len(ctx.data.test))
-        if worth_refining(seconds, speed, settings.trial_seconds or 0.0, settings.final_top):
-            print(f"final phase: {seconds:.0f}s for the top {settings.final_top}", flush=True)
-            refine_timed(study, settings, ctx, tracker, settings.final_top, seconds)
+        k = finalists_that_fit(seconds, speed, settings.trial_seconds or 0.0, settings.final_top)
+        if k > 0:
+            print(f"final phase: {seconds:.0f}s for the top {k}", flush=True)
+            refine_timed(study, settings, ctx, tracker, k, seconds)
         else:
             print(f"final phase skipped: {seconds:.0f}s left is too little to fine-tune the finalists longer than "
                   "their trials; the best trial is exported (give a larger --time-budget)", flush=True)

@@ -115,10 +115,11 @@ def final_seconds(clock: Clock, speed: Speed, test_size: int) -> float:
     return max(clock.left() - reserve, 0.0)
 
 
-def worth_refining(seconds: float, speed: Speed, trial_s: float, finalists: int) -> bool:
-    """Whether the final phase has time to train each finalist longer than its screening trial
-    did (a finalist starts again from the baseline: with less, it would end worse than its trial)."""
-    return seconds >= 2 * max(finalists, 1) * (trial_s + speed.eval_s)
+def finalists_that_fit(seconds: float, speed: Speed, trial_s: float, finalists: int) -> int:
+    """How many finalists the final phase can take (0: none). A finalist starts again from the
+    baseline, so each needs about three times its screening trial's fine-tune to end better
+    than the trial did; with less time, fewer finalists, and the best trial alone when none fit."""
+    return min(finalists, int(seconds // (3 * (trial_s + speed.eval_s))))
 
 
 def describe(clock: Clock, speed: Speed, seconds: float, trials: int) -> str:
