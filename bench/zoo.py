@@ -286,6 +286,16 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
     return "\n".join(lines) + "\n"
 
 
+def earlier_rows(jsonl: str, keep: bool) -> list[dict[str, Any]]:
+    """The rows of an earlier run (--resume, --table), or none: then its file is removed."""
+    if keep and os.path.isfile(jsonl):
+        with open(jsonl) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if os.path.exists(jsonl):
+        os.remove(jsonl)
+    return []
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", help="comma-separated names (default: every torchvision classifier)")
@@ -312,12 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     todo = sorted((n for n in wanted if (n, counts.get(n)) not in skipped), key=lambda n: (counts.get(n) or 0, n))
     os.makedirs(a.results, exist_ok=True)
     jsonl, md = os.path.join(a.results, "zoo.jsonl"), os.path.join(a.results, "zoo.md")
-    rows: list[dict[str, Any]] = []
-    if (a.resume or a.table) and os.path.isfile(jsonl):
-        with open(jsonl) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif os.path.exists(jsonl):
-        os.remove(jsonl)
+    rows = earlier_rows(jsonl, keep=a.resume or a.table)
     have = {r["model"] for r in rows}
     meta = (f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, load average "
             f"{os.getloadavg()[0]:.1f} at the start: times are from a shared machine), 1 thread per model, torch {torch.__version__}, "

@@ -357,12 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         todo = sorted(todo, key=lambda n: firsts[family(n)] != n)
     os.makedirs(a.results, exist_ok=True)
     jsonl, md = os.path.join(a.results, "zoo_search.jsonl"), os.path.join(a.results, "zoo_search.md")
-    rows: list[dict[str, Any]] = []
-    if (a.resume or a.table) and os.path.isfile(jsonl):
-        with open(jsonl) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    elif os.path.exists(jsonl):
-        os.remove(jsonl)
+    rows = zoo.earlier_rows(jsonl, keep=a.resume or a.table)
     for r in rows:  # a killed model's row has no count of its own: order it by torchvision's
         r.setdefault("listed_params", counts.get(r["model"]))
     have = {r["model"] for r in rows}
