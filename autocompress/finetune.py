@@ -151,8 +151,8 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
     number, from 1). With epochs == 0 it only evaluates, reporting once at step 0.
 
     With `config.seconds` it trains for that long (evaluations included) instead of `epochs`: the
-    cosine schedule is planned from the speed of the first steps and re-planned after the first
-    epoch, and a deadline stops it (the last, partial epoch is evaluated too)."""
+    cosine schedule is planned from the recent speed after 5, 10, 20, ... steps and after the
+    first epoch, and a deadline stops it (the last, partial epoch is evaluated too)."""
     start = time.perf_counter()
     eval_seconds = 0.0
     val_acc: list[float] = []
@@ -189,13 +189,17 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
     deadline = None if config.seconds is None else begun + config.seconds
     step = 0
 
-    def eval_cost() -> float:
-        """The evaluation that follows the last step, so that it too ends by the deadline."""
-        if val_acc:
-            return eval_seconds / len(val_acc)
-        if step == 0:
-            return 0.0
-        return (time.perf_counter() - begun) / step / 3 * math.ceil(len(val) / config.batch_size)
+    def per_eval(per_step: float) -> float:
+        """One evaluation's seconds: measured once one has run, else a forward (a third of a
+        training step) per validation batch."""
+        return eval_seconds / len(val_acc) if val_acc else per_step / 3 * math.ceil(len(val) / config.batch_size)
+
+    def out_of_time() -> bool:
+        """Past the deadline, less the evaluation that follows the last step (it too ends by it)."""
+        if deadline is None:
+            return False
+        cost = per_eval((time.perf_counter() - begun) / step) if step or val_acc else 0.0
+        return time.perf_counter() >= deadline - cost
 
     mark = (0, begun, 0.0)  # (steps, time, evaluation seconds) when the schedule was last planned
 
@@ -207,8 +211,7 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
         now = time.perf_counter()
         per_step = (now - mark[1] - (eval_seconds - mark[2])) / max(step - mark[0], 1)
         mark = (step, now, eval_seconds)
-        per_eval = eval_seconds / len(val_acc) if val_acc else per_step / 3 * math.ceil(len(val) / config.batch_size)
-        return planned_steps(step, per_step, deadline - now, per_eval, per_epoch)
+        return planned_steps(step, per_step, deadline - now, per_eval(per_step), per_epoch)
 
     for epoch in itertools.count(1):
         if config.seconds is None and epoch > config.epochs:
@@ -222,9 +225,9 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
                            desc=f"fine-tune {epoch}" + (f"/{config.epochs}" if config.seconds is None else ""))
         loss_sum, count = 0.0, 0
         for idx in batches:
-            x, y = train.x[idx], train.y[idx]
-            if step >= total or deadline is not None and time.perf_counter() >= deadline - eval_cost():
+            if step >= total or out_of_time():
                 break
+            x, y = train.x[idx], train.y[idx]
             _set_lr(opt, config.lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0))))
             soft = None if teacher_cache is None else teacher_cache.get(idx, x.to(device, non_blocking=True))
             value = _train_step(model, x, y, config, opt, soft, l1_weights, device, epoch, step)
@@ -238,7 +241,7 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
             check(epoch)
             if deadline is not None and epoch == 1:  # now with an evaluation timed
                 total = replan()
-        if count == 0 or step >= total or deadline is not None and time.perf_counter() >= deadline - eval_cost():
+        if count == 0 or step >= total or out_of_time():
             break
     if not val_acc:
         check(0)
