@@ -44,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--data-dir")
     z.add_argument("--image-size", type=int, help="resize images to N x N (image folders: default the model's size)")
     z.add_argument("--baseline-epochs", type=int)
-    z.add_argument("--amounts", help="pruning amounts to test (default: sensitivity.AMOUNTS, 0.5 to 0.99)")
-    z.add_argument("--bits", help="weight bit widths to test (default: sensitivity.BITS, 2 to 6)")
+    z.add_argument("--amounts", help="pruning amounts to test (default: sensitivity.AMOUNTS, 0.5 to 0.99, or fewer "
+                   "to fit --seconds)")
+    z.add_argument("--bits", help="weight bit widths to test (default: sensitivity.BITS, 2 to 6, or fewer to fit "
+                   "--seconds)")
     z.add_argument("--samples", type=int, help="validation samples used (default: sensitivity.SAMPLES, 128)")
+    z.add_argument("--seconds", type=float, default=None, help="time the default grid aims at (default: "
+                   "sensitivity.SECONDS, 120)")
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--device", default="cpu")
     z.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")
@@ -102,15 +106,15 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
     from .api import load_inputs
     from .errors import UserError
     from .plots import sensitivity_heatmap
-    from .sensitivity import AMOUNTS, BITS, SAMPLES, cached_analyse, format_table
+    from .sensitivity import SAMPLES, SECONDS, cached_analyse, format_table
     from .tracking import Tracker, default_tracking_uri
     from .train import baseline
     from .trials import TrialState
 
     a.samples = a.samples or SAMPLES
     try:
-        amounts = tuple(float(v) for v in a.amounts.split(",")) if a.amounts else AMOUNTS
-        bits = tuple(int(v) for v in a.bits.split(",")) if a.bits else BITS
+        amounts = tuple(float(v) for v in a.amounts.split(",")) if a.amounts else None
+        bits = tuple(int(v) for v in a.bits.split(",")) if a.bits else None
     except ValueError:
         raise UserError("--amounts and --bits take comma-separated numbers, e.g. --amounts 0.5,0.9 --bits 2,4") from None
     spec, bundle, _ = load_inputs(a.model, a.data, a.weights, a.data_dir, a.seed, None, 0.1, a.image_size)
@@ -118,9 +122,9 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
     net, val_acc = baseline(spec, bundle, epochs=epochs, seed=a.seed, device=a.device, weights=a.weights)
     sens, path, cached = cached_analyse(net.to(a.device), bundle.val.to(a.device), bundle.train.x[:2].to(a.device),
                                         os.path.join(a.out, "sensitivity"), device=a.device, progress=True,
-                                        amounts=amounts, bits=bits, samples=a.samples)
+                                        amounts=amounts, bits=bits, samples=a.samples, seconds=a.seconds or SECONDS)
     print(f"{a.model} on {bundle.name}: val accuracy {sens.baseline_accuracy:.4f} on "
-          f"{min(a.samples, len(bundle.val))} validation samples; "
+          f"{sens.samples or min(a.samples, len(bundle.val))} validation samples; "
           f"accuracy drop in points when only that layer is compressed{' (cached)' if cached else ''}")
     print(format_table(sens))
     tracker = Tracker(a.tracking_uri or default_tracking_uri(a.out), "sensitivity", os.path.join(a.out, "mlartifacts"))

@@ -143,11 +143,14 @@ def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Searc
     from .warmstart import to_params, warm_start_plans
 
     t0 = time.perf_counter()
+    seconds = settings.sensitivity_seconds
+    if settings.time_budget is not None:
+        seconds = min(seconds, settings.time_budget / 10)
     sens, cache, cached = cached_analyse(ctx.model, ctx.data.val, ctx.example_input,
                                          os.path.join(settings.out, "sensitivity"), device=settings.device,
-                                         progress=settings.progress)
-    print(f"sensitivity ({'cached' if cached else f'{time.perf_counter() - t0:.1f}s'}): most fragile first: "
-          + ", ".join(sens.ranking()[:5]))
+                                         progress=settings.progress, seconds=seconds)
+    print(f"sensitivity ({'cached' if cached else f'{time.perf_counter() - t0:.1f}s'}, {sens.describe()}): "
+          "most fragile first: " + ", ".join(sens.ranking()[:5]))
     tracker.log_file(parent, cache)
     study.set_user_attr(StudyAttr.SENSITIVITY, sens.table())  # the heat map of the review
     plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: sized(ctx, p)[1], limit, sens)

@@ -8,12 +8,15 @@ the sensitivity-allocated warm-start plan; the table and heat map go to MLflow.
 Cost is layers x settings x validation samples forward passes, so each setting is applied in
 place to the one layer's weight (the exact weight compress() would give it, without copying the
 model) and measured on a fixed subset of SAMPLES validation images. Settings between the
-measured ones are interpolated (Sensitivity.drop).
+measured ones are interpolated (Sensitivity.drop). The default grid is sized to a time: one
+timed forward pass says what an image costs, and past SECONDS the grid gets coarser, then the
+subset smaller (a DenseNet-121 took 333 s on one CPU thread with the coarse grid alone).
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -36,6 +39,10 @@ BITS = (2, 3, 4, 6)
 MAX_EVALUATIONS = 480
 COARSE_AMOUNTS = (0.5, 0.9, 0.99)
 COARSE_BITS = (2, 4)
+MINIMAL_AMOUNTS = (0.9,)
+MINIMAL_BITS = (2, 4)
+SECONDS = 120.0  # measurement time the default grid aims at (estimated from one timed forward pass)
+MIN_SAMPLES = 16  # the subset never gets smaller than this to fit SECONDS: past it, the analysis takes longer
 SAMPLES = 128  # validation images per measurement (one batch): cost is layers x settings x samples; the drops
 #               are paired on one fixed subset, so steadier than its size suggests (one image = 1/SAMPLES)
 BATCH = 128  # images per forward pass (faster on CPU than one big batch)
@@ -50,6 +57,13 @@ class Sensitivity:
     bits_drop: dict[str, dict[str, float]] = field(default_factory=dict)   # layer -> bits -> drop
     hessian_trace: dict[str, float] = field(default_factory=dict)          # layer -> trace / numel
     numel: dict[str, int] = field(default_factory=dict)
+    samples: int = 0  # validation images each drop was measured on
+
+    def describe(self) -> str:
+        """'5 settings x 120 layers on 64 images': what was measured, for the search's log."""
+        first = self.layers[0] if self.layers else None
+        settings = len(self.prune_drop[first]) + len(self.bits_drop.get(first, {})) if first else 0
+        return f"{settings} settings x {len(self.layers)} layers on {self.samples} images"
 
     @property
     def layers(self) -> list[str]:
@@ -174,22 +188,56 @@ def default_grid(n_layers: int) -> tuple[tuple[float, ...], tuple[int, ...]]:
     return COARSE_AMOUNTS, COARSE_BITS
 
 
+def timed_grid(n_layers: int, per_image: float, samples: int, seconds: float
+               ) -> tuple[tuple[float, ...], tuple[int, ...], int]:
+    """(amounts, bits, samples) of the default grid whose measurement (layers x settings x samples
+    images at `per_image` seconds each) fits `seconds`: the full grid (unless past
+    MAX_EVALUATIONS), else the coarse one, else the minimal one on fewer samples (not under
+    MIN_SAMPLES, so a very slow model takes longer than `seconds` rather than measure noise)."""
+    first = default_grid(n_layers)
+    grids = [g for g in ((AMOUNTS, BITS), (COARSE_AMOUNTS, COARSE_BITS), (MINIMAL_AMOUNTS, MINIMAL_BITS))
+             if len(g[0]) + len(g[1]) <= len(first[0]) + len(first[1])]
+    for a, b in grids:
+        if n_layers * (len(a) + len(b)) * samples * per_image <= seconds:
+            return a, b, samples
+    a, b = grids[-1]
+    fit = int(seconds / max(n_layers * (len(a) + len(b)) * per_image, 1e-12))
+    return a, b, max(min(samples, fit), min(MIN_SAMPLES, samples))
+
+
+def _seconds_per_image(model: nn.Module, val: TensorData) -> float:
+    """Seconds one validation image takes through the eval-mode model: the second of two passes
+    over (up to) MIN_SAMPLES images, the first one warming up."""
+    x = val.x[:MIN_SAMPLES]
+    with torch.inference_mode():
+        model(x)
+        t0 = time.perf_counter()
+        model(x)
+    return (time.perf_counter() - t0) / len(x)
+
+
 def analyse(model: nn.Module, val: TensorData, example: torch.Tensor, *, amounts: tuple[float, ...] | None = None,
-            bits: tuple[int, ...] | None = None, samples: int = SAMPLES, device: str = "cpu",
-            hessian_samples: int = 4, progress: bool = False) -> Sensitivity:
+            bits: tuple[int, ...] | None = None, samples: int = SAMPLES, seconds: float | None = SECONDS,
+            device: str = "cpu", hessian_samples: int = 4, progress: bool = False) -> Sensitivity:
     """Measure every layer's sensitivity on (a subset of) the validation split.
 
+    With neither `amounts` nor `bits` named and `seconds` set, the grid (and, past the minimal
+    grid, the subset) is sized by timed_grid so that the measurement takes about `seconds`.
     Each setting replaces one layer's weight in place for one evaluation and restores it after,
     so the model comes back unchanged (also on an error). `example` is unused (kept for callers)."""
     layers = prunable_layers(model)
-    grid = default_grid(len(layers))
-    amounts, bits = amounts or grid[0], bits or grid[1]
-    sub = val.subset(min(samples, len(val)), seed=0).to(device)
     training = model.training
     model = model.to(device).eval()
+    grid = default_grid(len(layers))
+    samples = min(samples, len(val))
+    if amounts is None and bits is None and seconds is not None and layers:
+        grid = timed_grid(len(layers), _seconds_per_image(model, val.to(device)), samples, seconds)
+        samples = grid[2]
+    amounts, bits = amounts or grid[0], bits or grid[1]
+    sub = val.subset(samples, seed=0).to(device)
     batches = list(sub.batches(BATCH, shuffle=False))
     base = _accuracy(model, batches)
-    result = Sensitivity(baseline_accuracy=base,
+    result = Sensitivity(baseline_accuracy=base, samples=len(sub),
                          numel={n: layer_numel(model.get_submodule(n)) for n in layers})
     jobs = [(n, "prune", a) for n in layers for a in amounts] + [(n, "bits", b) for n in layers for b in bits]
     bar = None
@@ -233,10 +281,14 @@ def model_key(model: nn.Module, data: TensorData, settings: dict | None = None) 
 
 def cached_analyse(model: nn.Module, val: TensorData, example: torch.Tensor, cache_dir: str, *,
                    device: str = "cpu", progress: bool = False, **kwargs) -> tuple[Sensitivity, str, bool]:
-    """analyse() once per (weights, validation split); returns (result, json path, was cached)."""
+    """analyse() once per (weights, validation split, settings asked); returns (result, json path,
+    was cached). A timed default grid is keyed by its time, not by the grid it came to."""
+    timed = not kwargs.get("amounts") and not kwargs.get("bits") and kwargs.get("seconds", SECONDS) is not None
     grid = default_grid(len(prunable_layers(model)))
     settings = {"amounts": tuple(kwargs.get("amounts") or grid[0]), "bits": tuple(kwargs.get("bits") or grid[1]),
                 "samples": min(kwargs.get("samples", SAMPLES), len(val))}
+    if timed:
+        settings.update(amounts="timed", bits="timed", seconds=kwargs.get("seconds", SECONDS))
     path = os.path.join(cache_dir, f"{model_key(model, val, settings)}.json")
     if os.path.exists(path):
         return Sensitivity.load(path), path, True

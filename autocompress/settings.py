@@ -164,6 +164,9 @@ class SearchSettings:
     repair: bool = option(True, "tighten over-budget proposals into the budget (more pruning, then fewer bits) "
                           "instead of recording them infeasible")
     warm_start: bool = option(True, "run the sensitivity analysis and try the uniform/channel/knapsack plans first")
+    sensitivity_seconds: float = option(120.0, "time the sensitivity analysis aims at: past it, it measures fewer "
+                                        "settings, then fewer images (with --time-budget: at most a tenth of it)",
+                                        parse=parse_duration, check=positive())
     objectives: tuple[str, ...] = option(("accuracy",), "accuracy, or accuracy plus size and/or latency "
                                          "(accuracy,size,latency): a multi-objective search returning the Pareto "
                                          "front", parse=parse_objectives)

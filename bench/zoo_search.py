@@ -90,7 +90,7 @@ def search_cli(name: str, ckpt: str, size: int | None, out: str, row: dict[str, 
     row["search_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     row["exit"] = proc.returncode
     text = "\n".join(line for _, line in stamped)
-    m = re.search(r"^sensitivity \(([\d.]+)s\)", text, re.M)
+    m = re.search(r"^sensitivity \(([\d.]+)s[,)]", text, re.M)
     if m:
         row["sensitivity_s"] = float(m.group(1))
     row.update(phases(stamped, row["search_s"]))

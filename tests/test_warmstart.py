@@ -141,6 +141,35 @@ def test_sensitivity_of_a_deep_model_uses_the_coarse_default_grid():
     assert len(small.prune_drop["fc1"]) == 5 and len(small.bits_drop["fc1"]) == 4
 
 
+def test_sensitivity_grid_is_sized_to_its_time(tmp_path):
+    """timed_grid steps full -> coarse -> minimal grid, then fewer samples (never under
+    MIN_SAMPLES); analyse() with a tiny time measures the minimal grid on MIN_SAMPLES images,
+    says so in describe(), and the cache keys that run by its time."""
+    from autocompress.sensitivity import (AMOUNTS, BITS, COARSE_AMOUNTS, COARSE_BITS, MIN_SAMPLES,
+                                          MINIMAL_AMOUNTS, MINIMAL_BITS, cached_analyse, timed_grid)
+
+    assert timed_grid(50, 1e-4, 128, 60.0) == (AMOUNTS, BITS, 128)              # 50 x 9 x 128 x 0.1 ms = 5.8 s
+    assert timed_grid(50, 1.2e-3, 128, 60.0) == (COARSE_AMOUNTS, COARSE_BITS, 128)  # 69 s at 9 settings
+    assert timed_grid(50, 2e-3, 128, 60.0) == (MINIMAL_AMOUNTS, MINIMAL_BITS, 128)
+    assert timed_grid(50, 1e-2, 128, 60.0) == (MINIMAL_AMOUNTS, MINIMAL_BITS, 40)  # 60 / (50 x 3 x 0.01)
+    assert timed_grid(50, 1.0, 128, 60.0)[2] == MIN_SAMPLES
+    assert timed_grid(50, 1.0, 8, 60.0)[2] == 8                                   # a smaller split stays whole
+    assert timed_grid(100, 1e-6, 128, 60.0)[:2] == (COARSE_AMOUNTS, COARSE_BITS)  # past MAX_EVALUATIONS
+    torch.manual_seed(0)
+    mlp = MLP(num_classes=10, in_channels=1, image_size=4).eval()
+    data = TensorData(torch.randn(64, 1, 4, 4), torch.randint(0, 10, (64,)))
+    sens = analyse(mlp, data, data.x[:2], seconds=1e-9, hessian_samples=1)
+    assert list(sens.prune_drop["fc1"]) == ["0.9"] and list(sens.bits_drop["fc1"]) == ["2", "4"]
+    assert sens.samples == MIN_SAMPLES and sens.describe() == f"3 settings x {len(sens.layers)} layers on 16 images"
+    full = analyse(mlp, data, data.x[:2], seconds=None, hessian_samples=1)
+    assert len(full.prune_drop["fc1"]) == 5 and full.samples == 64
+    cache = str(tmp_path)
+    a, path_a, _ = cached_analyse(mlp, data, data.x[:2], cache, seconds=1e-9, hessian_samples=1)
+    b, path_b, hit = cached_analyse(mlp, data, data.x[:2], cache, seconds=1e-9, hessian_samples=1)
+    _, path_c, _ = cached_analyse(mlp, data, data.x[:2], cache, seconds=600.0, hessian_samples=1)
+    assert hit and path_a == path_b != path_c and b.samples == MIN_SAMPLES
+
+
 def test_global_amounts_threshold_is_the_kth_smallest_magnitude():
     """global_amounts selects the threshold in place on one copy (AlexNet's search ran out of
     memory in torch.kthvalue); the amounts are those of the k-th smallest magnitude, ties and all."""

@@ -60,7 +60,7 @@ def test_zoo_search_reads_stages_and_verdicts_from_a_search_log(tmp_path):
     spec = importlib.util.spec_from_file_location("zoo_search", os.path.join(ROOT, "bench", "zoo_search.py"))
     zs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(zs)
-    stamped = [(2.0, "baseline: ..."), (10.0, "study s: 0 trials done"), (30.0, "sensitivity (19.5s): a, b"),
+    stamped = [(2.0, "baseline: ..."), (10.0, "study s: 0 trials done"), (30.0, "sensitivity (19.5s, 9 settings x 2 layers on 128 images): a, b"),
                (31.0, "warm start: knapsack"), (45.0, "finalist trial   0: ..."), (60.0, "top trials (budget 1 KB)")]
     assert zs.phases(stamped, 75.0) == {"setup_s": 10.0, "warm_start_s": 21.0, "trials_wall_s": 14.0,
                                         "finalists_s": 15.0, "finish_s": 15.0}
