@@ -79,10 +79,12 @@ def search(budget: str | Budget, **options: object) -> SearchOutcome:
     `workers` > 1 runs that many processes on the study (after the baseline is cached, so none of
     them trains it again).
     """
+    from .memory import frozen_setup
     from .orchestrate import run_search
 
     settings, ctx = prepare(SearchSettings.from_options(budget, **options))
-    return run_search(settings, ctx)
+    with frozen_setup():
+        return run_search(settings, ctx)
 
 
 search.__doc__ = (search.__doc__ or "") + options_doc()

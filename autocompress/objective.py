@@ -20,6 +20,7 @@ from .compression import calibrate_model, compress
 from .context import SearchContext
 from .cost import artifact_size
 from .cost.repair import repair
+from .memory import collect
 from .plan import CompressionPlan
 from .refine import finetune_and_export
 from .settings import SearchSettings
@@ -34,7 +35,9 @@ class TrialFailed(Exception):
 
 def sized(ctx: SearchContext, plan: CompressionPlan) -> tuple[nn.Module, int]:
     """(compressed model, artifact bytes) of a plan, uncalibrated: the bytes do not depend on
-    calibration. Used by the objective, repair and the warm start's bisections."""
+    calibration. Used by the objective, repair and the warm start's bisections, dozens of times
+    in a row: the copies of earlier calls are freed first (memory.collect)."""
+    collect()
     compressed = compress(ctx.model, plan, ctx.example_input, ctx.calib, calibrate=False)
     return compressed, artifact_size(compressed, ctx.spec)
 
@@ -63,6 +66,7 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> tuple[float, int]:
         start = time.perf_counter()
+        collect()  # the last trial's model and optimiser state
         torch.manual_seed(self.s.seed + trial.number)
         proposed = self.ctx.space.suggest(trial)
         plan, compressed, size, error = proposed, None, 0, None

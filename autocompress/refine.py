@@ -19,6 +19,7 @@ from .context import SearchContext
 from .cost import artifact_size
 from .data import TensorData
 from .finetune import FinetuneConfig, FinetuneResult, finetune
+from .memory import collect
 from .plan import CompressionPlan, format_bytes
 from .settings import SearchSettings
 from .tracking import Tracker
@@ -88,6 +89,7 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
     record it in the study's "final" results; returns the fine-tuned model."""
     plan = CompressionPlan.from_dict(t.user_attrs[Attr.PLAN])
     start = time.perf_counter()
+    collect()  # the trials' and the last finalist's models
     done = final_results(study)
     before = done.get(str(t.number), {}) if model is not None else {}
     distill = max(plan.distill, settings.final_distill)

@@ -10,6 +10,7 @@ import sys
 
 from .api import prepare
 from .errors import UserError
+from .memory import frozen_setup
 from .orchestrate import run_worker
 from .plan import PlanError
 from .settings import SearchSettings
@@ -19,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = json.loads((argv if argv is not None else sys.argv[1:])[0])
     try:
         settings, ctx = prepare(SearchSettings.from_options(**payload["options"]))
-        run_worker(settings, ctx, payload["parent_run_id"])
+        with frozen_setup():
+            run_worker(settings, ctx, payload["parent_run_id"])
     except (UserError, PlanError) as e:
         print(f"autocompress worker: error: {e}", file=sys.stderr)
         return 2

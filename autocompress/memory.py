@@ -1,0 +1,34 @@
+"""Compressed copies freed as soon as they are garbage, not when Python gets round to it.
+
+compress() returns a deep copy whose torch parametrizations put it in reference cycles, which
+only Python's cyclic collector frees, and that runs on counts of new objects, not on bytes. A warm
+start sizing a ResNet-18 (45 MB fp32) 72 times held 1.4 GB of dead copies, and a whole search's
+peak memory grew to about 1.4 GB + 35x the model's fp32 bytes (7.6 GB for AlexNet). So the search
+collects before it makes the next copy (collect()). A full collection walks every live object:
+0.24 s with torch, Optuna and MLflow loaded. The search therefore moves the objects that exist when
+it starts out of the collector's sight (frozen_setup(), gc.freeze), and a collection then costs a
+few milliseconds.
+"""
+from __future__ import annotations
+
+import gc
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def frozen_setup() -> Iterator[None]:
+    """Freeze the objects alive now (set-up, baseline, data) out of the collector's scans until the
+    block ends; then they are collectable again (a notebook's second search starts clean)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def collect() -> None:
+    """Free the compressed copies (and their optimiser state) that earlier sizings and trials left
+    in reference cycles."""
+    gc.collect()
