@@ -126,6 +126,7 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
 
     from autocompress.compression import compress
     from autocompress.cost import artifact_size, untouchable_bytes
+    from autocompress.memory import collect
     from autocompress.models import ModelSpec, param_bytes
     from autocompress.space import load_space
 
@@ -166,6 +167,7 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
         if row.get("channel_path"):
             row.update(deploy_check(row["channel_path"], example))
         del cm
+        collect()  # the copy sits in reference cycles (autocompress.memory): freed now, as the search does
 
     smallest = bound.smallest()
     try:
@@ -176,6 +178,7 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
         sized = artifact_size(uncalibrated, spec)  # what repair and warm start pay per plan, after compress
         row["size_s"] = round(time.perf_counter() - t0, 3)
         del uncalibrated
+        collect()
         t0 = time.perf_counter()
         fm = compress(model, smallest, example, calib)
         row["compress_s"] = round(time.perf_counter() - t0, 3)
