@@ -9,7 +9,7 @@ import torch
 from autocompress.compression import compress
 from autocompress.cost import artifact_size
 from autocompress.data import TensorData, load_data
-from autocompress.models import MLP, LeNet5, ModelSpec, build_model
+from autocompress.models import MLP, LeNet5, ModelSpec, build_model, prunable_layers
 from autocompress.sensitivity import analyse
 from autocompress.space import load_space
 from autocompress.train import evaluate, train_model
@@ -145,7 +145,7 @@ def test_sensitivity_grid_is_sized_to_its_time(tmp_path):
     """timed_grid steps full -> coarse -> minimal grid, then fewer samples (never under
     MIN_SAMPLES); analyse() with a tiny time measures the minimal grid on MIN_SAMPLES images,
     says so in describe(), and the cache keys that run by its time."""
-    from autocompress.sensitivity import (AMOUNTS, BITS, COARSE_AMOUNTS, COARSE_BITS, MIN_SAMPLES,
+    from autocompress.sensitivity import (AMOUNTS, BITS, CALIBRATION, COARSE_AMOUNTS, COARSE_BITS, MIN_SAMPLES,
                                           MINIMAL_AMOUNTS, MINIMAL_BITS, cached_analyse, timed_grid)
 
     assert timed_grid(50, 1e-4, 128, 60.0) == (AMOUNTS, BITS, 128)              # 50 x 9 x 128 x 0.1 ms = 5.8 s
@@ -160,7 +160,10 @@ def test_sensitivity_grid_is_sized_to_its_time(tmp_path):
     data = TensorData(torch.randn(64, 1, 4, 4), torch.randint(0, 10, (64,)))
     sens = analyse(mlp, data, data.x[:2], seconds=1e-9, hessian_samples=1)
     assert list(sens.prune_drop["fc1"]) == ["0.9"] and list(sens.bits_drop["fc1"]) == ["2", "4"]
-    assert sens.samples == MIN_SAMPLES and sens.describe() == f"3 settings x {len(sens.layers)} layers on 16 images"
+    jobs = 3 * len(sens.layers)  # too slow even for that: all but CALIBRATION settings from the curvature
+    assert sens.samples == MIN_SAMPLES and sens.estimated == jobs - CALIBRATION > 0
+    assert sens.describe() == (f"3 settings x {len(sens.layers)} layers on 16 images, "
+                               f"{jobs - CALIBRATION} of them estimated from the curvature")
     full = analyse(mlp, data, data.x[:2], seconds=None, hessian_samples=1)
     assert len(full.prune_drop["fc1"]) == 5 and full.samples == 64
     cache = str(tmp_path)
@@ -168,6 +171,26 @@ def test_sensitivity_grid_is_sized_to_its_time(tmp_path):
     b, path_b, hit = cached_analyse(mlp, data, data.x[:2], cache, seconds=1e-9, hessian_samples=1)
     _, path_c, _ = cached_analyse(mlp, data, data.x[:2], cache, seconds=600.0, hessian_samples=1)
     assert hit and path_a == path_b != path_c and b.samples == MIN_SAMPLES
+
+
+def test_curvature_drops_measure_the_largest_estimates_and_scale_the_rest(lenet):
+    """HAWQ's estimate, half the mean Hessian diagonal times the squared weight change, ranks the
+    settings; the CALIBRATION largest are measured and the rest scaled by the least-squares factor:
+    with drops exactly 3x the estimate, every unmeasured one comes out at 3x too."""
+    from autocompress.models import layer_weight
+    from autocompress.sensitivity import CALIBRATION, compressed_weight, curvature_drops
+
+    layers = prunable_layers(lenet)
+    jobs = [(n, "prune", a) for n in layers for a in (0.5, 0.9)] + [(n, "bits", b) for n in layers for b in (2, 4)]
+    trace = {n: 0.1 * (i + 1) for i, n in enumerate(layers)}
+    truth = {j: 1.5 * trace[j[0]] * float((layer_weight(lenet.get_submodule(j[0])).detach()
+                                            - compressed_weight(layer_weight(lenet.get_submodule(j[0])), j[1], j[2])
+                                            ).pow(2).sum()) for j in jobs}
+    asked = []
+    drops = curvature_drops(lenet, jobs, trace, lambda *j: asked.append(j) or truth[j])
+    assert len(asked) == CALIBRATION < len(jobs)
+    assert min(truth[j] for j in asked) >= max(truth[j] for j in jobs if j not in asked)  # the largest measured
+    assert all(abs(drops[j] - truth[j]) <= 1e-6 * truth[j] for j in jobs)
 
 
 def test_global_amounts_threshold_is_the_kth_smallest_magnitude():
