@@ -11,6 +11,8 @@ few milliseconds.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 from contextlib import contextmanager
 from typing import Iterator
@@ -32,3 +34,12 @@ def collect() -> None:
     """Free the compressed copies (and their optimiser state) that earlier sizings and trials left
     in reference cycles."""
     gc.collect()
+
+
+def trim() -> None:
+    """Give the pages glibc keeps after a large transient (a double-backward graph) back to the
+    system; nothing where the C library is not glibc."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

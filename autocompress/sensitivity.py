@@ -30,6 +30,7 @@ from .compression.quantize import WeightCompressor
 from .data import TensorData
 from .models import layer_numel, layer_weight, layer_weights, prunable_layers
 from .jsonfile import read_json, write_json
+from .memory import trim
 
 AMOUNTS = (0.5, 0.8, 0.9, 0.95, 0.99)
 BITS = (2, 3, 4, 6)
@@ -43,6 +44,7 @@ MINIMAL_AMOUNTS = (0.9,)
 MINIMAL_BITS = (2, 4)
 SECONDS = 120.0  # measurement time the default grid aims at (estimated from one timed forward pass)
 MIN_SAMPLES = 16  # the subset never gets smaller than this to fit SECONDS
+HESSIAN_PASSES = 30  # forward passes an image costs in the Hutchinson pass (4 samples), for its batch size
 CALIBRATION = 8  # settings measured when a model too slow for the minimal grid gets curvature estimates
 SAMPLES = 128  # validation images per measurement (one batch): cost is layers x settings x samples; the drops
 #               are paired on one fixed subset, so steadier than its size suggests (one image = 1/SAMPLES)
@@ -208,6 +210,13 @@ def timed_grid(n_layers: int, per_image: float, samples: int, seconds: float
     return a, b, max(min(samples, fit), min(MIN_SAMPLES, samples))
 
 
+def hessian_batch(per_image: float, seconds: float) -> int:
+    """Images in the Hutchinson pass: its cost (a forward, a backward keeping its graph and one
+    Hessian-vector product per sample) is about HESSIAN_PASSES forward passes an image, and it gets
+    a tenth of `seconds`; 2 to 64 images. ResNet-50 at 224 x 224 took 190 s and 6 GB on 16 images."""
+    return int(min(max(seconds / 10 / (HESSIAN_PASSES * per_image), 2), 64))
+
+
 def _seconds_per_image(model: nn.Module, val: TensorData) -> float:
     """Seconds one validation image takes through the eval-mode model: the second of two passes
     over (up to) MIN_SAMPLES images, the first one warming up."""
@@ -236,7 +245,7 @@ def analyse(model: nn.Module, val: TensorData, example: torch.Tensor, *, amounts
     model = model.to(device).eval()
     grid = default_grid(len(layers))
     samples = min(samples, len(val))
-    estimate = None
+    estimate = per_image = None
     if amounts is None and bits is None and seconds is not None and layers:
         per_image = _seconds_per_image(model, val.to(device))
         grid = timed_grid(len(layers), per_image, samples, seconds)
@@ -249,11 +258,13 @@ def analyse(model: nn.Module, val: TensorData, example: torch.Tensor, *, amounts
     result = Sensitivity(baseline_accuracy=base, samples=len(sub),
                          numel={n: layer_numel(model.get_submodule(n)) for n in layers})
     with torch.enable_grad():
-        result.hessian_trace = hutchinson_trace(model, layers, sub, samples=hessian_samples, batch_size=64)
+        batch = hessian_batch(per_image, seconds) if per_image is not None and seconds is not None else 64
+        result.hessian_trace = hutchinson_trace(model, layers, sub, samples=hessian_samples, batch_size=batch)
+    trim()  # the double-backward graph is freed, but glibc keeps its pages: 4.5 GB after ResNet-50 at 224
     jobs = [(n, "prune", a) for n in layers for a in amounts] + [(n, "bits", b) for n in layers for b in bits]
     if estimate is not None and seconds is not None and estimate > 2 * seconds:
         drops = curvature_drops(model, jobs, result.hessian_trace, lambda *job: base - _measured(model, batches, *job))
-        result.estimated = len(jobs) - CALIBRATION
+        result.estimated = max(len(jobs) - CALIBRATION, 0)
     else:
         bar = None
         if progress:

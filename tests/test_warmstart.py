@@ -146,7 +146,8 @@ def test_sensitivity_grid_is_sized_to_its_time(tmp_path):
     MIN_SAMPLES); analyse() with a tiny time measures the minimal grid on MIN_SAMPLES images,
     says so in describe(), and the cache keys that run by its time."""
     from autocompress.sensitivity import (AMOUNTS, BITS, CALIBRATION, COARSE_AMOUNTS, COARSE_BITS, MIN_SAMPLES,
-                                          MINIMAL_AMOUNTS, MINIMAL_BITS, cached_analyse, timed_grid)
+                                          MINIMAL_AMOUNTS, MINIMAL_BITS, cached_analyse, hessian_batch,
+                                          timed_grid)
 
     assert timed_grid(50, 1e-4, 128, 60.0) == (AMOUNTS, BITS, 128)              # 50 x 9 x 128 x 0.1 ms = 5.8 s
     assert timed_grid(50, 1.2e-3, 128, 60.0) == (COARSE_AMOUNTS, COARSE_BITS, 128)  # 69 s at 9 settings
@@ -155,6 +156,7 @@ def test_sensitivity_grid_is_sized_to_its_time(tmp_path):
     assert timed_grid(50, 1.0, 128, 60.0)[2] == MIN_SAMPLES
     assert timed_grid(50, 1.0, 8, 60.0)[2] == 8                                   # a smaller split stays whole
     assert timed_grid(100, 1e-6, 128, 60.0)[:2] == (COARSE_AMOUNTS, COARSE_BITS)  # past MAX_EVALUATIONS
+    assert (hessian_batch(1e-5, 120.0), hessian_batch(0.06, 120.0), hessian_batch(0.4, 120.0)) == (64, 6, 2)
     torch.manual_seed(0)
     mlp = MLP(num_classes=10, in_channels=1, image_size=4).eval()
     data = TensorData(torch.randn(64, 1, 4, 4), torch.randint(0, 10, (64,)))
