@@ -8,7 +8,9 @@ parameters, one child process (under `ulimit -v` and a timeout, as bench/zoo.py 
 2. runs `python -m autocompress search --model torchvision:NAME --weights ckpt.pt
    --data fashion-mnist --budget 20x --trials 3 --max-batches 2 --limit 600 --no-progress`
    (one CPU thread), with `--image-size S` where the model cannot run on 28 x 28 images
-   (S = zoo.input_size: 224 for vit/swin/maxvit, 299 for inception_v3, else 64);
+   (S = zoo.input_size: 224 for vit/swin/maxvit, 299 for inception_v3, else 64); with
+   `--large-data imagefolder:DIR` those models search that folder instead (RGB checkpoint,
+   `--batch-size 16`), which keeps their test evaluations to the folder's size;
 3. checks:
    - exit: the search's exit code is 0;
    - complete: the study holds >= 1 COMPLETE trial (within the budget);
@@ -69,10 +71,29 @@ def runs_at_native(model: Any) -> bool:
         model.eval()
 
 
-def search_cli(name: str, ckpt: str, size: int | None, out: str, row: dict[str, Any]) -> str:
+def search_args(size: int | None, large_data: str | None) -> list[str]:
+    """SEARCH_ARGS for a model at `size` (None: 28 x 28). With `large_data`, a model that needs larger
+    images searches that data instead of Fashion-MNIST resized, 16 images a batch: at 224 x 224 on
+    one CPU thread, 10,000 test images alone take 20-70 min to evaluate."""
+    if not size:
+        return list(SEARCH_ARGS)
+    if not large_data:
+        return [*SEARCH_ARGS, "--image-size", str(size)]
+    args = list(SEARCH_ARGS)
+    args[args.index("--data") + 1] = large_data
+    return [*args, "--image-size", str(size), "--batch-size", "16"]
+
+
+def channels(size: int | None, large_data: str | None) -> int:
+    """Input channels of the checkpoint: image folders are read as RGB."""
+    return 3 if size and large_data and large_data.startswith("imagefolder:") else 1
+
+
+def search_cli(name: str, ckpt: str, size: int | None, out: str, row: dict[str, Any],
+               large_data: str | None = None) -> str:
     """Run the CLI search (one thread) and record exit code, times and peak RSS; returns its output."""
     cmd = [sys.executable, "-m", "autocompress", "search", "--model", f"torchvision:{name}", "--weights", ckpt,
-           *SEARCH_ARGS, "--out", out] + (["--image-size", str(size)] if size else [])
+           *search_args(size, large_data), "--out", out]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
@@ -155,7 +176,8 @@ def study_checks(out: str, row: dict[str, Any]) -> Any:
     return CompressionPlan.from_dict(best.user_attrs[Attr.PLAN])
 
 
-def artifact_checks(name: str, ckpt: str, size: int, plan: Any, best: str, folder: str, row: dict[str, Any]) -> None:
+def artifact_checks(name: str, ckpt: str, size: int, plan: Any, best: str, folder: str, row: dict[str, Any],
+                    in_channels: int = 1) -> None:
     """bytes, load and deploy of best.acz (see the module docstring)."""
     import torch
 
@@ -165,12 +187,12 @@ def artifact_checks(name: str, ckpt: str, size: int, plan: Any, best: str, folde
 
     row["best_bytes"] = os.path.getsize(best)
     row["bytes_equal"] = row["best_bytes"] == row["best_recorded_bytes"]
-    spec = ModelSpec(f"torchvision:{name}", 10, 1, size)
+    spec = ModelSpec(f"torchvision:{name}", 10, in_channels, size)
     model = build_model(spec).eval()
     load_weights(model, ckpt)
     gen = torch.Generator().manual_seed(0)
-    example = torch.randn(2, 1, size, size, generator=gen)
-    calib = [(torch.randn(4, 1, size, size, generator=gen), torch.zeros(4, dtype=torch.long))]
+    example = torch.randn(2, in_channels, size, size, generator=gen)
+    calib = [(torch.randn(4, in_channels, size, size, generator=gen), torch.zeros(4, dtype=torch.long))]
     loaded = load(best)
     with torch.no_grad():
         out = loaded.eval()(example)
@@ -202,7 +224,7 @@ def verdict(row: dict[str, Any]) -> str:
     return "ok" if row.get("deploy") == "ok" else "deploy"
 
 
-def measure(name: str, folder: str, row: dict[str, Any]) -> None:
+def measure(name: str, folder: str, row: dict[str, Any], large_data: str | None = None) -> None:
     """Checkpoint, search, checks; fills `row` step by step so a late failure keeps what came before."""
     import torch
 
@@ -214,18 +236,22 @@ def measure(name: str, folder: str, row: dict[str, Any]) -> None:
     row["fp32_bytes"] = param_bytes(model)
     size = None if runs_at_native(model) else zoo.input_size(name)
     row["input"] = size or NATIVE
+    in_channels = channels(size, large_data)
+    if in_channels != 1:
+        row["data"] = large_data
+        model = build_model(ModelSpec(f"torchvision:{name}", 10, in_channels, size))
     ckpt = os.path.join(folder, "ckpt.pt")
     torch.save(model.state_dict(), ckpt)
     del model
     out = os.path.join(folder, "out")
     os.makedirs(out)
-    search_cli(name, ckpt, size, out, row)
+    search_cli(name, ckpt, size, out, row, large_data)
     if not os.path.isfile(os.path.join(out, "optuna.db")):
         return
     plan = study_checks(out, row)
     best = os.path.join(out, "best.acz")
     if plan is not None and os.path.isfile(best):
-        artifact_checks(name, ckpt, row["input"], plan, best, folder, row)
+        artifact_checks(name, ckpt, row["input"], plan, best, folder, row, in_channels)
 
 
 def work_folder(name: str) -> str:
@@ -233,7 +259,7 @@ def work_folder(name: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"zoo_search_{name}")
 
 
-def run_one(name: str, keep: str | None) -> dict[str, Any]:
+def run_one(name: str, keep: str | None, large_data: str | None = None) -> dict[str, Any]:
     """All of one model in this process (the child), as a row."""
     import torch
 
@@ -244,7 +270,7 @@ def run_one(name: str, keep: str | None) -> dict[str, Any]:
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
     try:
-        measure(name, folder, row)
+        measure(name, folder, row, large_data)
     except MemoryError:
         row["status"] = "out of memory"
     except Exception as e:
@@ -336,11 +362,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--exclude", help="comma-separated names to leave out")
     ap.add_argument("--families-first", action="store_true",
                     help="the smallest model of each family first, then the others (each by parameters)")
+    ap.add_argument("--large-data", help="data for the models that cannot take 28 x 28 images, searched at their "
+                    "own size with 16 images a batch (e.g. imagefolder:DIR from bench/image_folder.py); default: "
+                    "Fashion-MNIST resized")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
-        print(json.dumps(run_one(a.one, a.keep)), flush=True)
+        print(json.dumps(run_one(a.one, a.keep, a.large_data)), flush=True)
         return
     import torch
     import torchvision
@@ -376,7 +405,8 @@ def main(argv: list[str] | None = None) -> None:
         os.makedirs(a.keep, exist_ok=True)
     from concurrent.futures import ThreadPoolExecutor
 
-    extra = ["--keep", os.path.abspath(a.keep)] if a.keep else []
+    extra = (["--keep", os.path.abspath(a.keep)] if a.keep else []) + (["--large-data", a.large_data]
+                                                                       if a.large_data else [])
     pool = ThreadPoolExecutor(max(1, a.jobs))
     futures = [pool.submit(spawn, n, a.mem_gb, a.timeout, extra) for n in todo if n not in have]
     for future in futures:

@@ -73,3 +73,8 @@ def test_zoo_search_reads_stages_and_verdicts_from_a_search_log(tmp_path):
     assert zs.verdict({**ok, "exit": 1}) == "exit 1"
     assert zs.verdict({**ok, "status": "timeout (420 s)"}) == "timeout (420 s)"
     assert zs.family("regnet_x_8gf") == "regnet_x" and zs.family("efficientnet_v2_s") == "efficientnet_v2"
+    big = zs.search_args(224, "imagefolder:/data/small")  # a ViT searches the small folder at its own size
+    assert big[big.index("--data") + 1] == "imagefolder:/data/small" and big[-4:] == ["--image-size", "224",
+                                                                                   "--batch-size", "16"]
+    assert zs.search_args(None, "imagefolder:/data/small") == zs.SEARCH_ARGS
+    assert zs.channels(224, "imagefolder:/data/small") == 3 and zs.channels(None, "imagefolder:/d") == 1
