@@ -217,10 +217,9 @@ def hessian_batch(per_image: float, seconds: float) -> int:
     return int(min(max(seconds / 10 / (HESSIAN_PASSES * per_image), 2), 64))
 
 
-def _seconds_per_image(model: nn.Module, val: TensorData) -> float:
-    """Seconds one validation image takes through the eval-mode model: the second of two passes
-    over (up to) MIN_SAMPLES images, the first one warming up."""
-    x = val.x[:MIN_SAMPLES]
+def _seconds_per_image(model: nn.Module, x: torch.Tensor) -> float:
+    """Seconds one image of `x` takes through the eval-mode model: the second of two passes, the
+    first one warming up."""
     with torch.inference_mode():
         model(x)
         t0 = time.perf_counter()
@@ -247,7 +246,7 @@ def analyse(model: nn.Module, val: TensorData, example: torch.Tensor, *, amounts
     samples = min(samples, len(val))
     estimate = per_image = None
     if amounts is None and bits is None and seconds is not None and layers:
-        per_image = _seconds_per_image(model, val.to(device))
+        per_image = _seconds_per_image(model, val.x[:MIN_SAMPLES].to(device))
         grid = timed_grid(len(layers), per_image, samples, seconds)
         samples = grid[2]
         estimate = len(layers) * (len(grid[0]) + len(grid[1])) * samples * per_image
