@@ -9,8 +9,9 @@ parameters, one child process (under `ulimit -v` and a timeout, as bench/zoo.py 
    --data fashion-mnist --budget 20x --trials 3 --max-batches 2 --limit 600 --no-progress`
    (one CPU thread), with `--image-size S` where the model cannot run on 28 x 28 images
    (S = zoo.input_size: 224 for vit/swin/maxvit, 299 for inception_v3, else 64); with
-   `--large-data imagefolder:DIR` those models search that folder instead (RGB checkpoint,
-   `--batch-size 16`), which keeps their test evaluations to the folder's size;
+   `--data imagefolder:DIR` every model searches that folder instead, at 28 x 28 or S (RGB
+   checkpoint, `--batch-size 16`): a small folder (bench/image_folder.py) keeps the test
+   evaluations short, where 10,000 Fashion-MNIST test images took 500 s for DenseNet-121 at 64;
 3. checks:
    - exit: the search's exit code is 0;
    - complete: the study holds >= 1 COMPLETE trial (within the budget);
@@ -71,29 +72,27 @@ def runs_at_native(model: Any) -> bool:
         model.eval()
 
 
-def search_args(size: int | None, large_data: str | None) -> list[str]:
-    """SEARCH_ARGS for a model at `size` (None: 28 x 28). With `large_data`, a model that needs larger
-    images searches that data instead of Fashion-MNIST resized, 16 images a batch: at 224 x 224 on
-    one CPU thread, 10,000 test images alone take 20-70 min to evaluate."""
-    if not size:
-        return list(SEARCH_ARGS)
-    if not large_data:
-        return [*SEARCH_ARGS, "--image-size", str(size)]
+def search_args(size: int | None, data: str | None) -> list[str]:
+    """SEARCH_ARGS for a model at `size` (None: 28 x 28). Other `data` than Fashion-MNIST is searched
+    at the model's size, 16 images a batch (at 224 x 224 on one CPU thread, 10,000 Fashion-MNIST
+    test images alone take 20-70 min to evaluate)."""
+    if not data or data == "fashion-mnist":
+        return [*SEARCH_ARGS] + (["--image-size", str(size)] if size else [])
     args = list(SEARCH_ARGS)
-    args[args.index("--data") + 1] = large_data
-    return [*args, "--image-size", str(size), "--batch-size", "16"]
+    args[args.index("--data") + 1] = data
+    return [*args, "--image-size", str(size or NATIVE), "--batch-size", "16"]
 
 
-def channels(size: int | None, large_data: str | None) -> int:
+def channels(data: str | None) -> int:
     """Input channels of the checkpoint: image folders are read as RGB."""
-    return 3 if size and large_data and large_data.startswith("imagefolder:") else 1
+    return 3 if data and data.startswith("imagefolder:") else 1
 
 
 def search_cli(name: str, ckpt: str, size: int | None, out: str, row: dict[str, Any],
-               large_data: str | None = None) -> str:
+               data: str | None = None) -> str:
     """Run the CLI search (one thread) and record exit code, times and peak RSS; returns its output."""
     cmd = [sys.executable, "-m", "autocompress", "search", "--model", f"torchvision:{name}", "--weights", ckpt,
-           *search_args(size, large_data), "--out", out]
+           *search_args(size, data), "--out", out]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     t0 = time.perf_counter()
@@ -224,7 +223,7 @@ def verdict(row: dict[str, Any]) -> str:
     return "ok" if row.get("deploy") == "ok" else "deploy"
 
 
-def measure(name: str, folder: str, row: dict[str, Any], large_data: str | None = None) -> None:
+def measure(name: str, folder: str, row: dict[str, Any], data: str | None = None) -> None:
     """Checkpoint, search, checks; fills `row` step by step so a late failure keeps what came before."""
     import torch
 
@@ -236,16 +235,17 @@ def measure(name: str, folder: str, row: dict[str, Any], large_data: str | None 
     row["fp32_bytes"] = param_bytes(model)
     size = None if runs_at_native(model) else zoo.input_size(name)
     row["input"] = size or NATIVE
-    in_channels = channels(size, large_data)
+    in_channels = channels(data)
+    if data and data != "fashion-mnist":
+        row["data"] = data
     if in_channels != 1:
-        row["data"] = large_data
-        model = build_model(ModelSpec(f"torchvision:{name}", 10, in_channels, size))
+        model = build_model(ModelSpec(f"torchvision:{name}", 10, in_channels, size or NATIVE))
     ckpt = os.path.join(folder, "ckpt.pt")
     torch.save(model.state_dict(), ckpt)
     del model
     out = os.path.join(folder, "out")
     os.makedirs(out)
-    search_cli(name, ckpt, size, out, row, large_data)
+    search_cli(name, ckpt, size, out, row, data)
     if not os.path.isfile(os.path.join(out, "optuna.db")):
         return
     plan = study_checks(out, row)
@@ -259,7 +259,7 @@ def work_folder(name: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"zoo_search_{name}")
 
 
-def run_one(name: str, keep: str | None, large_data: str | None = None) -> dict[str, Any]:
+def run_one(name: str, keep: str | None, data: str | None = None) -> dict[str, Any]:
     """All of one model in this process (the child), as a row."""
     import torch
 
@@ -270,7 +270,7 @@ def run_one(name: str, keep: str | None, large_data: str | None = None) -> dict[
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
     try:
-        measure(name, folder, row, large_data)
+        measure(name, folder, row, data)
     except MemoryError:
         row["status"] = "out of memory"
     except Exception as e:
@@ -311,7 +311,7 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
             load += f" ({r['load_max_diff']:.1e})"
         rss = r.get("peak_rss_bytes")
         lines.append(" | ".join([
-            f"| {r['model']}", zoo._mb(r.get("params")), str(r.get("input", "-")), str(r.get("exit", "-")),
+            f"| {r['model']}", zoo._mb(r.get("params")), str(r.get("input", "-")) + (" RGB folder" if "data" in r else ""), str(r.get("exit", "-")),
             f"{r['complete']}/{len(r['trial_states'])}" if "trial_states" in r else "-",
             zoo._yes(r["bytes_equal"] and r.get("replan_bytes_equal")) if "bytes_equal" in r else "-", load,
             str(r.get("deploy", "-")), str(r.get("search_s", r.get("seconds", "-"))), split(r),
@@ -362,14 +362,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--exclude", help="comma-separated names to leave out")
     ap.add_argument("--families-first", action="store_true",
                     help="the smallest model of each family first, then the others (each by parameters)")
-    ap.add_argument("--large-data", help="data for the models that cannot take 28 x 28 images, searched at their "
-                    "own size with 16 images a batch (e.g. imagefolder:DIR from bench/image_folder.py); default: "
-                    "Fashion-MNIST resized")
+    ap.add_argument("--data", default="fashion-mnist", help="data every model searches: fashion-mnist (28 x 28, "
+                    "resized where a model needs more), or e.g. imagefolder:DIR from bench/image_folder.py, searched "
+                    "at 28 x 28 or the model's size with 16 images a batch")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
-        print(json.dumps(run_one(a.one, a.keep, a.large_data)), flush=True)
+        print(json.dumps(run_one(a.one, a.keep, a.data)), flush=True)
         return
     import torch
     import torchvision
@@ -405,8 +405,7 @@ def main(argv: list[str] | None = None) -> None:
         os.makedirs(a.keep, exist_ok=True)
     from concurrent.futures import ThreadPoolExecutor
 
-    extra = (["--keep", os.path.abspath(a.keep)] if a.keep else []) + (["--large-data", a.large_data]
-                                                                       if a.large_data else [])
+    extra = (["--keep", os.path.abspath(a.keep)] if a.keep else []) + ["--data", a.data]
     pool = ThreadPoolExecutor(max(1, a.jobs))
     futures = [pool.submit(spawn, n, a.mem_gb, a.timeout, extra) for n in todo if n not in have]
     for future in futures:

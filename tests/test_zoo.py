@@ -76,5 +76,7 @@ def test_zoo_search_reads_stages_and_verdicts_from_a_search_log(tmp_path):
     big = zs.search_args(224, "imagefolder:/data/small")  # a ViT searches the small folder at its own size
     assert big[big.index("--data") + 1] == "imagefolder:/data/small" and big[-4:] == ["--image-size", "224",
                                                                                    "--batch-size", "16"]
-    assert zs.search_args(None, "imagefolder:/data/small") == zs.SEARCH_ARGS
-    assert zs.channels(224, "imagefolder:/data/small") == 3 and zs.channels(None, "imagefolder:/d") == 1
+    assert zs.search_args(None, "imagefolder:/data/small")[-4:] == ["--image-size", "28", "--batch-size", "16"]
+    assert zs.search_args(None, "fashion-mnist") == zs.SEARCH_ARGS
+    assert zs.search_args(64, "fashion-mnist") == [*zs.SEARCH_ARGS, "--image-size", "64"]
+    assert zs.channels("imagefolder:/data/small") == 3 and zs.channels("fashion-mnist") == 1
