@@ -122,7 +122,11 @@ _TWICE_DIFFERENTIABLE: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
 @contextmanager
 def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
     """The model with its Hardsigmoid/Hardswish modules computed by double-differentiable ops, for
-    Hessian-vector products; the modules' own forward is back on exit."""
+    Hessian-vector products; the modules' own forward is back on exit. Attention runs on the math
+    kernel of scaled_dot_product_attention: the fused CPU kernel's backward has no derivative
+    (ViT's trace died on "_scaled_dot_product_flash_attention_for_cpu_backward is not implemented")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     swapped = []
     for mod in model.modules():
         fn = _TWICE_DIFFERENTIABLE.get(type(mod))
@@ -130,7 +134,8 @@ def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
             mod.forward = fn
             swapped.append(mod)
     try:
-        yield model
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield model
     finally:
         for mod in swapped:
             del mod.forward

@@ -118,6 +118,23 @@ def test_hessian_trace_of_googlenet_with_its_unused_auxiliary_classifiers():
     assert any(v != 0.0 for n, v in trace.items() if not n.startswith("aux"))
 
 
+def test_hessian_trace_of_a_vision_transformer():
+    """ViT's attention (scaled_dot_product_attention) has a fused CPU kernel whose backward cannot
+    be differentiated again; the trace runs it on the math kernel, and every layer gets one."""
+    from torchvision.models import VisionTransformer
+
+    from autocompress.models import prunable_layers
+    from autocompress.sensitivity import hutchinson_trace
+
+    torch.manual_seed(0)
+    data = TensorData(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))
+    small = VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=10).eval()  # torchvision's ViT-B/32 class, one small block
+    trace = hutchinson_trace(small, prunable_layers(small), data, samples=1)
+    assert any("self_attention" in n for n in trace) and all(v == v for v in trace.values())
+    assert sum(v != 0.0 for v in trace.values()) >= len(trace) - 1
+
+
 def test_sensitivity_of_a_deep_model_uses_the_coarse_default_grid():
     """layers x settings past MAX_EVALUATIONS: the default grid is the coarse one (DenseNet-121's
     sensitivity took 6 minutes of one CPU thread with the full grid); named settings are kept."""
