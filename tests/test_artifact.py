@@ -240,3 +240,31 @@ def test_nm_combination_index_round_trips(n, m):
     info, streams = codec.encode_mask(mask.ravel(), (n, m))
     assert info["kind"] == "nm" and len(streams[0]) == -(-300 * codec.nm_width(n, m) // 8)
     assert codec.decode_mask(info, streams, mask.size).tolist() == mask.ravel().tolist()
+
+
+def test_model_level_tensors_at_float16_leave_a_plain_copy_like_the_loaded_model(tmp_path):
+    """ViT keeps class_token and pos_embedding on the model itself: at float_bits=16 the root
+    module is parametrized. plain_copy (the deployed form) kept it as a child named "" (state-dict
+    keys '.class_token', found by bench/zoo_search on vit_b_32); it now matches what load() gives."""
+    from torchvision.models import VisionTransformer
+
+    from autocompress.compression import plain_copy
+    from autocompress.models import prunable_layers
+
+    def small():
+        torch.manual_seed(0)
+        return VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32,
+                                 mlp_dim=64, num_classes=10).eval()
+
+    x = torch.randn(4, 3, 32, 32)
+    net = small()
+    plan = CompressionPlan(layers={n: LayerPlan(prune="unstructured", amount=0.5, bits=4)
+                                   for n in prunable_layers(net)}, float_bits=16)
+    c = compress(net, plan, x[:1], calibrate=False)
+    spec = ModelSpec("torchvision:vit_b_32", 10, 3, 32)
+    export(c, tmp_path / "v.acz", spec)
+    loaded = load(tmp_path / "v.acz", small())
+    plain = plain_copy(c)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    assert shapes(plain) == shapes(loaded) and not any(k.startswith(".") for k in shapes(plain))
+    _same_outputs(plain, loaded, x)

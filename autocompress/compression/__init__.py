@@ -284,7 +284,10 @@ def plain_copy(model: nn.Module) -> nn.Module:
     BatchNorms become Identity. Keeps activation quantisers (hooks and buffers)."""
     plain = copy.deepcopy(model).cpu().eval()
     for name, mod in [(n, m) for n, m in plain.named_modules() if parametrize.is_parametrized(m)]:
-        set_submodule(plain, name, _plain_module(mod))
+        if name:
+            set_submodule(plain, name, _plain_module(mod))
+    if parametrize.is_parametrized(plain):  # the model's own tensors (ViT's class_token at float16): last,
+        plain = _plain_module(plain)        # once its children are plain (it was kept as a child named "")
     for _, bn_name in getattr(model, RECORD_ATTR, {}).get("folded", []):
         set_submodule(plain, bn_name, nn.Identity())
     return plain.eval()
