@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -196,6 +196,18 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
     row.pop("floor_path", None)
 
 
+def guarded(row: dict[str, Any], run: Callable[[], None]) -> None:
+    """Run one model's measurements; an exception becomes the row's status, error and trace."""
+    try:
+        run()
+    except MemoryError:
+        row["status"] = "out of memory"
+    except Exception as e:
+        row["status"] = "error"
+        row["error"] = _first_line(e)
+        row["trace"] = traceback.format_exc().splitlines()[-3:]
+
+
 def run_one(name: str, size: int) -> dict[str, Any]:
     """All measurements of one model in this process (the child), as a row."""
     import torch
@@ -204,14 +216,7 @@ def run_one(name: str, size: int) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name, "input": size, "status": "ok"}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
-        try:
-            measure(name, size, row, folder)
-        except MemoryError:
-            row["status"] = "out of memory"
-        except Exception as e:
-            row["status"] = "error"
-            row["error"] = _first_line(e)
-            row["trace"] = traceback.format_exc().splitlines()[-3:]
+        guarded(row, lambda: measure(name, size, row, folder))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if "fp32_bytes" in row:

@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -269,14 +268,7 @@ def run_one(name: str, keep: str | None, data: str | None = None) -> dict[str, A
     folder = work_folder(name)
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
-    try:
-        measure(name, folder, row, data)
-    except MemoryError:
-        row["status"] = "out of memory"
-    except Exception as e:
-        row["status"] = "error"
-        row["error"] = zoo._first_line(e)
-        row["trace"] = traceback.format_exc().splitlines()[-3:]
+    zoo.guarded(row, lambda: measure(name, folder, row, data))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     row["peak_rss_bytes"] = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                                 resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
