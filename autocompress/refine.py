@@ -23,7 +23,7 @@ from .memory import collect
 from .plan import CompressionPlan, format_bytes
 from .settings import SearchSettings
 from .tracking import Tracker
-from .trials import Attr, StudyAttr, TrialState, accuracy, final_results, finalists
+from .trials import Attr, StudyAttr, TrialState, accuracy, final_rank, final_results, finalists
 
 SCREEN_SHARE = 0.3  # of a timed final phase: the finalists' equal first fine-tunes, before the best goes on
 
@@ -77,7 +77,7 @@ def refine_timed(study: optuna.Study, settings: SearchSettings, ctx: SearchConte
     if len(tops) == 1 or left <= 0:
         return
     done = final_results(study)
-    winner = max(tops, key=lambda t: (done[str(t.number)]["val_accuracy"], -done[str(t.number)]["size_bytes"]))
+    winner = max(tops, key=lambda t: final_rank(done[str(t.number)]))
     refine_one(study, settings, ctx, tracker, winner, seconds=left, model=models[winner.number])
 
 

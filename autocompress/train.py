@@ -25,20 +25,24 @@ CACHE_VERSION = 2  # 2: initial weights drawn from the seed (were whatever the p
 
 
 def evaluate(model: nn.Module, data: TensorData, device: str = "cpu", batch_size: int = 1000) -> float:
-    """Top-1 accuracy in [0, 1] (eval mode, no grad); NaN for an empty split. The model is moved to
-    `device` (a model loaded from an artifact lands on the CPU)."""
+    """Top-1 accuracy in [0, 1] (eval mode, no grad). NaN for an empty split, and for a model whose
+    logits are not all finite: argmax would count NaN logits as class 0, and a compressed
+    EfficientNet-B6 whose eval-mode activations overflowed scored a plausible 10% that way. A trial
+    with a NaN accuracy fails. The model is moved to `device` (a model loaded from an artifact
+    lands on the CPU)."""
     if len(data) == 0:
         return float("nan")
     model.to(device)
     was_training = model.training
     model.eval()
-    correct = 0
+    correct, finite = 0, True
     with torch.no_grad():
         for x, y in data.batches(batch_size, shuffle=False):
             logits = model(x.to(device, non_blocking=True))
+            finite = finite and bool(torch.isfinite(logits).all())
             correct += int((logits.argmax(1) == y.to(device)).sum())
     model.train(was_training)
-    return correct / len(data)
+    return correct / len(data) if finite else float("nan")
 
 
 def train_model(model: nn.Module, train: TensorData, *, epochs: int, lr: float, batch_size: int = 128,

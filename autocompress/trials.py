@@ -7,6 +7,7 @@ review, refine, the objective and the search all read trials the same way.
 """
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any
 
@@ -114,12 +115,19 @@ def final_results(study: optuna.Study) -> dict[str, dict[str, Any]]:
     return dict(study.user_attrs.get(StudyAttr.FINAL, {}))
 
 
+def final_rank(info: dict[str, Any]) -> tuple[float, int]:
+    """Sort key of a refined finalist: validation accuracy (a NaN one, whose logits were not
+    finite, below every other), then the smaller file."""
+    acc = info["val_accuracy"]
+    return (acc if math.isfinite(acc) else -math.inf), -info["size_bytes"]
+
+
 def best_final(study: optuna.Study) -> tuple[int, dict[str, Any]] | None:
     """The refined finalist with the highest validation accuracy, if any were refined."""
     res = final_results(study)
     if not res:
         return None
-    num, info = max(res.items(), key=lambda kv: (kv[1]["val_accuracy"], -kv[1]["size_bytes"]))
+    num, info = max(res.items(), key=lambda kv: final_rank(kv[1]))
     return int(num), info
 
 

@@ -91,3 +91,22 @@ def test_corrupt_checkpoint_is_a_user_error(digits, tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="corrupt"):
         baseline(spec_for(digits), digits, epochs=1, weights=str(path), cache_dir=str(tmp_path))
+
+
+def test_evaluate_is_nan_when_logits_are_not_finite():
+    """NaN logits would argmax to class 0 and score as many hits as there are class-0 samples (a
+    compressed EfficientNet-B6 'scored' 10% that way): evaluate() says NaN, and a trial fails on it."""
+    from torch import nn
+
+    from autocompress.data import TensorData
+    from autocompress.train import evaluate
+
+    data = TensorData(torch.zeros(20, 4), torch.zeros(20, dtype=torch.long))
+    broken = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        broken[0].bias.fill_(float("nan"))
+    assert evaluate(broken, data) != evaluate(broken, data)  # NaN, though every label is class 0
+    fine = nn.Sequential(nn.Linear(4, 3))
+    with torch.no_grad():
+        fine[0].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    assert evaluate(fine, data) == 1.0

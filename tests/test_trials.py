@@ -55,3 +55,14 @@ def test_the_exported_trial_is_the_best_refined_finalist_when_there_is_one(study
     study.set_user_attr(StudyAttr.FINAL, {"2": {"val_accuracy": 0.95, "size_bytes": 8_000},
                                           "3": {"val_accuracy": 0.93, "size_bytes": 7_000}})
     assert best_final(study)[0] == 2 and exported_trial(study).number == 2
+
+
+def test_a_finalist_with_nan_validation_ranks_last():
+    """A refined finalist whose logits were not finite has a NaN accuracy: max() with NaN keys
+    picks by position, so it could have won. It ranks below every finite one."""
+    from autocompress.trials import final_rank
+
+    infos = [{"val_accuracy": float("nan"), "size_bytes": 10}, {"val_accuracy": 0.1, "size_bytes": 50},
+             {"val_accuracy": 0.1, "size_bytes": 20}]
+    assert max(infos, key=final_rank) is infos[2]
+    assert sorted(infos, key=final_rank)[0] is infos[0]
