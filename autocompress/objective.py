@@ -36,7 +36,8 @@ class TrialFailed(Exception):
 def sized(ctx: SearchContext, plan: CompressionPlan) -> tuple[nn.Module, int]:
     """(compressed model, artifact bytes) of a plan, uncalibrated: the bytes do not depend on
     calibration. Used by the objective, repair and the warm start's bisections, dozens of times
-    in a row: the copies of earlier calls are freed first (memory.collect)."""
+    in a row: the copies of earlier calls (and the last trial's model and optimiser state, since a
+    trial sizes its proposal first) are freed first (memory.collect)."""
     collect()
     compressed = compress(ctx.model, plan, ctx.example_input, ctx.calib, calibrate=False)
     return compressed, artifact_size(compressed, ctx.spec)
@@ -66,7 +67,6 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> tuple[float, int]:
         start = time.perf_counter()
-        collect()  # the last trial's model and optimiser state
         torch.manual_seed(self.s.seed + trial.number)
         proposed = self.ctx.space.suggest(trial)
         plan, compressed, size, error = proposed, None, 0, None
