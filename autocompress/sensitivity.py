@@ -19,7 +19,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -215,6 +215,11 @@ def timed_grid(n_layers: int, per_image: float, samples: int, seconds: float
     return a, b, max(min(samples, fit), min(MIN_SAMPLES, samples))
 
 
+def is_timed(amounts: tuple[float, ...] | None, bits: tuple[int, ...] | None, seconds: float | None) -> bool:
+    """Whether the grid is sized to `seconds` (timed_grid): no settings named, and a time given."""
+    return not amounts and not bits and seconds is not None
+
+
 def hessian_batch(per_image: float, seconds: float) -> int:
     """Images in the Hutchinson pass: its cost (a forward, a backward keeping its graph and one
     Hessian-vector product per sample) is about HESSIAN_PASSES forward passes an image, and it gets
@@ -250,7 +255,7 @@ def analyse(model: nn.Module, val: TensorData, example: torch.Tensor, *, amounts
     grid = default_grid(len(layers))
     samples = min(samples, len(val))
     estimate = per_image = None
-    if amounts is None and bits is None and seconds is not None and layers:
+    if is_timed(amounts, bits, seconds) and layers:
         per_image = _seconds_per_image(model, val.x[:MIN_SAMPLES].to(device))
         grid = timed_grid(len(layers), per_image, samples, seconds)
         samples = grid[2]
@@ -339,12 +344,12 @@ def cached_analyse(model: nn.Module, val: TensorData, example: torch.Tensor, cac
                    device: str = "cpu", progress: bool = False, **kwargs) -> tuple[Sensitivity, str, bool]:
     """analyse() once per (weights, validation split, settings asked); returns (result, json path,
     was cached). A timed default grid is keyed by its time, not by the grid it came to."""
-    timed = not kwargs.get("amounts") and not kwargs.get("bits") and kwargs.get("seconds", SECONDS) is not None
-    grid = default_grid(len(prunable_layers(model)))
-    settings = {"amounts": tuple(kwargs.get("amounts") or grid[0]), "bits": tuple(kwargs.get("bits") or grid[1]),
-                "samples": min(kwargs.get("samples", SAMPLES), len(val))}
-    if timed:
+    settings: dict[str, Any] = {"samples": min(kwargs.get("samples", SAMPLES), len(val))}
+    if is_timed(kwargs.get("amounts"), kwargs.get("bits"), kwargs.get("seconds", SECONDS)):
         settings.update(amounts="timed", bits="timed", seconds=kwargs.get("seconds", SECONDS))
+    else:
+        grid = default_grid(len(prunable_layers(model)))
+        settings.update(amounts=tuple(kwargs.get("amounts") or grid[0]), bits=tuple(kwargs.get("bits") or grid[1]))
     path = os.path.join(cache_dir, f"{model_key(model, val, settings)}.json")
     if os.path.exists(path):
         return Sensitivity.load(path), path, True
