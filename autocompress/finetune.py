@@ -146,13 +146,16 @@ def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimize
 def finetune(model: nn.Module, train: TensorData, val: TensorData, config: FinetuneConfig, *,
              teacher: nn.Module | None = None, report: Callable[[float, int], None] | None = None,
              l1_weights: Callable[[], list[Tensor]] | None = None, device: str = "cpu",
-             progress: bool = False) -> FinetuneResult:
+             progress: bool = False, recalibrate: Callable[[], None] | None = None) -> FinetuneResult:
     """Fine-tune `model` in place; evaluate and report val accuracy after each epoch (step = epoch
     number, from 1). With epochs == 0 it only evaluates, reporting once at step 0.
 
     With `config.seconds` it trains for that long (evaluations included) instead of `epochs`: the
     cosine schedule is planned from the recent speed after 5, 10, 20, ... steps and after the
-    first epoch, and a deadline stops it (the last, partial epoch is evaluated too)."""
+    first epoch, and a deadline stops it (the last, partial epoch is evaluated too).
+
+    `recalibrate` (BatchNorm statistics re-estimated, see compression.recalibrate_bn) runs before
+    each evaluation that follows training, and counts as evaluation time."""
     start = time.perf_counter()
     eval_seconds = 0.0
     val_acc: list[float] = []
@@ -161,6 +164,8 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
     def check(step: int) -> None:
         nonlocal eval_seconds
         t0 = time.perf_counter()
+        if recalibrate is not None and step > 0:
+            recalibrate()
         acc = evaluate(model, val, device)
         eval_seconds += time.perf_counter() - t0
         val_acc.append(acc)

@@ -14,7 +14,7 @@ import optuna
 from torch import nn
 
 from .artifact import export
-from .compression import compress, kept_weights
+from .compression import compress, kept_weights, recalibrate_bn
 from .context import SearchContext
 from .cost import artifact_size
 from .data import TensorData
@@ -43,7 +43,8 @@ def finetune_and_export(model: nn.Module, plan: CompressionPlan, size: int, path
                             seconds=seconds)
     result = finetune(model, ctx.data.train, ctx.data.val if val is None else val, config,
                       teacher=ctx.model if distill > 0 else None, report=report,
-                      l1_weights=lambda: kept_weights(model), device=settings.device, progress=settings.progress)
+                      l1_weights=lambda: kept_weights(model), device=settings.device, progress=settings.progress,
+                      recalibrate=lambda: recalibrate_bn(model, ctx.calib))
     written = export(model.cpu(), path, ctx.spec)
     if written != size:
         raise RuntimeError(f"artifact {os.path.basename(path)} has {written} bytes, cost model said {size}")

@@ -193,3 +193,34 @@ def test_teacher_logits_are_computed_once_per_sample_and_shared(digits, teacher)
         assert TeacherLogits.of(teacher, digits.train) is not cache
     finally:
         hook.remove()
+
+
+def test_batchnorm_statistics_are_those_of_the_eval_network_dropout_held_off(digits):
+    """recalibrate_bn: the statistics a BatchNorm gathers are those it sees in eval mode (a Dropout
+    before it at p=0.75 would otherwise quadruple its running variance)."""
+    from autocompress.compression import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Dropout(0.75), nn.BatchNorm1d(16))
+    batches = [(digits.train.x[i:i + 100], digits.train.y[i:i + 100]) for i in (0, 100)]
+    recalibrate_bn(model.train(), batches)
+    features = model[1](torch.cat([x for x, _ in batches]).flatten(1)).detach()
+    assert model.training  # its mode is given back
+    assert torch.allclose(model[3].running_mean, features.mean(0), atol=1e-5)
+    assert torch.allclose(model[3].running_var, features.var(0), rtol=0.05)
+
+
+def test_a_finetune_evaluates_with_statistics_re_estimated_after_its_steps(digits):
+    """At a high learning rate the running averages of a few steps lag behind the weights; with
+    `recalibrate` every evaluation follows a re-estimate, and the model is left with it."""
+    from autocompress.compression import recalibrate_bn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    calib = [(digits.train.x[:128], digits.train.y[:128])]
+    seen = []
+    finetune(model, digits.train, digits.val, FinetuneConfig(epochs=2, lr=0.5, max_batches=3),
+             recalibrate=lambda: seen.append(recalibrate_bn(model, calib)))
+    assert len(seen) == 2  # before each epoch's evaluation
+    features = model[1](calib[0][0].flatten(1)).detach()
+    assert torch.allclose(model[2].running_mean, features.mean(0), atol=1e-5)

@@ -22,7 +22,7 @@ from . import channel, fold, lowrank, prune, quantize
 from .quantize import HalfRound, WeightCompressor
 
 __all__ = ["compress", "compressed_layers", "compressed_weights", "compressor", "kept_weights", "sparsity_report",
-           "refresh_clipping", "plain_copy", "RECORD_ATTR"]
+           "refresh_clipping", "plain_copy", "recalibrate_bn", "RECORD_ATTR"]
 
 RECORD_ATTR = "autocompress_record"
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -84,21 +84,41 @@ def _mask(weight: torch.Tensor, score: torch.Tensor | None, lp: LayerPlan) -> to
     return None
 
 
-def _recalibrate_bn(model: nn.Module, batches: Batches) -> None:
+def _random_in_training(module: nn.Module) -> bool:
+    """Dropout and stochastic depth: layers that drop at random in training mode. They are held
+    in eval mode while BatchNorm statistics are gathered, so the statistics are those of the network
+    that is evaluated and deployed (with branches dropped they are not: a random-weight
+    EfficientNet's eval activations then grow by about 10^4 per stage, to inf)."""
+    from torchvision.ops import StochasticDepth
+
+    return isinstance(module, (nn.modules.dropout._DropoutNd, StochasticDepth))
+
+
+def recalibrate_bn(model: nn.Module, batches: Batches) -> None:
+    """Re-estimate every BatchNorm's running statistics on `batches` (the cumulative average over
+    them), with the rest of the model as it runs in training (fake-quantised, unfolded) but without
+    dropout. Used after compression, and after each fine-tune before it is evaluated: a few steps
+    at a high learning rate move low-bit weights far, and the running averages lag behind them
+    (the eval-mode model of a fine-tuned 2-bit EfficientNet-B6 gave NaN logits without this)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or not batches:
         return
+    training = model.training
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the calibration batches
     model.train()
+    for m in model.modules():
+        if _random_in_training(m):
+            m.eval()
+    device = bns[0].running_mean.device
     with torch.no_grad():
         for x, _ in batches:
-            model(x)
+            model(x.to(device))
     for bn, mom in zip(bns, momenta):
         bn.momentum = mom
-    model.eval()
+    model.train(training)
 
 
 def _calibrate_acts(model: nn.Module, names: list[str], batches: Batches) -> None:
@@ -201,7 +221,8 @@ def calibrate_model(model: nn.Module, batches: Batches | None) -> None:
     for m in mods:  # the activation quantisers only observe (pass through) while BN statistics are gathered
         m.act_observing, m.act_range = True, (float("inf"), float("-inf"))
     if batches:
-        _recalibrate_bn(model, batches)
+        recalibrate_bn(model, batches)
+        model.eval()
     for m in mods:
         del m.act_observing, m.act_range
     if acts:
