@@ -13,7 +13,7 @@ from autocompress.models import MLP, LeNet5, ModelSpec, build_model, prunable_la
 from autocompress.sensitivity import analyse
 from autocompress.space import load_space
 from autocompress.train import evaluate, train_model
-from autocompress.warmstart import knapsack_plan, to_params, warm_start_plans
+from autocompress.warmstart import knapsack_plan, least_that_fits, to_params, uniform_plan, warm_start_plans
 
 @pytest.fixture(scope="module")
 def digits():
@@ -63,6 +63,24 @@ def test_knapsack_and_uniform_plans_fit_the_budget(digits):
             {**params, "recovery.distill": 0.0, **{k: "2:4" for k in _nm_params(layers)}}))
         assert size_of(rebuilt) <= limit, name  # on the space's grid, amounts only rounded up
     assert knapsack_plan(model, sens, 10, [0.5], [8]) is None  # nothing fits 10 bytes
+
+
+def test_fitting_a_uniform_plan_takes_fewer_sizings_than_bisection_and_finds_the_least_sparsity(digits):
+    model = LeNet5(image_size=8).eval()
+    spec, example = ModelSpec("lenet5", 10, 1, 8), digits.train.x[:2]
+    calls: list[float] = []
+
+    def bytes_at(sparsity: float) -> int:
+        calls.append(sparsity)
+        return artifact_size(compress(model, uniform_plan(model, sparsity, 4), example, calibrate=False), spec)
+
+    for ratio in (12, 30, 80):
+        limit = 524_320 // ratio
+        calls.clear()
+        x = least_that_fits(bytes_at, limit, 0.998, 0.001)
+        assert x is not None and bytes_at(x) <= limit < bytes_at(x - 0.001), ratio
+        assert len(calls) - 2 <= 11, ratio  # bisection takes 12 (ends included) at this tolerance
+    assert least_that_fits(bytes_at, 10, 0.998, 0.001) is None  # nothing fits 10 bytes
 
 
 def _nm_params(layers):
