@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--seconds)")
     z.add_argument("--samples", type=int, help="validation samples used (default: sensitivity.SAMPLES, 128)")
     z.add_argument("--seconds", type=float, default=None, help="time the default grid aims at (default: "
-                   "sensitivity.SECONDS, 120)")
+                   "sensitivity.SECONDS, 50)")
     z.add_argument("--seed", type=int, default=0)
     z.add_argument("--device", default="cpu")
     z.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db)")

@@ -164,7 +164,7 @@ class SearchSettings:
     repair: bool = option(True, "tighten over-budget proposals into the budget (more pruning, then fewer bits) "
                           "instead of recording them infeasible")
     warm_start: bool = option(True, "run the sensitivity analysis and try the uniform/channel/knapsack plans first")
-    sensitivity_seconds: float = option(120.0, "time the sensitivity analysis aims at: past it, it measures fewer "
+    sensitivity_seconds: float = option(50.0, "time the sensitivity analysis aims at: past it, it measures fewer "
                                         "settings, then fewer images (with --time-budget: at most a tenth of it)",
                                         parse=parse_duration, check=positive())
     objectives: tuple[str, ...] = option(("accuracy",), "accuracy, or accuracy plus size and/or latency "

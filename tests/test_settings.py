@@ -105,3 +105,9 @@ def test_time_budget_and_explore_share_are_parsed_and_checked():
         SearchSettings.from_options("8x", explore_share=1.5)
     with pytest.raises(UserError, match="cannot parse duration"):
         SearchSettings.from_options("8x", time_budget="soon")
+
+
+def test_the_search_aims_its_sensitivity_at_the_engines_default_time():
+    from autocompress import sensitivity
+
+    assert SearchSettings(budget=Budget(ratio=20.0)).sensitivity_seconds == sensitivity.SECONDS
