@@ -7,6 +7,7 @@ written and its size checked against the reported one. Each trial logs to one ML
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -31,6 +32,27 @@ from .trials import TS, Attr, TrialState
 class TrialFailed(Exception):
     """A trial that failed for a reason of its own (NaN loss, a plan the model rejects, ...):
     recorded, and the study goes on."""
+
+
+class FailedTrialEcho(logging.Filter):
+    """Drops Optuna's own report of a TrialFailed: every parameter of the trial (a thousand for a
+    200-layer model) and a traceback, where the trial line already says in one line that it failed
+    and why. Failures of any other kind keep Optuna's report and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TrialFailed):
+            self.echoed = record.getMessage().split(" ", 2)[:2]  # ["Trial", "N"]: its "failed with value None" follows
+            return False
+        message = record.getMessage()
+        return not (message.split(" ", 2)[:2] == getattr(self, "echoed", None) and message.endswith("failed with value None."))
+
+
+def quiet_failed_trials() -> None:
+    """Put FailedTrialEcho on the logger Optuna reports failed trials with (once per process)."""
+    logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, FailedTrialEcho) for f in logger.filters):
+        logger.addFilter(FailedTrialEcho())
 
 
 def sized(ctx: SearchContext, plan: CompressionPlan) -> tuple[nn.Module, int]:

@@ -18,7 +18,7 @@ import optuna
 from .console import progress_bar, trial_printer
 from .context import SearchContext, SearchOutcome
 from .cost import space_untouchable
-from .objective import Objective, TrialFailed, sized
+from .objective import Objective, TrialFailed, quiet_failed_trials, sized
 from .plan import CompressionPlan, format_bytes
 from .refine import refine, refine_timed
 from .report import format_table, print_table, trial_rows
@@ -124,6 +124,7 @@ def optimize(settings: SearchSettings, ctx: SearchContext, study: optuna.Study, 
              remaining: int) -> int:
     """Take trials of the shared study until it is complete (see workers.optimize_shared)."""
     objective = Objective(settings, ctx, tracker, limit)
+    quiet_failed_trials()  # the trial line reports a TrialFailed in one line
     bar = progress_bar(remaining, settings.progress)
     try:
         return optimize_shared(study, objective, settings.trials, StudyLock(settings.storage_url, settings.study or ""),

@@ -27,3 +27,13 @@ def test_failed_trials_keep_their_reason_and_the_study_goes_on(tmp_path, name, r
         assert t.state == optuna.trial.TrialState.FAIL and t.user_attrs["fail_reason"].startswith(reason)
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.info.status == "FAILED" and run.data.tags["fail_reason"].startswith(reason)
+
+
+def test_a_failed_trial_is_one_line_of_output_not_optunas_parameter_dump(tmp_path, capfd):
+    search("2x", model=f"{MODELS}:nan", data="digits", out=str(tmp_path), study="f", trials=2, epochs=1,
+           baseline_epochs=0, max_batches=2, progress=False, seed=0, warm_start=False, final_top=0)
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert text.count("NonFiniteLoss: fine-tune loss became nan") == 2  # each trial's line gives its reason
+    assert "failed with parameters" not in text and "failed with value None" not in text
+    assert "Traceback" not in text
