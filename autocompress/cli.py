@@ -125,12 +125,12 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
                                         amounts=amounts, bits=bits, samples=a.samples, seconds=a.seconds or SECONDS)
     print(f"{a.model} on {bundle.name}: val accuracy {sens.baseline_accuracy:.4f} on "
           f"{sens.samples or min(a.samples, len(bundle.val))} validation samples; "
-          f"accuracy drop in points when only that layer is compressed{' (cached)' if cached else ''}")
+          f"accuracy drop in points when only that layer is compressed{' (cached)' if cached else ''}; "
+          f"measured: {sens.describe()}")
     print(format_table(sens))
     tracker = Tracker(a.tracking_uri or default_tracking_uri(a.out), "sensitivity", os.path.join(a.out, "mlartifacts"))
-    run = tracker.start_parent(f"{a.model}-{bundle.name}", {"model": a.model, "data": bundle.name,
-                                                             "amounts": ",".join(map(str, amounts)),
-                                                             "bits": ",".join(map(str, bits))})
+    grid = {"amounts": a.amounts or "sized to --seconds", "bits": a.bits or "sized to --seconds", "measured": sens.describe()}
+    run = tracker.start_parent(f"{a.model}-{bundle.name}", {"model": a.model, "data": bundle.name, **grid})
     tracker.log_file(run, path)
     tracker.log_text(run, format_table(sens), "sensitivity.txt")
     tracker.log_file(run, sensitivity_heatmap(sens.table(), os.path.splitext(path)[0] + ".png"))

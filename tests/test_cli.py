@@ -103,6 +103,16 @@ def test_sensitivity_command_prints_one_row_per_layer_and_caches(capsys, tmp_pat
     assert main(args) == 0 and "(cached)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains a baseline and runs the analysis end to end
+def test_sensitivity_command_with_the_grid_sized_to_its_time(capsys, tmp_path):
+    """No --amounts or --bits: the grid is sized to --seconds (it crashed logging them to MLflow)."""
+    args = ["sensitivity", "--data", "digits", "--out", str(tmp_path), "--baseline-epochs", "1", "--seconds", "5"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert sorted(line.split()[0] for line in out.splitlines()
+                  if line.split() and line.split()[0] in ("conv1", "conv2", "fc1", "fc2")) == ["conv1", "conv2", "fc1", "fc2"]
+
+
 def test_a_negative_budget_is_one_line_not_the_usage_via_the_real_entry_point(out):
     p = subprocess.run([sys.executable, "-m", "autocompress", "search", "--budget", "-5MB", "--out", str(out)],
                        capture_output=True, text=True)
