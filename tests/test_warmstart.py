@@ -13,7 +13,7 @@ from autocompress.models import MLP, LeNet5, ModelSpec, build_model, prunable_la
 from autocompress.sensitivity import analyse
 from autocompress.space import load_space
 from autocompress.train import evaluate, train_model
-from autocompress.warmstart import knapsack_plan, least_that_fits, to_params, uniform_plan, warm_start_plans
+from autocompress.warmstart import knapsack_fit, knapsack_plan, least_that_fits, to_params, uniform_plan, warm_start_plans
 
 @pytest.fixture(scope="module")
 def digits():
@@ -81,6 +81,23 @@ def test_fitting_a_uniform_plan_takes_fewer_sizings_than_bisection_and_finds_the
         assert x is not None and bytes_at(x) <= limit < bytes_at(x - 0.001), ratio
         assert len(calls) - 2 <= 11, ratio  # bisection takes 12 (ends included) at this tolerance
     assert least_that_fits(bytes_at, 10, 0.998, 0.001) is None  # nothing fits 10 bytes
+
+
+def test_the_knapsack_target_is_corrected_up_as_well_as_down_by_the_real_bytes(digits):
+    torch.manual_seed(0)
+    model = LeNet5(image_size=8).eval()
+    spec, example = ModelSpec("lenet5", 10, 1, 8), digits.train.x[:2]
+    size_of = lambda p: artifact_size(compress(model, p, example, calibrate=False), spec)  # noqa: E731
+    sens = analyse(model, digits.val, example, amounts=(0.5, 0.9), bits=(2, 4), hessian_samples=1)
+    plan_for = lambda t: knapsack_plan(model, sens, t, [0.0, 0.5, 0.9], [2, 4])  # noqa: E731
+    limit = 524_320 // 10
+    low = size_of(plan_for(limit * 0.3))  # a byte model far too pessimistic
+    fitted = size_of(knapsack_fit(plan_for, size_of, limit, limit * 0.3))
+    assert low < 0.5 * limit and 0.8 * limit <= fitted <= limit
+    limit = 524_320 // 20
+    assert size_of(plan_for(limit * 3.0)) > limit  # far too optimistic
+    high = knapsack_fit(plan_for, size_of, limit, limit * 3.0)
+    assert high is not None and size_of(high) <= limit
 
 
 def _nm_params(layers):
