@@ -18,6 +18,7 @@ import optuna
 from .console import progress_bar, trial_printer
 from .context import SearchContext, SearchOutcome
 from .cost import space_untouchable
+from .memory import SettleAfterFirst, settle
 from .objective import Objective, TrialFailed, quiet_failed_trials, sized
 from .plan import CompressionPlan, format_bytes
 from .refine import refine, refine_timed
@@ -64,6 +65,7 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
           + f"; {format_bytes(study.user_attrs[StudyAttr.UNTOUCHABLE])} no plan can touch"
           + (f"; {workers} workers" if workers > 1 else "")
           + (f"; closed {closed} run(s) left by a killed search" if closed else ""), flush=True)
+    settle()  # Optuna's storage and MLflow (imported just now) out of the warm start's collections
     if settings.warm_start and not study.get_trials(deepcopy=False) and remaining:
         enqueue_warm_start(study, settings, ctx, tracker, parent, limit, remaining)
     timed = None
@@ -126,10 +128,11 @@ def optimize(settings: SearchSettings, ctx: SearchContext, study: optuna.Study, 
     objective = Objective(settings, ctx, tracker, limit)
     quiet_failed_trials()  # the trial line reports a TrialFailed in one line
     bar = progress_bar(remaining, settings.progress)
+    settle()  # the study, tracker and warm start's objects out of each collection's scan
     try:
         return optimize_shared(study, objective, settings.trials, StudyLock(settings.storage_url, settings.study or ""),
                                timeout=settings.timeout, catch=(TrialFailed,),
-                               callbacks=[trial_printer(bar, ctx.original_bytes)],
+                               callbacks=[trial_printer(bar, ctx.original_bytes), SettleAfterFirst()],
                                poll=min(2.0, settings.heartbeat_interval),
                                sampler_for=lambda n: make_sampler(settings, n))
     finally:
