@@ -129,7 +129,8 @@ def _cmd_sensitivity(a: argparse.Namespace) -> int:
           f"measured: {sens.describe()}")
     print(format_table(sens))
     tracker = Tracker(a.tracking_uri or default_tracking_uri(a.out), "sensitivity", os.path.join(a.out, "mlartifacts"))
-    grid = {"amounts": a.amounts or "sized to --seconds", "bits": a.bits or "sized to --seconds", "measured": sens.describe()}
+    timed = "sized to --seconds"
+    grid = {"amounts": a.amounts or timed, "bits": a.bits or timed, "measured": sens.describe()}
     run = tracker.start_parent(f"{a.model}-{bundle.name}", {"model": a.model, "data": bundle.name, **grid})
     tracker.log_file(run, path)
     tracker.log_text(run, format_table(sens), "sensitivity.txt")

@@ -41,11 +41,11 @@ class FailedTrialEcho(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, TrialFailed):
-            self.echoed = record.getMessage().split(" ", 2)[:2]  # ["Trial", "N"]: its "failed with value None" follows
-            return False
         message = record.getMessage()
-        return not (message.split(" ", 2)[:2] == getattr(self, "echoed", None) and message.endswith("failed with value None."))
+        if isinstance(exc, TrialFailed):  # "Trial N failed with parameters: ..."
+            self.number = message.split(" ", 2)[1]
+            return False
+        return message != f"Trial {getattr(self, 'number', None)} failed with value None."  # its echo
 
 
 def quiet_failed_trials() -> None:

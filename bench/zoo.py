@@ -297,7 +297,8 @@ def table(rows: list[dict[str, Any]], skipped: list[tuple[str, int | None]], met
         rss, during = r.get("peak_rss_bytes"), r.get("compress_peak_rss_bytes")
         rss_txt = "-"
         if rss and "rss_limit_bytes" in r:
-            rss_txt = (f"{during / 1e9:.2f}, " if during else "-, ") + f"{rss / 1e9:.2f} ({r['rss_limit_bytes'] / 1e9:.1f})"
+            rss_txt = (f"{during / 1e9:.2f}, " if during else "-, ") + \
+                f"{rss / 1e9:.2f} ({r['rss_limit_bytes'] / 1e9:.1f})"
             if (during or 0) > r["rss_limit_bytes"]:
                 rss_txt += " OVER"
         chan = r.get("channel", "-")

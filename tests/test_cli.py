@@ -109,8 +109,8 @@ def test_sensitivity_command_with_the_grid_sized_to_its_time(capsys, tmp_path):
     args = ["sensitivity", "--data", "digits", "--out", str(tmp_path), "--baseline-epochs", "1", "--seconds", "5"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert sorted(line.split()[0] for line in out.splitlines()
-                  if line.split() and line.split()[0] in ("conv1", "conv2", "fc1", "fc2")) == ["conv1", "conv2", "fc1", "fc2"]
+    layers = ["conv1", "conv2", "fc1", "fc2"]
+    assert sorted(line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] in layers) == layers
 
 
 def test_a_negative_budget_is_one_line_not_the_usage_via_the_real_entry_point(out):

@@ -13,7 +13,8 @@ from autocompress.models import MLP, LeNet5, ModelSpec, build_model, prunable_la
 from autocompress.sensitivity import analyse
 from autocompress.space import load_space
 from autocompress.train import evaluate, train_model
-from autocompress.warmstart import knapsack_fit, knapsack_plan, least_that_fits, to_params, uniform_plan, warm_start_plans
+from autocompress.warmstart import (knapsack_fit, knapsack_plan, least_that_fits, to_params, uniform_plan,
+                                    warm_start_plans)
 
 @pytest.fixture(scope="module")
 def digits():
@@ -175,7 +176,7 @@ def test_sensitivity_of_a_deep_model_uses_the_coarse_default_grid():
     sensitivity took 6 minutes of one CPU thread with the full grid); named settings are kept."""
     from torch import nn
 
-    from autocompress.sensitivity import COARSE_AMOUNTS, COARSE_BITS, MAX_EVALUATIONS, cached_analyse
+    from autocompress.sensitivity import COARSE_AMOUNTS, COARSE_BITS, MAX_EVALUATIONS
 
     torch.manual_seed(0)
     deep = nn.Sequential(nn.Flatten(), *[m for _ in range(60) for m in (nn.Linear(16, 16), nn.ReLU())],
