@@ -128,7 +128,7 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
 
     from autocompress.compression import compress
     from autocompress.cost import artifact_size, untouchable_bytes
-    from autocompress.memory import collect
+    from autocompress.memory import collect, trim
     from autocompress.models import ModelSpec, param_bytes
     from autocompress.space import load_space
 
@@ -173,6 +173,7 @@ def measure(name: str, size: int, row: dict[str, Any], folder: str) -> None:
 
     smallest = bound.smallest()
     collect()
+    trim()  # the pages glibc kept from the channel plan's stage would count towards this peak
     measured = reset_peak_rss()
     try:
         t0 = time.perf_counter()
