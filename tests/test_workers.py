@@ -59,7 +59,9 @@ def test_three_workers_share_one_study_each_trial_once(where):
 
 def test_worker_killed_mid_trial_is_retried_and_nothing_is_lost(where, tmp_path):
     name, storage, mlflow, _ = where
-    p = start_search(*_args(where, "--workers", "2", "--trials", "4"))
+    # trials long enough (about a second of fine-tune) to be caught fine-tuning by a 50 ms poll
+    p = start_search(*_args(where, "--workers", "2", "--trials", "4", "--epochs", "4", "--max-batches", "12",
+                            "--early-stopping", "none"))
     victim = wait_for(lambda: fine_tuning_trial(storage, name), p)
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     # mid-study, the best trial so far can be exported

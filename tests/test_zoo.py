@@ -47,11 +47,14 @@ def test_input_sizes_and_table():
     row = {"model": "m", "input": 64, "status": "ok", "params": 2e6, "channel": "ok", "channel_shrunk": 3,
            "channel_layers": 3, "channel_bytes_equal": True, "floor_bytes_equal": False, "channel_load_equal": True,
            "deploy": "ok", "floor_ratio": 51.2, "untouchable_bytes": 1e5, "peak_rss_bytes": 3e9,
-           "rss_limit_bytes": 2.5e9}
+           "compress_peak_rss_bytes": 2.6e9, "rss_limit_bytes": 2.5e9}
     md = zoo.table([row], [("big", 300_000_000)], "meta")
     line = md.splitlines()[6]
-    assert "| m | 2.0 | 64 | ok (3/3) | NO | yes | ok | 51.2x |" in line and "OVER" in line
+    assert "| m | 2.0 | 64 | ok (3/3) | NO | yes | ok | 51.2x |" in line and "| 2.60, 3.00 (2.5) OVER |" in line
     assert "big (300M)" in md
+    # OVER judges compressing and sizing (the bound's scope), not the whole child
+    within = zoo.table([{**row, "compress_peak_rss_bytes": 2.0e9}], [], "meta").splitlines()[6]
+    assert "| 2.00, 3.00 (2.5) |" in within and "OVER" not in within
 
 
 def test_zoo_search_reads_stages_and_verdicts_from_a_search_log(tmp_path):
