@@ -49,13 +49,13 @@ def _timed(fn):
 
 
 def _plans(model, kinds: list[str]):
-    from autocompress.models import prunable_layers
+    from autocompress.models import layer_weight, prunable_layers
     from autocompress.plan import CompressionPlan, LayerPlan
 
     layers = prunable_layers(model)
     body, out = layers[:-1], layers[-1]
-    nm_ok = [n for n in body if getattr(model.get_submodule(n), "groups", 1) == 1
-             and model.get_submodule(n).weight[0].numel() % 4 == 0]
+    nm_ok = [n for n in body if getattr(model.get_submodule(n), "groups", 1) == 1  # MultiheadAttention: in_proj_weight
+             and layer_weight(model.get_submodule(n))[0].numel() % 4 == 0]
     per_kind = {
         "unstructured 90% 4b": {n: LayerPlan(prune="unstructured", amount=0.9, bits=4) for n in body},
         "dense 4b": {n: LayerPlan(bits=4) for n in body},
