@@ -23,8 +23,7 @@ from typing import Iterator
 def frozen_setup() -> Iterator[None]:
     """Freeze the objects alive now (set-up, baseline, data) out of the collector's scans until the
     block ends; then they are collectable again (a notebook's second search starts clean)."""
-    gc.collect()
-    gc.freeze()
+    settle()
     try:
         yield
     finally:
