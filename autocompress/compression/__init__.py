@@ -2,8 +2,8 @@
 
 Order: validate -> channel pruning (physical) -> low-rank factorisation -> fixed masks and
 weight fake quantisation -> BatchNorm folding (applied in eval mode, see fold.py) -> float16
-rounding of the other tensors (float_bits=16) -> BatchNorm recalibration -> activation
-quantiser calibration. Which weights a plan reaches, per layer kind, is models.WEIGHT_SLOTS. The returned model trains with
+rounding of the other tensors (float_bits=16) -> BatchNorm recalibration -> least-squares refit of
+the Linear layers whose inputs lost channels (reconstruct.py) -> activation quantiser calibration. Which weights a plan reaches, per layer kind, is models.WEIGHT_SLOTS. The returned model trains with
 plain optimizers (masks and quantisers are parametrizations) and carries
 `autocompress_record`, the structure the exporter stores.
 """
@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from ..models import layer_weight, layer_weights, prunable_layers, set_submodule, weight_slot
 from ..plan import CompressionPlan, LayerPlan, PlanError
-from . import channel, fold, lowrank, prune, quantize
+from . import channel, fold, lowrank, prune, quantize, reconstruct
 from .quantize import HalfRound, WeightCompressor
 
 __all__ = ["compress", "compressed_layers", "compressed_weights", "compressor", "kept_weights", "sparsity_report",
@@ -157,7 +157,7 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
     and the warm start's bisections pay dozens of times."""
     training = model.training
     pairs = fold.bn_pairs(model)  # traced once per source model, not per copy
-    model = copy.deepcopy(model).eval()
+    source, model = model, copy.deepcopy(model).eval()
     output = _check_static(model, plan, batches)
     original_out = {n: layer_weight(model.get_submodule(n)).shape[weight_slot(model.get_submodule(n)).axis]
                     for n in plan.layers}
@@ -208,21 +208,29 @@ def compress(model: nn.Module, plan: CompressionPlan, example_input: torch.Tenso
     }
     setattr(model, RECORD_ATTR, record)
     if calibrate:
-        calibrate_model(model, batches)
+        calibrate_model(model, batches, source)
     return model.train(training)
 
 
-def calibrate_model(model: nn.Module, batches: Batches | None) -> None:
-    """Calibrate a compressed model in place: BatchNorm statistics re-estimated on `batches`, then
-    activation ranges observed. compress() does this unless calibrate=False; a search sizes plans
-    uncalibrated and calibrates only the one it trains."""
-    acts = list(getattr(model, RECORD_ATTR)["acts"])
+def calibrate_model(model: nn.Module, batches: Batches | None, source: nn.Module | None = None) -> None:
+    """Calibrate a compressed model in place: BatchNorm statistics re-estimated on `batches`; with
+    the `source` model it was compressed from, the Linear layers whose inputs lost channels refitted
+    to its outputs (reconstruct.py); then activation ranges observed. compress() does this unless
+    calibrate=False; a search sizes plans uncalibrated and calibrates only the one it trains."""
+    record = getattr(model, RECORD_ATTR)
+    acts = list(record["acts"])
     mods = [model.get_submodule(n) for n in acts]
     for m in mods:  # the activation quantisers only observe (pass through) while BN statistics are gathered
         m.act_observing, m.act_range = True, (float("inf"), float("-inf"))
     if batches:
         recalibrate_bn(model, batches)
         model.eval()
+        if source is not None and record["channel_replay"]:
+            layers = record["plan"]["layers"]
+            folded = {layer for layer, _ in record["folded"]}
+            dense = [n for n, lp in layers.items() if n not in folded and n not in record["ranks"]
+                     and (lp["prune"] in ("none", "channel") or lp["amount"] == 0)]
+            reconstruct.reconstruct(source, model, dense, [(n, i) for n, i in record["channel_replay"]], batches)
     for m in mods:
         del m.act_observing, m.act_range
     if acts:
