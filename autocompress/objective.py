@@ -25,6 +25,7 @@ from .memory import collect
 from .plan import CompressionPlan
 from .refine import finetune_and_export
 from .settings import SearchSettings
+from .timebudget import trial_length
 from .tracking import Tracker
 from .trials import TS, Attr, TrialState
 
@@ -79,6 +80,7 @@ class Objective:
 
     def __init__(self, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, limit: int) -> None:
         self.s, self.ctx, self.tracker, self.limit = settings, ctx, tracker, limit
+        self.overheads: list[float] = []  # seconds outside fine-tune and evaluation, per fine-tuned trial
         os.makedirs(settings.artifact_dir, exist_ok=True)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
@@ -105,6 +107,9 @@ class Objective:
             self.tracker.set_tags(run_id, {"repaired": "true"})
             self.tracker.log_text(run_id, proposed.to_json(), "proposed_plan.json")
         state, finetune_s = TrialState.FAILED, 0.0
+        metrics: dict[str, float] = {}
+        series: dict[str, list[float]] = {}
+        tags: dict[str, str] = {}
         try:
             if error is not None:
                 raise error
@@ -114,23 +119,24 @@ class Objective:
             trial.set_user_attr(Attr.RATIO, ratio)
             trial.set_user_attr(Attr.CONSTRAINT, float(size - self.limit))
             trial.set_constraint("size_over_budget", float(size - self.limit))
-            self.tracker.log_metrics(run_id, {"size_bytes": size, "compression_ratio": ratio})
-            slow = self._record_latency(trial, run_id, compressed)
-            self.tracker.set_tags(run_id, {"budget_met": str(size <= self.limit and not slow).lower()})
+            ms = self._record_latency(trial, compressed)
+            slow = ms is not None and self.s.latency_budget_ms is not None and ms > self.s.latency_budget_ms
+            self.tracker.log(run_id, {"size_bytes": size, "compression_ratio": ratio, "predicted_latency_ms": ms},
+                             {"budget_met": str(size <= self.limit and not slow).lower()})
             if size > self.limit or slow:
                 state = TrialState.INFEASIBLE
                 trial.set_user_attr(Attr.INFEASIBLE, True)
                 return 0.0, size
             path = os.path.join(self.s.artifact_dir, f"trial-{trial.number}.acz")
+            seconds = None if self.s.trial_seconds is None else trial_length(self.s.trial_seconds, self.overheads)
             result = finetune_and_export(compressed, plan, size, path, self.s, self.ctx, epochs=self.s.epochs,
                                          max_batches=self.s.max_batches, report=self._reporter(trial, run_id),
-                                         val=self.ctx.screen_val, seconds=self.s.trial_seconds)
+                                         val=self.ctx.screen_val, seconds=seconds)
             finetune_s = result.seconds + result.eval_seconds
-            for epoch, loss in enumerate(result.train_loss):
-                self.tracker.log_metrics(run_id, {"train_loss": loss}, step=epoch + 1)
+            series["train_loss"] = result.train_loss
             trial.set_user_attr(Attr.ARTIFACT, os.path.abspath(path))
             acc = result.val_acc[-1]
-            self.tracker.log_metrics(run_id, {"val_accuracy_final": acc})
+            metrics["val_accuracy_final"] = acc
             state = TrialState.COMPLETE
             return acc, size
         except optuna.TrialPruned:
@@ -142,29 +148,29 @@ class Objective:
         except Exception as e:
             reason = f"{type(e).__name__}: {e}".splitlines()[0][:500]
             trial.set_user_attr(Attr.FAIL_REASON, reason)
-            self.tracker.set_tags(run_id, {"fail_reason": reason})
+            tags["fail_reason"] = reason
             raise TrialFailed(reason) from e
         finally:
-            seconds = time.perf_counter() - start
-            trial.set_user_attr(Attr.SECONDS, seconds)
-            trial.set_user_attr(Attr.OVERHEAD_SECONDS, seconds - finetune_s)
-            self.tracker.log_metrics(run_id, {"trial_seconds": seconds, "overhead_seconds": seconds - finetune_s})
-            self.tracker.end(run_id, state)
+            total = time.perf_counter() - start
+            trial.set_user_attr(Attr.SECONDS, total)
+            trial.set_user_attr(Attr.OVERHEAD_SECONDS, total - finetune_s)
+            if finetune_s > 0:
+                self.overheads.append(total - finetune_s)
+            self.tracker.end(run_id, state, {**metrics, "trial_seconds": total, "overhead_seconds": total - finetune_s},
+                             tags, series)
 
     def _latency(self, compressed: nn.Module) -> float:
         return predicted_latency(self.ctx, self.s.device, compressed)
 
-    def _record_latency(self, trial: optuna.Trial, run_id: str, compressed: nn.Module) -> bool:
-        """Log the predicted latency and its constraint; True when it is over the latency budget."""
+    def _record_latency(self, trial: optuna.Trial, compressed: nn.Module) -> float | None:
+        """The predicted latency (ms; None without a latency model), recorded with its constraint."""
         if self.ctx.latency is None:
-            return False
+            return None
         ms = self._latency(compressed)
         trial.set_user_attr(Attr.PREDICTED_LATENCY_MS, ms)
-        self.tracker.log_metrics(run_id, {"predicted_latency_ms": ms})
-        if self.s.latency_budget_ms is None:
-            return False
-        trial.set_constraint("latency_over_budget", ms - self.s.latency_budget_ms)
-        return ms > self.s.latency_budget_ms
+        if self.s.latency_budget_ms is not None:
+            trial.set_constraint("latency_over_budget", ms - self.s.latency_budget_ms)
+        return ms
 
     def _load(self, plan: CompressionPlan) -> float:
         """Largest share of a budget a plan uses (size, and predicted latency): <= 1 fits both."""
@@ -187,7 +193,7 @@ class Objective:
                 plan, fits = fixed, True
                 compressed, size = sized(self.ctx, fixed)
         if fits:  # an infeasible plan is recorded, never trained
-            calibrate_model(compressed, self.ctx.calib)
+            calibrate_model(compressed, self.ctx.calib, self.ctx.model)
         return plan, compressed, size
 
     def _reporter(self, trial: optuna.Trial, run_id: str) -> Callable[[float, int], None]:

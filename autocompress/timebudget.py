@@ -11,6 +11,7 @@ the pick, and for the review.
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -26,7 +27,8 @@ from .train import evaluate
 PROBE_STEPS = 3  # timed training steps of the probe (after one warm-up step)
 SCREEN_VAL_SAMPLES = 2000  # validation samples that score a screening trial (stratified, fixed)
 OVERHEAD_S = 0.25  # per-trial time outside fine-tune and evaluation (LeNet-5 on this CPU: 0.15-0.5 s)
-MIN_TRIAL_S = 19 * OVERHEAD_S  # shortest screening fine-tune: the overhead then stays within 5% of a trial
+MAX_OVERHEAD = 0.05  # of a screening trial's time
+MIN_TRIAL_S = (1 / MAX_OVERHEAD - 1) * OVERHEAD_S  # shortest screening fine-tune
 FINAL_RESERVE_EVALS = 3  # evaluations' worth of time kept for exporting, loading and testing the pick
 REVIEW_RESERVE_S = 5.0  # and for the tables, plots and MLflow review after it
 
@@ -105,6 +107,17 @@ def trial_seconds(speed: Speed, seconds: float, trials: int) -> float:
     batches: the final fine-tune is bounded by time too, so a plan that trains faster (fewer
     channels) rightly gets more steps, in screening as in the final."""
     return max(seconds / max(trials, 1) - OVERHEAD_S - speed.eval_s, MIN_TRIAL_S)
+
+
+def trial_length(planned: float, overheads: list[float]) -> float:
+    """A screening trial's fine-tune seconds: the planned share, or longer when the overhead that
+    this process's earlier trials measured (proposing, sizing and calibrating the plan, Optuna's
+    and MLflow's writes, writing the artifact) would be more than MAX_OVERHEAD of the trial. The
+    median leaves out the first trial's one-off costs once others ran, and a repaired proposal's
+    extra sizings. Fewer, longer trials then fit the exploring time."""
+    if not overheads:
+        return planned
+    return max(planned, statistics.median(overheads) * (1 / MAX_OVERHEAD - 1))
 
 
 def final_seconds(clock: Clock, speed: Speed, test_size: int) -> float:

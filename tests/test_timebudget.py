@@ -7,7 +7,8 @@ import optuna
 import pytest
 
 from autocompress.api import search
-from autocompress.timebudget import MIN_TRIAL_S, OVERHEAD_S, Clock, Speed, final_seconds, finalists_that_fit, trial_seconds
+from autocompress.timebudget import (MAX_OVERHEAD, MIN_TRIAL_S, OVERHEAD_S, Clock, Speed, final_seconds,
+                                     finalists_that_fit, trial_length, trial_seconds)
 from autocompress.trials import Attr, StudyAttr
 
 
@@ -17,6 +18,14 @@ def test_trial_seconds_fit_the_trials_in_the_exploring_time():
     assert trial_seconds(speed, 60.0, 6) == pytest.approx(10.0 - OVERHEAD_S - 1.0)
     assert trial_seconds(speed, 6.0, 6) == MIN_TRIAL_S  # fewer trials then fit, each long enough
     assert OVERHEAD_S / (MIN_TRIAL_S + OVERHEAD_S) <= 0.05
+
+
+def test_trials_lengthen_when_their_measured_overhead_would_exceed_five_percent():
+    assert trial_length(8.0, []) == 8.0  # nothing measured yet: as planned
+    assert trial_length(8.0, [0.2, 0.3]) == 8.0  # 0.25 s of 8.25 s: 3%
+    # the median (0.5 s, not the first trial's 3 s) asks for 19 x 0.5 s: 0.5 / 10 s = 5%
+    assert trial_length(8.0, [3.0, 0.5, 0.4]) == pytest.approx(9.5)
+    assert 0.5 / (trial_length(8.0, [3.0, 0.5, 0.4]) + 0.5) == pytest.approx(MAX_OVERHEAD)
 
 
 def test_final_phase_keeps_a_reserve_and_is_skipped_when_too_short():
@@ -50,3 +59,9 @@ def test_search_keeps_to_its_time_budget(tmp_path):
     assert wall < 90  # baseline training (3 epochs on digits) is not counted in the 45 s
     sizes = {t.user_attrs[Attr.SIZE_BYTES] for t in ran}
     assert max(sizes) <= outcome.limit
+    # each trial fine-tuned at least 19 times the median overhead its predecessors measured
+    overheads: list[float] = []
+    for t in sorted(ran, key=lambda t: t.number):
+        trained = t.user_attrs[Attr.SECONDS] - t.user_attrs[Attr.OVERHEAD_SECONDS]
+        assert trained >= 0.9 * trial_length(MIN_TRIAL_S, overheads), t.number
+        overheads.append(t.user_attrs[Attr.OVERHEAD_SECONDS])
