@@ -15,6 +15,7 @@ Each arm's pick is exported, loaded back and scored once on the test split; the 
 each pick, its wall time, and the search's overhead per trial are recorded.
 
     python bench/search_quality.py --equal-time 300 --budgets 200x --seeds 0,1,2
+    python bench/search_quality.py --default-run --budgets 50KB --baseline-epochs 8   # the README's run vs U
 
 Writes bench/results/<tag>.jsonl (one line per arm and seed) and <tag>.md (mean ± sd per case).
 """
@@ -101,26 +102,56 @@ def run_search_arm(budget: str, seconds: float, seed: int, a: Any, out: str) -> 
             "plan": res.best.user_attrs.get("plan") if res.best else None}
 
 
+def run_default_arm(budget: str, seed: int, a: Any, out: str) -> dict[str, Any]:
+    """Arm S as the README runs it: `autocompress search --budget B` with every default (no time
+    budget), on the same split as U; U then gets this run's wall time."""
+    t0 = time.monotonic()
+    res = search(budget, model=a.model, data=a.data, out=out, study="bench", seed=seed, split_seed=0,
+                 baseline_epochs=a.baseline_epochs, device=a.device, limit=a.limit, progress=False)
+    wall = time.monotonic() - t0
+    ran = [t for t in res.study.trials if t.user_attrs.get("seconds")]
+    states = [trial_state(t) for t in res.study.trials]
+    return {"arm": "S", "method": f"default search (pick: trial {res.best.number})" if res.best else "default search",
+            "test_accuracy": res.test_accuracy, "val_accuracy": res.best_val,
+            "bytes": os.path.getsize(res.best_path) if res.best_path else None, "wall_s": wall,
+            "trials": {s.value: states.count(s) for s in set(states)},
+            "overhead_fraction": sum(t.user_attrs["overhead_seconds"] / t.user_attrs["seconds"] for t in ran)
+            / max(len(ran), 1),
+            "overhead_per_trial_s": sum(t.user_attrs["overhead_seconds"] for t in ran) / max(len(ran), 1),
+            "plan": res.best.user_attrs.get("plan") if res.best else None}
+
+
 def equal_time(a: Any, model, spec, data, original: int, base_test: float, device_name: str, results: str) -> None:
     """Both arms, every budget and seed; one JSON line per run, then the summary table."""
     from autocompress.plan import parse_budget
 
     seeds = [int(s) for s in a.seeds.split(",")]
-    T = float(a.equal_time)
+    T = float(a.equal_time or 300)  # with --default-run: only the seconds of U's bit-width screen (T / 6 each)
     jsonl = os.path.join(results, f"{a.tag}.jsonl")
     for budget in a.budgets.split(","):
         limit = parse_budget(budget).limit(original)
-        print(f"== {budget}: {limit} bytes, {T:.0f}s per arm", flush=True)
+        print(f"== {budget}: {limit} bytes, " + ("the default search's wall time" if a.default_run else f"{T:.0f}s")
+              + " per arm", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             if a.uniform_bits:  # chosen by an earlier run of this case (its rows say how)
                 bits, screen = a.uniform_bits, [{"bits": a.uniform_bits, "given": True}]
             else:
                 bits, screen = choose_bits(model, spec, data, limit, T / 6, a.final_distill, a.lr, a.device, tmp)
             for seed in seeds:
-                rows = [run_uniform(model, spec, data, limit, bits, T, seed, a.final_distill, a.lr, a.device, tmp),
-                        run_search_arm(budget, T, seed, a, os.path.join(tmp, f"s-{budget}-{seed}"))]
+                if a.default_run:  # S as the README runs it; U gets its wall time
+                    s_row = run_default_arm(budget, seed, a, os.path.join(tmp, f"s-{budget}-{seed}"))
+                    u_row = run_uniform(model, spec, data, limit, bits, s_row["wall_s"], seed, a.final_distill, a.lr,
+                                        a.device, tmp)
+                    rows = [u_row, s_row]
+                else:
+                    arms = a.arms.split(",")
+                    rows = ([run_uniform(model, spec, data, limit, bits, T, seed, a.final_distill, a.lr, a.device, tmp)]
+                            if "U" in arms else []) + \
+                           ([run_search_arm(budget, T, seed, a, os.path.join(tmp, f"s-{budget}-{seed}"))]
+                            if "S" in arms else [])
                 for r in rows:
-                    r.update({"budget": budget, "budget_bytes": limit, "seed": seed, "time_budget_s": T,
+                    r.update({"budget": budget, "budget_bytes": limit, "seed": seed,
+                              "time_budget_s": "default run" if a.default_run else T,
                               "model": a.model, "data": data.name, "device": device_name, "baseline_test": base_test,
                               "original_bytes": original, "threads": torch.get_num_threads(),
                               "uniform_bits_screen": screen, "load": os.getloadavg()[0]})
@@ -145,7 +176,8 @@ def write_summary(jsonl: str, md: str) -> None:
         cases.setdefault((r["model"], r["budget"], r["time_budget_s"]), {}).setdefault(r["arm"], []).append(r)
     lines = ["# Search vs uniform at equal wall-clock time (issue 14)", "",
              "Each arm gets the same wall-clock time per run (T); mean ± sd over seeds of test accuracy (%). "
-             "U: the uniform plan, fine-tuned for all of T. S: `search(time_budget=T)`. "
+             "U: the uniform plan, fine-tuned for all of T. S: `search(time_budget=T)`; for T = 'default "
+             "run', S is `autocompress search --budget B` with every default and U gets its wall time. "
              "Recovered: (S - U) / (fp32 - U). See bench/equal_time.py.", "",
              "| model | budget | T | seeds | fp32 | U test | S test | S - U | recovered | pooled sd | "
              "val-test gap U / S | wall U / S | S overhead / trial | S trials (mean) |",
@@ -162,7 +194,7 @@ def write_summary(jsonl: str, md: str) -> None:
             if min(len(ut), len(st)) > 1 else float("nan")
         gap = lambda rs: statistics.mean(r["val_accuracy"] - r["test_accuracy"] for r in rs) * 100  # noqa: E731
         n_trials = statistics.mean(sum(r["trials"].values()) for r in s)
-        lines.append(f"| {model} | {budget} | {T:.0f}s | {len(s)} | {fp32 * 100:.2f} | {_ms(ut)} | {_ms(st)} | "
+        lines.append(f"| {model} | {budget} | {T if isinstance(T, str) else f'{T:.0f}s'} | {len(s)} | {fp32 * 100:.2f} | {_ms(ut)} | {_ms(st)} | "
                      f"{diff * 100:+.2f} | {diff / loss:.0%} | {pooled * 100:.2f} | {gap(u):+.2f} / {gap(s):+.2f} | "
                      f"{statistics.mean(r['wall_s'] for r in u):.0f} / {statistics.mean(r['wall_s'] for r in s):.0f} s | "
                      f"{statistics.mean(r['overhead_fraction'] for r in s):.1%} | {n_trials:.1f} |")

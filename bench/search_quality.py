@@ -12,6 +12,7 @@ per trial (time outside fine-tune and evaluation) are recorded too.
     python bench/search_quality.py                     # 40x,100x; 20 trials; 3 final epochs; 20-epoch baseline
     python bench/search_quality.py --budgets 40x --trials 8 --final-epochs 2
     python bench/search_quality.py --equal-time 300 --budgets 200x --seeds 0,1,2 --trials 8   # equal time
+    python bench/search_quality.py --default-run --budgets 50KB --baseline-epochs 8  # README's default vs U
 
 Writes bench/results/search_quality.jsonl and bench/results/search_quality.md.
 """
@@ -97,11 +98,15 @@ def main(argv: list[str] | None = None) -> None:
                     "fine-tuned for T (bench/equal_time.py); default tag equal_time")
     ap.add_argument("--seeds", default="0,1,2", help="with --equal-time: the seeds of each case")
     ap.add_argument("--uniform-bits", type=int, help="with --equal-time: U's bit width, when an earlier run chose it")
+    ap.add_argument("--default-run", action="store_true", help="equal time against the README's default search "
+                    "(no time budget): U gets that run's wall time; default tag equal_time")
+    ap.add_argument("--arms", default="U,S", help="with --equal-time: the arms to run (S alone after a change that "
+                    "leaves U as it was: copy U's rows of the earlier run into the tag's jsonl)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.equal_time and a.tag == "search_quality":
+    if (a.equal_time or a.default_run) and a.tag == "search_quality":
         a.tag = "equal_time"
     data = load_data(a.data, seed=0, limit=a.limit)
     spec = ModelSpec(a.model, data.num_classes, data.in_channels, data.image_size, data=data.name)
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     device = f"{platform.machine()} CPU, {torch.get_num_threads()} threads" if a.device == "cpu" else \
         torch.cuda.get_device_name(0)
     os.makedirs(RESULTS, exist_ok=True)
-    if a.equal_time:
+    if a.equal_time or a.default_run:
         from equal_time import equal_time
 
         return equal_time(a, model, spec, data, original, base_test, device, RESULTS)
