@@ -64,27 +64,25 @@ def reconstruct(source: nn.Module, model: nn.Module, names: list[str], replay: l
         return hook
 
     wanted_width = {n: w.shape[-1] for n, w in wanted.items()}
-    handles = [model.get_submodule(n).register_forward_pre_hook(refit(n)) for n in targets]
+    _forward_with(model, x, [model.get_submodule(n).register_forward_pre_hook(refit(n)) for n in targets])
+    return done
+
+
+def _forward_with(model: nn.Module, x: torch.Tensor, handles: list[Any]) -> None:
+    """One forward of x without gradients, then the hooks that watched it removed."""
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
-    return done
 
 
 def _rows_per_sample(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, int]:
     """Rows each sample gives each layer (1 for a classifier head, the tokens in a transformer)."""
     rows: dict[str, int] = {}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, n=n: rows.__setitem__(n, args[0].numel() // m.in_features)) for n in names]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with(model, x, [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, args, n=n: rows.__setitem__(n, args[0].numel() // m.in_features)) for n in names])
     return rows
 
 
@@ -117,12 +115,9 @@ def _outputs(source: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, 
     training = source.training
     source.eval()
     try:
-        with torch.no_grad():
-            source(x.to(next(source.parameters()).device))
+        _forward_with(source, x.to(next(source.parameters()).device), handles)
     finally:
         source.train(training)
-        for h in handles:
-            h.remove()
     return {n: v.to(x.device) for n, v in got.items()}
 
 
