@@ -59,3 +59,32 @@ def test_masked_layers_keep_the_mask_they_were_sized_with(trained):
     after = compress(model, plan, digits.train.x[:2], calib)
     assert torch.equal(after.fc2.parametrizations.weight.original, before.fc2.parametrizations.weight.original)
     assert not torch.equal(after.fc1.parametrizations.weight.original, before.fc1.parametrizations.weight.original)
+
+
+class _Shared(torch.nn.Module):
+    """A Linear applied twice per forward (tied weights): no single refit matches both calls."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, width), torch.nn.Linear(64, width)
+        self.mid = torch.nn.Linear(width, 32)
+        self.out = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        return self.out(torch.relu(self.mid(torch.relu(self.a(x)))) + torch.relu(self.mid(torch.relu(self.b(x)))))
+
+
+def test_a_layer_called_twice_per_forward_is_left_alone():
+    from autocompress.compression import reconstruct
+
+    torch.manual_seed(0)
+    source, pruned = _Shared().eval(), _Shared(width=16).eval()  # as if a and b had lost half their outputs
+    x = torch.randn(256, 64)
+    before = pruned.mid.weight.clone()
+    assert reconstruct.reconstruct(source, pruned, ["mid"], [], [(x, None)]) == []
+    assert torch.equal(pruned.mid.weight, before)
+    single = _Shared(width=16).eval()
+    single.forward = lambda x: single.out(torch.relu(single.mid(torch.relu(single.a(x.flatten(1))))))
+    source.forward = lambda x: source.out(torch.relu(source.mid(torch.relu(source.a(x.flatten(1))))))
+    assert reconstruct.reconstruct(source, single, ["mid"], [], [(x, None)]) == ["mid"]  # called once: refitted

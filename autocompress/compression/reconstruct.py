@@ -52,6 +52,8 @@ def reconstruct(source: nn.Module, model: nn.Module, names: list[str], replay: l
 
     def refit(name: str):  # noqa: ANN202
         def hook(mod: nn.Linear, args: tuple[torch.Tensor, ...]) -> None:
+            if name not in wanted:
+                return
             a = args[0].detach().reshape(-1, mod.in_features).float()
             y = wanted.pop(name).reshape(-1, wanted_width[name])
             if mod.out_features != y.shape[1]:  # its own outputs were pruned: keep the columns it kept
@@ -79,11 +81,13 @@ def _forward_with(model: nn.Module, x: torch.Tensor, handles: list[Any]) -> None
 
 
 def _rows_per_sample(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, int]:
-    """Rows each sample gives each layer (1 for a classifier head, the tokens in a transformer)."""
-    rows: dict[str, int] = {}
+    """Rows each sample gives each layer (1 for a classifier head, the tokens in a transformer); a
+    layer called more than once per forward (shared weights) is left out: one refit cannot match
+    each call's outputs."""
+    rows: dict[str, list[int]] = {}
     _forward_with(model, x, [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, args, n=n: rows.__setitem__(n, args[0].numel() // m.in_features)) for n in names])
-    return rows
+        lambda m, args, n=n: rows.setdefault(n, []).append(args[0].numel() // m.in_features)) for n in names])
+    return {n: r[0] for n, r in rows.items() if len(r) == 1}
 
 
 def _shrunk(module: nn.Module, source: nn.Module, name: str) -> bool:
