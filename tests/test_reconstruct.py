@@ -49,8 +49,9 @@ def test_channel_pruned_network_is_refitted_to_the_original_outputs(trained, tmp
 
 
 def test_masked_layers_keep_the_mask_they_were_sized_with(trained):
-    """A magnitude mask chosen after a refit could differ from the sized one (and so its bytes):
-    a layer pruned unstructured is left as it is."""
+    """A refit solves for every weight of a layer, and a mask then zeroes some of them: a layer
+    pruned unstructured is left as it is (its inputs lost channels too), the dense one before it
+    is refitted."""
     model, digits = trained
     calib = list(digits.train.batches(128, shuffle=True, seed=0, limit=4))
     plan = _plan({"prune": "unstructured", "amount": 0.5})

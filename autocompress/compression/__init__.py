@@ -226,15 +226,24 @@ def calibrate_model(model: nn.Module, batches: Batches | None, source: nn.Module
         recalibrate_bn(model, batches)
         model.eval()
         if source is not None and record["channel_replay"]:
-            layers = record["plan"]["layers"]
             folded = {layer for layer, _ in record["folded"]}
-            dense = [n for n, lp in layers.items() if n not in folded and n not in record["ranks"]
-                     and (lp["prune"] in ("none", "channel") or lp["amount"] == 0)]
+            dense = [n for n in record["plan"]["layers"] if n not in folded and n not in record["ranks"]
+                     and _unmasked(model.get_submodule(n))]
             reconstruct.reconstruct(source, model, dense, [(n, i) for n, i in record["channel_replay"]], batches)
     for m in mods:
         del m.act_observing, m.act_range
     if acts:
         _calibrate_acts(model, acts, batches or [])
+
+
+def _unmasked(module: nn.Module) -> bool:
+    """No weight of the layer is masked: a refit solves for every weight, and a mask would then
+    zero some of them (a masked layer would need a least squares over its kept weights alone)."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return True
+    comp = module.parametrizations["weight"][0]
+    mask = getattr(comp, "mask", None) if isinstance(comp, WeightCompressor) else None
+    return mask is None or bool(mask.all())
 
 
 def compressed_weights(model: nn.Module) -> list[tuple[str, str, nn.Module]]:

@@ -13,8 +13,8 @@ All target layers are refitted in one forward pass, in order, on as many calibra
 give twice the rows a layer has weights per output (MAX_INPUT_FLOATS at most; a layer that would
 have fewer rows than weights is left alone): a forward pre-hook solves each layer
 from its actual inputs (the layers before it already refitted) against the original model's
-outputs on the same samples. Only dense or channel-pruned layers are refitted: an unstructured
-mask chosen by magnitude would then differ from the one the plan was sized with.
+outputs on the same samples. Only layers without a mask are refitted (calibrate_model picks them):
+the masks (and so the bytes) are fixed at compress time, and a refit solves for every weight.
 """
 from __future__ import annotations
 
