@@ -5,8 +5,8 @@ read them. Those layers keep weights fitted to inputs that no longer exist: on L
 (conv2 half pruned, fc1 97%) the pruned network is at 30% validation accuracy before any
 fine-tune. Refitting each such Linear layer by ridge regression, so that it reproduces the
 original layer's outputs from the inputs the pruned network now gives it (He et al., "Channel
-Pruning for Accelerating Very Deep Neural Networks", 2017), brings it to 79%, and to 88% after a
-6 s fine-tune instead of 76%. Short screening fine-tunes then rank channel plans as the long
+Pruning for Accelerating Very Deep Neural Networks", 2017), brings it to 77%, and to 88.6% after
+a 6 s fine-tune instead of 75%. Short screening fine-tunes then rank channel plans as the long
 fine-tune does.
 
 All target layers are refitted in one forward pass, in order, on as many calibration samples as
@@ -55,7 +55,8 @@ def reconstruct(source: nn.Module, model: nn.Module, names: list[str], replay: l
             if name not in wanted:
                 return
             a = args[0].detach().reshape(-1, mod.in_features).float()
-            y = wanted.pop(name).reshape(-1, wanted_width[name])
+            y = wanted.pop(name)
+            y = y.reshape(-1, y.shape[-1])
             if mod.out_features != y.shape[1]:  # its own outputs were pruned: keep the columns it kept
                 gone = set(removed.get(name, []))
                 y = y[:, [i for i in range(y.shape[1]) if i not in gone]]
@@ -65,7 +66,6 @@ def reconstruct(source: nn.Module, model: nn.Module, names: list[str], replay: l
             done.append(name)
         return hook
 
-    wanted_width = {n: w.shape[-1] for n, w in wanted.items()}
     _forward_with(model, x, [model.get_submodule(n).register_forward_pre_hook(refit(n)) for n in targets])
     return done
 
@@ -144,9 +144,9 @@ def _solve(mod: nn.Linear, a: torch.Tensor, y: torch.Tensor) -> None:
     _param(mod, "weight").copy_(sol[:mod.in_features].T.to(w0.dtype))
     if mod.bias is not None:
         _param(mod, "bias").copy_(sol[mod.in_features].to(w0.dtype))
-    if parametrize.is_parametrized(mod, "weight"):
+    if parametrize.is_parametrized(mod, "weight"):  # the WeightCompressor's clipping, for the new weights
         for p in mod.parametrizations["weight"]:
-            if hasattr(p, "choose_clip") and getattr(p, "clip", None) is not None:
+            if getattr(p, "clip", None) is not None:
                 p.choose_clip(mod.parametrizations["weight"].original)
 
 
