@@ -88,18 +88,7 @@ def run_search_arm(budget: str, seconds: float, seed: int, a: Any, out: str) -> 
     res = search(budget, model=a.model, data=a.data, out=out, study="bench", time_budget=seconds, trials=a.trials,
                  seed=seed, split_seed=0, baseline_epochs=a.baseline_epochs, lr=a.lr, final_distill=a.final_distill,
                  device=a.device, limit=a.limit, progress=False)
-    wall = time.monotonic() - t0
-    trials = res.study.trials
-    states = [trial_state(t) for t in trials]
-    ran = [t for t in trials if t.user_attrs.get("seconds")]
-    overhead = [t.user_attrs["overhead_seconds"] / t.user_attrs["seconds"] for t in ran]
-    return {"arm": "S", "method": f"search (pick: trial {res.best.number})" if res.best else "search (no pick)",
-            "test_accuracy": res.test_accuracy, "val_accuracy": res.best_val,
-            "bytes": os.path.getsize(res.best_path) if res.best_path else None, "wall_s": wall,
-            "trials": {s.value: states.count(s) for s in set(states)},
-            "overhead_fraction": sum(overhead) / max(len(overhead), 1),
-            "overhead_per_trial_s": sum(t.user_attrs["overhead_seconds"] for t in ran) / max(len(ran), 1),
-            "plan": res.best.user_attrs.get("plan") if res.best else None}
+    return search_row(res, time.monotonic() - t0, "search")
 
 
 def run_default_arm(budget: str, seed: int, a: Any, out: str) -> dict[str, Any]:
@@ -108,15 +97,21 @@ def run_default_arm(budget: str, seed: int, a: Any, out: str) -> dict[str, Any]:
     t0 = time.monotonic()
     res = search(budget, model=a.model, data=a.data, out=out, study="bench", seed=seed, split_seed=0,
                  baseline_epochs=a.baseline_epochs, device=a.device, limit=a.limit, progress=False)
-    wall = time.monotonic() - t0
-    ran = [t for t in res.study.trials if t.user_attrs.get("seconds")]
-    states = [trial_state(t) for t in res.study.trials]
-    return {"arm": "S", "method": f"default search (pick: trial {res.best.number})" if res.best else "default search",
+    return search_row(res, time.monotonic() - t0, "default search")
+
+
+def search_row(res: Any, wall: float, label: str) -> dict[str, Any]:
+    """Arm S's JSON line: the pick's test and validation accuracy and bytes, the trial states, and
+    the overhead per trial (time outside fine-tune and evaluation)."""
+    trials = res.study.trials
+    states = [trial_state(t) for t in trials]
+    ran = [t for t in trials if t.user_attrs.get("seconds")]
+    overhead = [t.user_attrs["overhead_seconds"] / t.user_attrs["seconds"] for t in ran]
+    return {"arm": "S", "method": f"{label} (pick: trial {res.best.number})" if res.best else f"{label} (no pick)",
             "test_accuracy": res.test_accuracy, "val_accuracy": res.best_val,
             "bytes": os.path.getsize(res.best_path) if res.best_path else None, "wall_s": wall,
             "trials": {s.value: states.count(s) for s in set(states)},
-            "overhead_fraction": sum(t.user_attrs["overhead_seconds"] / t.user_attrs["seconds"] for t in ran)
-            / max(len(ran), 1),
+            "overhead_fraction": sum(overhead) / max(len(overhead), 1),
             "overhead_per_trial_s": sum(t.user_attrs["overhead_seconds"] for t in ran) / max(len(ran), 1),
             "plan": res.best.user_attrs.get("plan") if res.best else None}
 
