@@ -143,7 +143,7 @@ def small_layers(model: nn.Module, layers: list[str], share: float = EDGE_SHARE)
     return frozenset(out)
 
 
-def size_weights(model: nn.Module, layers: list[str], power: float = 0.5) -> dict[str, float]:
+def size_weights(model: nn.Module, layers: list[str], power: float) -> dict[str, float]:
     """(parameters / the largest layer's)^power: big layers lose most channels, small ones few."""
     numel = {n: layer_numel(model.get_submodule(n)) for n in layers}
     top = max(numel.values())
@@ -297,8 +297,7 @@ def warm_start_plans(model: nn.Module, space_layers: dict, size_of: SizeFn, limi
         if b not in shared_bits:
             continue
         for kind, power in CHANNEL_POWERS.items():
-            weights = size_weights(model, layers, power) if power else None
-            fit = fit_channels(space_layers, b, size_of, limit, weights, small=small)
+            fit = fit_channels(space_layers, b, size_of, limit, size_weights(model, layers, power), small=small)
             if fit is not None and fit[0] > 0:
                 out.append((f"{kind}-{b}bit-{fit[0]:.2f}", fit[1]))
     if sens is not None and all("amount" in c for c in space_layers.values()):

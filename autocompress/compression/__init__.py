@@ -229,7 +229,7 @@ def calibrate_model(model: nn.Module, batches: Batches | None, source: nn.Module
             folded = {layer for layer, _ in record["folded"]}
             dense = [n for n in record["plan"]["layers"] if n not in folded and n not in record["ranks"]
                      and _unmasked(model.get_submodule(n))]
-            reconstruct.reconstruct(source, model, dense, [(n, i) for n, i in record["channel_replay"]], batches)
+            reconstruct.reconstruct(source, model, dense, record["channel_replay"], batches)
     for m in mods:
         del m.act_observing, m.act_range
     if acts:
@@ -241,8 +241,8 @@ def _unmasked(module: nn.Module) -> bool:
     zero some of them (a masked layer would need a least squares over its kept weights alone)."""
     if not parametrize.is_parametrized(module, "weight"):
         return True
-    comp = module.parametrizations["weight"][0]
-    mask = getattr(comp, "mask", None) if isinstance(comp, WeightCompressor) else None
+    comp = compressor(module)
+    mask = comp.mask if isinstance(comp, WeightCompressor) else None
     return mask is None or bool(mask.all())
 
 

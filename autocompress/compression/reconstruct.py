@@ -30,10 +30,11 @@ MAX_INPUT_FLOATS = 1 << 24  # at most this many input floats (64 MB) go through 
 RIDGE = 0.1  # pull toward the current weights, relative to the mean squared input times the rows
 
 
-def reconstruct(source: nn.Module, model: nn.Module, names: list[str], replay: list[tuple[str, list[int]]],
+def reconstruct(source: nn.Module, model: nn.Module, names: list[str], replay: list[Any],
                 batches: list[tuple[torch.Tensor, Any]]) -> list[str]:
     """Refit, in place, each Linear layer of `model` named in `names` whose in_features shrank
-    against the same layer of `source`; returns the names refitted. A layer needs at least as many
+    against the same layer of `source` (`replay`: the record's channel replay, pairs of a layer
+    and the output channels it lost); returns the names refitted. A layer needs at least as many
     rows (samples, times tokens) as weights per output, else it is left as it is."""
     targets = [n for n, m in model.named_modules() if n in names and _shrunk(m, source, n)]
     if not targets or not batches:
@@ -60,7 +61,7 @@ def reconstruct(source: nn.Module, model: nn.Module, names: list[str], replay: l
             if mod.out_features != y.shape[1]:  # its own outputs were pruned: keep the columns it kept
                 gone = set(removed.get(name, []))
                 y = y[:, [i for i in range(y.shape[1]) if i not in gone]]
-            if y.shape[1] != mod.out_features or len(a) < mod.in_features + 1:
+            if y.shape[1] != mod.out_features:  # pruned with another layer's group: its kept columns unknown
                 return
             _solve(mod, a, y)
             done.append(name)
