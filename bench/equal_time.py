@@ -7,7 +7,7 @@ or loaded once, before either clock starts; both use the same train / validation
   to the budget by the search's own bisection) at the bit width chosen for this budget, compressed
   and fine-tuned with the finalists' recipe (distilled, cosine schedule) for all of T that is left
   after sizing, less the time to export and test it. The bit width is chosen once per budget,
-  outside U's clock (so in U's favour): each of 3, 4, 5 bits is fine-tuned for T/6 and the best on
+  outside U's clock (so in U's favour): each of 2, 3, 4, 5 bits that fits is fine-tuned for T/6 and the best on
   validation is kept.
 - S (search): `autocompress.search(budget, time_budget=T)` with the same split and seed.
 
@@ -39,7 +39,7 @@ from autocompress.train import evaluate
 from autocompress.trials import trial_state
 from autocompress.warmstart import fit_uniform
 
-UNIFORM_BITS = (3, 4, 5)
+UNIFORM_BITS = (2, 3, 4, 5)  # 2 bits: the only widths that still fit at 300x on LeNet-5 are 2 and 3
 TEST_RESERVE_EVALS = 3  # validation passes' worth of time U keeps for export, load and test
 
 
