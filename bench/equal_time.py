@@ -26,7 +26,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -35,6 +35,7 @@ from autocompress.artifact import export, load
 from autocompress.compression import compress, kept_weights
 from autocompress.cost import artifact_size
 from autocompress.finetune import FinetuneConfig, finetune
+from autocompress.plan import CompressionPlan
 from autocompress.train import evaluate
 from autocompress.trials import trial_state
 from autocompress.warmstart import fit_uniform
@@ -50,9 +51,21 @@ def fit(model, spec, data, limit: int, bits: int):
 
 def run_uniform(model, spec, data, limit: int, bits: int, seconds: float, seed: int, distill: float, lr: float,
                 device: str, out: str) -> dict[str, Any]:
-    """Arm U: size, compress, fine-tune for what is left of `seconds`, export, test."""
+    """Arm U: the uniform plan at `bits` sized to `limit`, fine-tuned for what is left of `seconds`."""
+    def make_plan():
+        sparsity, plan = fit(model, spec, data, limit, bits)
+        return f"uniform {bits} bit, sparsity {sparsity:.3f}", plan
+
+    return run_plan(model, spec, data, make_plan, seconds, seed, distill, lr, device,
+                    os.path.join(out, f"uniform-{bits}b-{seed}.acz"))
+
+
+def run_plan(model, spec, data, make_plan: Callable[[], tuple[str, CompressionPlan]], seconds: float, seed: int,
+             distill: float, lr: float, device: str, path: str) -> dict[str, Any]:
+    """Make the plan (on the clock), compress, fine-tune for what is left of `seconds`, export to
+    `path`, test. The finalists' recipe: distilled, cosine schedule."""
     t0 = time.monotonic()
-    sparsity, plan = fit(model, spec, data, limit, bits)
+    method, plan = make_plan()
     calib = list(data.train.batches(128, shuffle=True, seed=seed, limit=4))
     cm = compress(model, plan, data.train.x[:2], calib)
     t_eval = time.perf_counter()
@@ -61,12 +74,10 @@ def run_uniform(model, spec, data, limit: int, bits: int, seconds: float, seed: 
     left = seconds - (time.monotonic() - t0) - TEST_RESERVE_EVALS * per_eval * len(data.test) / len(data.val)
     res = finetune(cm, data.train, data.val, FinetuneConfig(epochs=0, lr=lr, distill=distill, seed=seed, seconds=left),
                    teacher=model if distill > 0 else None, l1_weights=lambda: kept_weights(cm), device=device)
-    path = os.path.join(out, f"uniform-{bits}b-{seed}.acz")
     size = export(cm.cpu(), path, spec)
     test = evaluate(load(path), data.test, device)
-    return {"arm": "U", "method": f"uniform {bits} bit, sparsity {sparsity:.3f}", "test_accuracy": test,
-            "val_accuracy": res.val_acc[-1], "bytes": size, "wall_s": time.monotonic() - t0,
-            "epochs": len(res.train_loss), "steps": res.steps}
+    return {"arm": "U", "method": method, "test_accuracy": test, "val_accuracy": res.val_acc[-1], "bytes": size,
+            "wall_s": time.monotonic() - t0, "epochs": len(res.train_loss), "steps": res.steps}
 
 
 def choose_bits(model, spec, data, limit: int, seconds: float, distill: float, lr: float, device: str,
