@@ -7,6 +7,7 @@ can rebuild the architecture: a built-in name (lenet5, mlp, resnet18), `torchvis
 """
 from __future__ import annotations
 
+import collections
 import inspect
 import os
 from dataclasses import asdict, dataclass
@@ -196,10 +197,23 @@ def load_weights(model: nn.Module, path: str) -> None:
     if not isinstance(state, dict):
         raise UserError(f"checkpoint {path} holds no state dict")
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
+        model.load_state_dict(with_metadata(state, model))
+    except (RuntimeError, ValueError) as e:
         first = str(e).splitlines()[0]
         raise UserError(f"checkpoint {path} does not fit the model: {first}") from None
+
+
+def with_metadata(state: dict, model: nn.Module) -> dict:
+    """`state` carrying `model`'s per-module version metadata when it has none of its own.
+
+    A state dict rebuilt as a plain dict (`{k: v.cpu() for ...}`) loses the `_metadata` that
+    `state_dict()` attaches, and some torchvision modules refuse to load without it (MNASNet
+    raises "version should be set to 1 or 2"). The checkpoint is taken to come from the same code."""
+    if getattr(state, "_metadata", None) is not None:
+        return state
+    out = collections.OrderedDict(state)
+    out._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+    return out
 
 
 def logits_of(output: Any) -> torch.Tensor:
