@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autocompress.api import search  # noqa: E402
-from autocompress.compression import compress, kept_weights  # noqa: E402
+from autocompress.compression import compress, kept_weights, recalibrate_bn  # noqa: E402
 from autocompress.cost.latency import PLANS, held_out_error, measure_latency  # noqa: E402
 from autocompress.cost.profile import Yardstick, profile, random_plan, time_plan  # noqa: E402
 from autocompress.data import load_data  # noqa: E402
@@ -123,7 +123,8 @@ def run_model(name: str, a: argparse.Namespace, write) -> dict:
         model = compress(net, plan, bundle.train.x[:2], calib)
         finetune(model, bundle.train, bundle.val, FinetuneConfig(epochs=a.finetune_epochs, max_batches=a.max_batches,
                                                                  distill=a.distill), teacher=net,
-                 l1_weights=lambda: kept_weights(model), progress=False, device=a.device)
+                 l1_weights=lambda: kept_weights(model), progress=False, device=a.device,
+                 recalibrate=lambda: recalibrate_bn(model, calib))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "m.acz")
             size = export(model, path, spec)

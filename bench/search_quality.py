@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from autocompress.api import search  # noqa: E402
-from autocompress.compression import compress, kept_weights  # noqa: E402
+from autocompress.compression import compress, kept_weights, recalibrate_bn  # noqa: E402
 from autocompress.cost import artifact_size  # noqa: E402
 from autocompress.data import load_data  # noqa: E402
 from autocompress.artifact import export, load  # noqa: E402
@@ -61,7 +61,8 @@ def best_uniform(model, spec, data, limit: int, epochs: int, lr: float, distill:
         sparsity, plan = fit
         cm = compress(model, plan, example, calib)
         res = finetune(cm, data.train, data.val, FinetuneConfig(epochs=epochs, lr=lr, distill=distill),
-                       teacher=model if distill > 0 else None, l1_weights=lambda: kept_weights(cm), device=device)
+                       teacher=model if distill > 0 else None, l1_weights=lambda: kept_weights(cm), device=device,
+                       recalibrate=lambda: recalibrate_bn(cm, calib))
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "u.acz")
             size = export(cm, path, spec)

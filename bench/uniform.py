@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from autocompress.compression import compress, kept_weights  # noqa: E402
+from autocompress.compression import compress, kept_weights, recalibrate_bn  # noqa: E402
 from autocompress.cost import artifact_size  # noqa: E402
 from autocompress.data import load_data  # noqa: E402
 from autocompress.artifact import export, load  # noqa: E402
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             size = artifact_size(cm, spec)
             t0 = time.perf_counter()
             res = finetune(cm, data.train, data.val, FinetuneConfig(epochs=a.epochs, lr=a.lr, max_batches=a.max_batches),
-                           l1_weights=lambda: kept_weights(cm), device=a.device)
+                           l1_weights=lambda: kept_weights(cm), device=a.device,
+                           recalibrate=lambda: recalibrate_bn(cm, calib))
             ft = time.perf_counter() - t0
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "m.acz")
