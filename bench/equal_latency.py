@@ -77,9 +77,16 @@ def timed(row: dict, path: str, net, data, x: torch.Tensor, a: argparse.Namespac
     ref, lat = paired(net, dep, x, argparse.Namespace(threads=a.threads, repeats=200, device="cpu"))
     row.update({"deployed_test_accuracy": evaluate(dep, data.test), "latency_ms": lat.median_ms,
                 "fp32_ms_paired": ref.median_ms, "speedup": ref.median_ms / lat.median_ms,
-                "budget_ms": budget_ms, "within_budget": lat.median_ms <= budget_ms,
-                "backend": getattr(dep, "backend", "float")})
+                "budget_ms": budget_ms, "backend": getattr(dep, "backend", "float")})
     return row
+
+
+def on_budget_scale(row: dict) -> float:
+    """The arm's latency on the scale of the fp32 timing the budget came from: its measured
+    latency times fp32 (when the budget was set) / fp32 (timed beside it). The shared machine's
+    speed drifts (the fp32 original read 0.448 ms and 0.747 ms in two pairings of one run), and
+    the pairing cancels that drift where a raw comparison with the budget would not."""
+    return row["latency_ms"] * row["fp32_ms"] / row["fp32_ms_paired"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,10 +150,12 @@ def write_summary(jsonl: str, md: str) -> None:
         if "latency_ms" in r:
             cases.setdefault((r["model"], r["divide"], r["time_budget_s"]), {}).setdefault(r["arm"], []).append(r)
     lines = ["# Search vs the uniform channel plan under a CPU batch-1 latency budget, equal time (issue 14)", "",
-             "Deployed test accuracy (%, int8 kernels, the model that runs) and latency measured beside the "
-             "fp32 original; mean ± sd over seeds. See bench/equal_latency.py.", "",
+             "Deployed test accuracy (%, int8 kernels, the model that runs) and batch-1 latency (ms, timed "
+             "beside the fp32 original and put on the scale of the fp32 timing the budget came from); mean ± sd "
+             "over seeds. See bench/equal_latency.py.", "",
              "| model | budget | T | seeds | fp32 test | U test | S test | S - U | U ms | S ms | within budget U / S | "
              "U speed-up | S speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    within = lambda rs: sum(on_budget_scale(r) <= r["budget_ms"] for r in rs)  # noqa: E731
     for (model, divide, T), arms in cases.items():
         u, s = arms.get("U", []), arms.get("S", [])
         if not u or not s:
@@ -156,8 +165,8 @@ def write_summary(jsonl: str, md: str) -> None:
             f"| {model} | fp32 / {divide:g} = {u[0]['budget_ms']:.3f} ms | {T:.0f}s | {len(s)} | "
             f"{u[0]['baseline_test'] * 100:.2f} | {_ms(acc(u))} | {_ms(acc(s))} | "
             f"{(statistics.mean(acc(s)) - statistics.mean(acc(u))) * 100:+.2f} | "
-            f"{_ms([r['latency_ms'] for r in u], 1, 3)} | {_ms([r['latency_ms'] for r in s], 1, 3)} | "
-            f"{sum(r['within_budget'] for r in u)}/{len(u)} / {sum(r['within_budget'] for r in s)}/{len(s)} | "
+            f"{_ms([on_budget_scale(r) for r in u], 1, 3)} | {_ms([on_budget_scale(r) for r in s], 1, 3)} | "
+            f"{within(u)}/{len(u)} / {within(s)}/{len(s)} | "
             f"{statistics.mean(r['speedup'] for r in u):.2f}x | {statistics.mean(r['speedup'] for r in s):.2f}x |")
     with open(md, "w") as f:
         f.write("\n".join(lines) + "\n")
