@@ -19,7 +19,7 @@ from .console import progress_bar, trial_printer
 from .context import SearchContext, SearchOutcome
 from .cost import space_untouchable
 from .memory import SettleAfterFirst, settle
-from .objective import Objective, TrialFailed, quiet_failed_trials, sized
+from .objective import Objective, TrialFailed, predicted_latency, quiet_failed_trials, sized
 from .plan import CompressionPlan, format_bytes
 from .refine import refine, refine_timed
 from .report import format_table, print_table, trial_rows
@@ -144,7 +144,7 @@ def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Searc
                        parent: str, limit: int, remaining: int) -> None:
     """Sensitivity analysis (cached per weights), then the uniform and knapsack plans as first trials."""
     from .sensitivity import cached_analyse
-    from .warmstart import to_params, warm_start_plans
+    from .warmstart import fast_plans, to_params, warm_start_plans
 
     t0 = time.perf_counter()
     seconds = settings.sensitivity_seconds
@@ -158,6 +158,8 @@ def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Searc
     tracker.log_file(parent, cache)
     study.set_user_attr(StudyAttr.SENSITIVITY, sens.table())  # the heat map of the review
     plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: sized(ctx, p)[1], limit, sens)
+    if settings.latency_budget_ms is not None and ctx.latency is not None:
+        plans = fast_plans(ctx.model, ctx.space.layers, lambda p: latency_cost(ctx, settings, p, limit), limit) + plans
     plans = interleave(plans)[:remaining]  # never more than the trials asked
     for name, plan in plans:
         params = to_params(plan, ctx.space.layers)
@@ -166,10 +168,19 @@ def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Searc
     print(f"warm start: {', '.join(n for n, _ in plans) or 'no plan fits'}")
 
 
+def latency_cost(ctx: SearchContext, settings: SearchSettings, plan: CompressionPlan, limit: int) -> int:
+    """A plan's bytes, or its predicted latency as the same share of `limit` as of the latency
+    budget when that is larger: <= limit fits both budgets (the warm start's fast plans)."""
+    compressed, size = sized(ctx, plan)
+    ms = predicted_latency(ctx, settings.device, compressed)
+    return max(size, int(limit * ms / settings.latency_budget_ms))
+
+
 def interleave(plans: list[tuple[str, CompressionPlan]]) -> list[tuple[str, CompressionPlan]]:
-    """The knapsack plan first, then the uniform and the channel plans taken in turn, each family
-    in its own order: when only a few trials run (a short --time-budget), both kinds get tried."""
-    first = [p for p in plans if p[0] == "knapsack"]
+    """The fast plans of a latency budget and the knapsack plan first, then the uniform and the
+    channel plans taken in turn, each family in its own order: when only a few trials run (a
+    short --time-budget), both kinds get tried."""
+    first = [p for p in plans if p[0].startswith("fast-")] + [p for p in plans if p[0] == "knapsack"]
     families = [[p for p in plans if p[0].startswith("uniform")],
                 [p for p in plans if p[0].startswith("channels")]]
     rest = [p for p in plans if p not in first and not any(p in f for f in families)]

@@ -163,6 +163,21 @@ def fit_channels(space_layers: dict, bits: int, size_of: SizeFn, limit: int, wei
     return None if x is None else (x, plan(x))
 
 
+def fast_plans(model: nn.Module, space_layers: dict, cost_of: SizeFn, limit: int) -> list[tuple[str, CompressionPlan]]:
+    """Under a latency budget: the channel plans (the same fraction everywhere, and by layer size)
+    at 8 bits whose `cost_of` (bytes, raised to the budget's share of the latency when that is the
+    larger) fits `limit`. Int8 kernels run a 3-bit layer no faster than an 8-bit one, so below 8
+    bits a plan loses accuracy and gains no speed; the size-driven plans above all have 3-5 bits."""
+    if not all(8 in c["bits"].values for c in space_layers.values()):
+        return []
+    layers, out = list(space_layers), []
+    for kind, power in CHANNEL_POWERS.items():
+        fit = fit_channels(space_layers, 8, cost_of, limit, size_weights(model, layers, power))
+        if fit is not None and all(fit[1] != plan for _, plan in out):  # at fraction 0 all are the dense plan
+            out.append((f"fast-{kind}-8bit-{fit[0]:.2f}", fit[1]))
+    return out
+
+
 def _entropy_bits(n: int, density: float) -> float:
     if density <= 0 or density >= 1:
         return 0.0

@@ -145,3 +145,16 @@ def test_timing_plans_leaves_the_callers_model_where_it_is(lenet):
     assert next(net.parameters()).device.type == "cpu"
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert {r["name"]: r["out"] for r in rows}["conv2"] == 25 and res.median_ms > 0
+
+
+def test_a_latency_budget_search_tries_the_8_bit_channel_plans_first(tmp_path):
+    """Under a latency budget the warm start leads with the 8-bit channel plans that fit it (bits
+    below 8 buy no speed from int8 kernels); the size-driven plans follow."""
+    from autocompress.api import search
+    from autocompress.trials import Attr
+
+    res = search("2x", model="lenet5", data="digits", out=str(tmp_path), trials=1, baseline_epochs=1,
+                 latency_budget="1s", latency_threads=1, latency_plans=6, final_top=0, progress=False)
+    first = min(res.study.trials, key=lambda t: t.number)
+    assert first.user_attrs[Attr.WARM_START].startswith("fast-")
+    assert {lp["bits"] for lp in first.user_attrs["plan"]["layers"].values()} == {8}

@@ -287,3 +287,25 @@ def test_global_amounts_threshold_is_the_kth_smallest_magnitude():
         want = {n: min(float((layer_weight(model.get_submodule(n)).detach().abs() <= thr).float().mean()), 0.999)
                 for n in names}
         assert global_amounts(model, sparsity, names) == want
+
+
+def test_fast_plans_under_a_latency_budget_are_8_bit_channel_plans_that_just_fit():
+    """Int8 kernels run a 3-bit layer no faster than an 8-bit one: the fast plans keep 8 bits and
+    remove channels, the least fraction whose cost fits; where the dense 8-bit plan already fits,
+    it is the one plan (the three families all give it)."""
+    from autocompress.warmstart import fast_plans
+
+    model = build_model(ModelSpec("lenet5", 10, 1, 28)).eval()
+    example = torch.zeros(2, 1, 28, 28)
+    layers = load_space(None).bind(model, example).layers
+    size_of = lambda p: artifact_size(compress(model, p, example, calibrate=False),  # noqa: E731
+                                      ModelSpec("lenet5", 10, 1, 28))
+    dense = size_of(uniform_plan(model, 0.0, 8))
+    plans = dict(fast_plans(model, layers, size_of, dense // 3))
+    assert len(plans) >= 2 and all(k.startswith("fast-channels") for k in plans)
+    for name, plan in plans.items():
+        assert {lp.bits for lp in plan.layers.values()} == {8}
+        assert plan.layers["fc1"].prune == "channel" and 0.2 < plan.layers["fc1"].amount < 0.9
+        assert 0.85 * dense // 3 <= size_of(plan) <= dense // 3, name
+    (only,) = fast_plans(model, layers, size_of, dense)
+    assert all(lp.prune == "none" and lp.bits == 8 for lp in only[1].layers.values())
