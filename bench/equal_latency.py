@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--final-distill", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads, for training and for the timed batch-1 runs")
     ap.add_argument("--tag", default="equal_latency")
+    ap.add_argument("--arms", default="U,S", help="the arms to run (S alone after a change to the search)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     data = load_data(a.data, seed=0)
@@ -117,16 +118,20 @@ def main(argv: list[str] | None = None) -> None:
     jsonl = os.path.join(RESULTS, f"{a.tag}.jsonl")
     for seed in [int(s) for s in a.seeds.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
-            u_path = os.path.join(tmp, "u.acz")
-            u = run_plan(net, spec, data, lambda: fastest_channel_plan(net, layers, x, budget_ms, a.threads),
-                         a.equal_time, seed, a.final_distill, a.lr, "cpu", u_path)
-            t0 = time.monotonic()
-            res = search("2x", model=a.model, data=a.data, out=os.path.join(tmp, "s"), study="bench",
-                         time_budget=a.equal_time, trials=a.trials, seed=seed, split_seed=0,
-                         baseline_epochs=a.baseline_epochs, lr=a.lr, final_distill=a.final_distill, device="cpu",
-                         latency_budget=budget_ms, latency_threads=a.threads, latency_batch_size=1, progress=False)
-            s = search_row(res, time.monotonic() - t0, "search")
-            for row, path in ((u, u_path), (s, res.best_path)):
+            runs = []
+            if "U" in a.arms.split(","):
+                u_path = os.path.join(tmp, "u.acz")
+                runs.append((run_plan(net, spec, data, lambda: fastest_channel_plan(net, layers, x, budget_ms, a.threads),
+                                      a.equal_time, seed, a.final_distill, a.lr, "cpu", u_path), u_path))
+            if "S" in a.arms.split(","):
+                t0 = time.monotonic()
+                res = search("2x", model=a.model, data=a.data, out=os.path.join(tmp, "s"), study="bench",
+                             time_budget=a.equal_time, trials=a.trials, seed=seed, split_seed=0,
+                             baseline_epochs=a.baseline_epochs, lr=a.lr, final_distill=a.final_distill, device="cpu",
+                             latency_budget=budget_ms, latency_threads=a.threads, latency_batch_size=1,
+                             progress=False)
+                runs.append((search_row(res, time.monotonic() - t0, "search"), res.best_path))
+            for row, path in runs:
                 row = timed(row, path, net, data, x, a, budget_ms) if path else row
                 row.update({"seed": seed, "model": a.model, "data": data.name, "time_budget_s": a.equal_time,
                             "divide": a.divide, "fp32_ms": fp32, "baseline_test": base_test, "threads": a.threads,
