@@ -103,13 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads, for training and for the timed batch-1 runs")
     ap.add_argument("--tag", default="equal_latency")
     ap.add_argument("--arms", default="U,S", help="the arms to run (S alone after a change to the search)")
+    ap.add_argument("--fp32-ms", type=float, help="the fp32 latency the budget divides (a rerun: the earlier run's)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     data = load_data(a.data, seed=0)
     spec = ModelSpec(a.model, data.num_classes, data.in_channels, data.image_size, data=data.name)
     net, _ = baseline(spec, data, epochs=a.baseline_epochs, seed=0)
     x = data.test.x[:2]
-    fp32 = min(measure_latency(net, x, threads=a.threads, repeats=200).median_ms for _ in range(3))
+    fp32 = a.fp32_ms or min(measure_latency(net, x, threads=a.threads, repeats=200).median_ms for _ in range(3))
     budget_ms = fp32 / a.divide
     base_test = evaluate(net, data.test)
     layers = load_space(None).bind(net, data.train.x[:2]).layers
