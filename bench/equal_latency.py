@@ -44,7 +44,7 @@ from autocompress.plan import CompressionPlan  # noqa: E402
 from autocompress.space import load_space  # noqa: E402
 from autocompress.train import baseline, evaluate  # noqa: E402
 from autocompress.warmstart import channel_plan  # noqa: E402
-from equal_time import run_plan, search_row  # noqa: E402
+from equal_time import mean_sd, run_plan, search_row  # noqa: E402
 from latency import paired  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -143,11 +143,6 @@ def main(argv: list[str] | None = None) -> None:
     write_summary(jsonl, os.path.join(RESULTS, f"{a.tag}.md"))
 
 
-def _ms(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
-    m = statistics.mean(values) * scale
-    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
-
-
 def write_summary(jsonl: str, md: str) -> None:
     """Per (model, divide, T): each arm's deployed test accuracy and measured latency, mean ± sd."""
     rows = [json.loads(line) for line in open(jsonl)]
@@ -169,9 +164,9 @@ def write_summary(jsonl: str, md: str) -> None:
         acc = lambda rs: [r["deployed_test_accuracy"] for r in rs]  # noqa: E731
         lines.append(
             f"| {model} | fp32 / {divide:g} = {u[0]['budget_ms']:.3f} ms | {T:.0f}s | {len(s)} | "
-            f"{u[0]['baseline_test'] * 100:.2f} | {_ms(acc(u))} | {_ms(acc(s))} | "
+            f"{u[0]['baseline_test'] * 100:.2f} | {mean_sd(acc(u))} | {mean_sd(acc(s))} | "
             f"{(statistics.mean(acc(s)) - statistics.mean(acc(u))) * 100:+.2f} | "
-            f"{_ms([on_budget_scale(r) for r in u], 1, 3)} | {_ms([on_budget_scale(r) for r in s], 1, 3)} | "
+            f"{mean_sd([on_budget_scale(r) for r in u], 1, 3)} | {mean_sd([on_budget_scale(r) for r in s], 1, 3)} | "
             f"{within(u)}/{len(u)} / {within(s)}/{len(s)} | "
             f"{statistics.mean(r['speedup'] for r in u):.2f}x | {statistics.mean(r['speedup'] for r in s):.2f}x |")
     with open(md, "w") as f:

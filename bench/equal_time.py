@@ -171,9 +171,10 @@ def equal_time(a: Any, model, spec, data, original: int, base_test: float, devic
     write_summary(jsonl, os.path.join(results, f"{a.tag}.md"))
 
 
-def _ms(values: list[float]) -> str:
-    m = statistics.mean(values) * 100
-    return f"{m:.2f} ± {statistics.stdev(values) * 100:.2f}" if len(values) > 1 else f"{m:.2f}"
+def mean_sd(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """'mean ± sd' of values times scale (a percentage by default); the mean alone for one value."""
+    m = statistics.mean(values) * scale
+    return f"{m:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
 def write_summary(jsonl: str, md: str) -> None:
@@ -203,7 +204,7 @@ def write_summary(jsonl: str, md: str) -> None:
             if min(len(ut), len(st)) > 1 else float("nan")
         gap = lambda rs: statistics.mean(r["val_accuracy"] - r["test_accuracy"] for r in rs) * 100  # noqa: E731
         n_trials = statistics.mean(sum(r["trials"].values()) for r in s)
-        lines.append(f"| {model} | {budget} | {T if isinstance(T, str) else f'{T:.0f}s'} | {len(s)} | {fp32 * 100:.2f} | {_ms(ut)} | {_ms(st)} | "
+        lines.append(f"| {model} | {budget} | {T if isinstance(T, str) else f'{T:.0f}s'} | {len(s)} | {fp32 * 100:.2f} | {mean_sd(ut)} | {mean_sd(st)} | "
                      f"{diff * 100:+.2f} | {diff / loss:.0%} | {pooled * 100:.2f} | {gap(u):+.2f} / {gap(s):+.2f} | "
                      f"{statistics.mean(r['wall_s'] for r in u):.0f} / {statistics.mean(r['wall_s'] for r in s):.0f} s | "
                      f"{statistics.mean(r['overhead_fraction'] for r in s):.1%} | {n_trials:.1f} |")
