@@ -41,6 +41,7 @@ from autocompress.compression import compress  # noqa: E402
 from autocompress.cost.latency import measure_latency  # noqa: E402
 from autocompress.data import load_data  # noqa: E402
 from autocompress.deploy import deployable  # noqa: E402
+from autocompress.errors import UserError  # noqa: E402
 from autocompress.models import ModelSpec  # noqa: E402
 from autocompress.plan import CompressionPlan  # noqa: E402
 from autocompress.space import load_space  # noqa: E402
@@ -122,13 +123,16 @@ def main(argv: list[str] | None = None) -> None:
             if "S" in a.arms.split(","):
                 t0 = time.monotonic()
                 budget_ms = fp32_ms(net, x, a.threads) / a.divide  # on the search's clock, as U's timing is
-                res = search("2x", model=a.model, data=a.data, out=os.path.join(tmp, "s"), study="bench",
-                             time_budget=a.equal_time, trials=a.trials, seed=seed, split_seed=0,
-                             baseline_epochs=a.baseline_epochs, lr=a.lr, final_distill=a.final_distill, device="cpu",
-                             latency_budget=budget_ms, latency_threads=a.threads, latency_batch_size=1,
-                             progress=False)
-                runs.append(({**search_row(res, time.monotonic() - t0, "search"), "budget_ms": budget_ms},
-                             res.best_path))
+                try:
+                    res = search("2x", model=a.model, data=a.data, out=os.path.join(tmp, "s"), study="bench",
+                                 time_budget=a.equal_time, trials=a.trials, seed=seed, split_seed=0,
+                                 baseline_epochs=a.baseline_epochs, lr=a.lr, final_distill=a.final_distill,
+                                 device="cpu", latency_budget=budget_ms, latency_threads=a.threads,
+                                 latency_batch_size=1, progress=False)
+                    runs.append(({**search_row(res, time.monotonic() - t0, "search"), "budget_ms": budget_ms},
+                                 res.best_path))
+                except UserError as e:  # the budget refused: near the floor, one slow spell can do it
+                    runs.append(({"arm": "S", "refused": str(e), "budget_ms": budget_ms}, None))
             for row, path in runs:
                 row = timed(row, path, net, data, x, a) if path else row
                 row.update({"seed": seed, "model": a.model, "data": data.name, "time_budget_s": a.equal_time,
