@@ -74,6 +74,17 @@ def predicted_latency(ctx: SearchContext, device: str, compressed: nn.Module) ->
     return ctx.latency.predict_rows(plan_rows(compressed, ctx.example_input, device))
 
 
+def budget_load(ctx: SearchContext, settings: SearchSettings, plan: CompressionPlan, limit: int) -> float:
+    """Largest share of a budget a plan uses (its bytes of `limit`, and its predicted latency of
+    the latency budget when there is one): <= 1 fits both. Repair and the warm start's fast plans
+    fit plans by it."""
+    compressed, size = sized(ctx, plan)
+    load = size / limit
+    if settings.latency_budget_ms is not None:
+        load = max(load, predicted_latency(ctx, settings.device, compressed) / settings.latency_budget_ms)
+    return load
+
+
 class Objective:
     """The trial function Optuna calls: returns validation accuracy (and size / predicted latency
     for a multi-objective study)."""
@@ -173,12 +184,7 @@ class Objective:
         return ms
 
     def _load(self, plan: CompressionPlan) -> float:
-        """Largest share of a budget a plan uses (size, and predicted latency): <= 1 fits both."""
-        compressed, size = sized(self.ctx, plan)
-        load = size / self.limit
-        if self.s.latency_budget_ms is not None:
-            load = max(load, self._latency(compressed) / self.s.latency_budget_ms)
-        return load
+        return budget_load(self.ctx, self.s, plan, self.limit)
 
     def _fit(self, proposed: CompressionPlan) -> tuple[CompressionPlan, nn.Module, int]:
         """Compress the proposal; if it is over budget (and repair is on), tighten it into the budget.

@@ -8,6 +8,7 @@ submodule of that name would shadow it after its first import.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 import time
@@ -19,7 +20,7 @@ from .console import progress_bar, trial_printer
 from .context import SearchContext, SearchOutcome
 from .cost import space_untouchable
 from .memory import SettleAfterFirst, settle
-from .objective import Objective, TrialFailed, predicted_latency, quiet_failed_trials, sized
+from .objective import Objective, TrialFailed, budget_load, quiet_failed_trials, sized
 from .plan import CompressionPlan, format_bytes
 from .refine import refine, refine_timed
 from .report import format_table, print_table, trial_rows
@@ -159,21 +160,14 @@ def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Searc
     study.set_user_attr(StudyAttr.SENSITIVITY, sens.table())  # the heat map of the review
     plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: sized(ctx, p)[1], limit, sens)
     if settings.latency_budget_ms is not None and ctx.latency is not None:
-        plans = fast_plans(ctx.model, ctx.space.layers, lambda p: latency_cost(ctx, settings, p, limit), limit) + plans
+        cost = lambda p: math.ceil(limit * budget_load(ctx, settings, p, limit))  # noqa: E731  (<= limit: fits both)
+        plans = fast_plans(ctx.model, ctx.space.layers, cost, limit) + plans
     plans = interleave(plans)[:remaining]  # never more than the trials asked
     for name, plan in plans:
         params = to_params(plan, ctx.space.layers)
         if params is not None:
             study.enqueue_trial(params, user_attrs={Attr.WARM_START: name}, skip_if_exists=True)
     print(f"warm start: {', '.join(n for n, _ in plans) or 'no plan fits'}")
-
-
-def latency_cost(ctx: SearchContext, settings: SearchSettings, plan: CompressionPlan, limit: int) -> int:
-    """A plan's bytes, or its predicted latency as the same share of `limit` as of the latency
-    budget when that is larger: <= limit fits both budgets (the warm start's fast plans)."""
-    compressed, size = sized(ctx, plan)
-    ms = predicted_latency(ctx, settings.device, compressed)
-    return max(size, int(limit * ms / settings.latency_budget_ms))
 
 
 def interleave(plans: list[tuple[str, CompressionPlan]]) -> list[tuple[str, CompressionPlan]]:
