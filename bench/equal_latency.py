@@ -54,9 +54,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 FRACTIONS = [i / 20 for i in range(19)]  # 0, 0.05, ..., 0.9
 
 
-def fp32_ms(net, x: torch.Tensor, threads: int) -> float:
-    """The fp32 original's batch-1 latency now: the lowest of 3 medians."""
-    return min(measure_latency(net, x, threads=threads, repeats=200).median_ms for _ in range(3))
+def lowest_ms(model, x: torch.Tensor, threads: int) -> float:
+    """A model's batch-1 latency now: the lowest of 3 medians."""
+    return min(measure_latency(model, x, threads=threads, repeats=200).median_ms for _ in range(3))
 
 
 def fastest_channel_plan(model, layers: dict, x: torch.Tensor, divide: float, threads: int) -> tuple[str, CompressionPlan]:
@@ -67,8 +67,7 @@ def fastest_channel_plan(model, layers: dict, x: torch.Tensor, divide: float, th
     for f in FRACTIONS:
         plan = channel_plan(layers, f, 8)
         dep = deployable(compress(model, plan, x, calibrate=False), threads=threads)
-        ms = min(measure_latency(dep, x, threads=threads, repeats=200).median_ms for _ in range(3))
-        ref = fp32_ms(model, x, threads)
+        ms, ref = lowest_ms(dep, x, threads), lowest_ms(model, x, threads)
         print(f"  U: channels -{f:.0%}, int8: {ms:.3f} ms, fp32 {ref:.3f} ms: {ref / ms:.2f}x (budget {divide:g}x)",
               flush=True)
         if ref / ms >= divide:
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
                                       a.equal_time, seed, a.final_distill, a.lr, "cpu", u_path), u_path))
             if "S" in a.arms.split(","):
                 t0 = time.monotonic()
-                budget_ms = fp32_ms(net, x, a.threads) / a.divide  # on the search's clock, as U's timing is
+                budget_ms = lowest_ms(net, x, a.threads) / a.divide  # on the search's clock, as U's timing is
                 try:
                     res = search("2x", model=a.model, data=a.data, out=os.path.join(tmp, "s"), study="bench",
                                  time_budget=a.equal_time, trials=a.trials, seed=seed, split_seed=0,
