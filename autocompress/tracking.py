@@ -68,6 +68,18 @@ class Tracker:
         except Exception:
             return None
 
+    def _finish_system_metrics(self) -> None:
+        """Stop the monitor and log one last sample: it publishes only after each full interval, so a
+        study shorter than one interval would otherwise end with no system metrics at all."""
+        monitor, self._monitor = self._monitor, None
+        try:
+            monitor.finish()
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception:
+            pass  # system metrics are a courtesy: never fail a study over them
+
     def start_trial(self, number: int, params: dict[str, Any], plan: dict[str, Any], role: str = "trial") -> str:
         """A child run for Optuna trial `number` (role "trial"; "final" for its longer re-fine-tune),
         holding the plan summary, the plan as JSON and as a per-layer CSV, and its granularity mix
@@ -125,8 +137,7 @@ class Tracker:
         Its last metrics, series and tags go in the same write as the state tag."""
         status = {TrialState.FAILED: "FAILED", TrialState.INTERRUPTED: "KILLED"}.get(state, "FINISHED")
         if run_id == self.parent_id and self._monitor is not None:
-            self._monitor.finish()
-            self._monitor = None
+            self._finish_system_metrics()
         self.log(run_id, metrics, {**(tags or {}), "state": TrialState(state).value}, series=series)
         self.client.set_terminated(run_id, status)
 

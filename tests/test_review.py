@@ -302,3 +302,13 @@ def test_summary_md_is_readable_for_300_layers_and_lists_small_plans_per_layer()
     assert "blocks.0.fc" not in big and max(len(line) for line in big.splitlines()) < 200
     small = summary_markdown(study_of(4))
     assert "## Best plan per layer (trial 1)" in small and sum(line.startswith("| blocks.") for line in small.splitlines()) == 4
+
+
+def test_a_study_shorter_than_one_sampling_interval_still_has_system_metrics(tmp_path):
+    pytest.importorskip("psutil")
+    url = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(url, "short-study", artifact_dir=str(tmp_path / "artifacts"))
+    pid = tracker.start_parent("short", {"n": 1})
+    tracker.end(pid, "complete")  # well within the monitor's first 5 s interval
+    metrics = MlflowClient(tracking_uri=url).get_run(pid).data.metrics
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
