@@ -29,6 +29,8 @@ from .timebudget import trial_length
 from .tracking import Tracker
 from .trials import TS, Attr, TrialState
 
+KEEP_MAX_BYTES = 1 << 30  # parameter bytes of the trial models kept for the final phase, all together
+
 
 class TrialFailed(Exception):
     """A trial that failed for a reason of its own (NaN loss, a plan the model rejects, ...):
@@ -149,6 +151,8 @@ class Objective:
             acc = result.val_acc[-1]
             metrics["val_accuracy_final"] = acc
             state = TrialState.COMPLETE
+            if seconds is not None:
+                keep_for_final(self.ctx.trained, trial.number, acc, size, compressed, self.s.final_top)
             return acc, size
         except optuna.TrialPruned:
             state = TrialState.EARLY_STOPPED
@@ -219,6 +223,22 @@ class Objective:
             if epoch < last_epoch and trial.should_prune():
                 raise optuna.TrialPruned(f"val accuracy {acc:.4f} after epoch {epoch}")
         return report
+
+
+def keep_for_final(kept: dict[int, tuple[float, int, nn.Module]], number: int, acc: float, size: int,
+                   model: nn.Module, top: int) -> None:
+    """Keep trial `number`'s fine-tuned model while it is among the `top` most accurate (the
+    smaller breaks ties, as trials.finalists ranks them): a time-budgeted search's finalists then
+    go on training their screening fine-tune instead of starting again from the baseline, which
+    spent a finalist's first share relearning what its trial had learnt. Not kept when `top`
+    models would hold more than KEEP_MAX_BYTES of parameters."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    if top <= 0 or params * top > KEEP_MAX_BYTES or not math.isfinite(acc):
+        return
+    kept[number] = (acc, size, model)
+    ranked = sorted(kept, key=lambda n: (-kept[n][0], kept[n][1]))
+    for n in ranked[top:]:
+        del kept[n]
 
 
 def dominated_early(trial: optuna.Trial, acc: float, epoch: int, margin: float = 0.02) -> bool:

@@ -28,8 +28,8 @@ from .review import log_review
 from .settings import SearchSettings
 from .storage import StudyLock
 from .study import check_same_study, make_sampler, make_tracker, open_study, resume_cleanup, space_json
-from .timebudget import (Clock, Speed, describe, final_seconds, finalists_that_fit, probe_speed, screening_split,
-                         trial_seconds)
+from .timebudget import (Clock, Speed, describe, final_seconds, finalists_that_fit, overhead_estimate, probe_speed,
+                         screening_split, trial_seconds, trials_finetune_seconds)
 from .tracking import Tracker
 from .trials import Attr, StudyAttr, TrialState, accuracy, best_final, best_trial, pareto_trials
 from .workers import optimize_shared, spawn_workers, study_counts, wait_workers
@@ -99,9 +99,10 @@ def plan_time(settings: SearchSettings, ctx: SearchContext, trials: int) -> tupl
     speed = probe_speed(ctx, settings, ctx.screen_val)
     clock.start_exploring()
     left = clock.left(clock.explore_end)
-    seconds = trial_seconds(speed, left, trials)
+    overhead = overhead_estimate(speed, settings.calib_batches)
+    seconds = trial_seconds(speed, left, trials, overhead)
     timeout = max(min(left, settings.timeout or left), 1.0)  # at least one trial starts
-    print(describe(clock, speed, seconds, trials), flush=True)
+    print(describe(clock, speed, seconds, trials, overhead), flush=True)
     return replace(settings, trial_seconds=seconds, timeout=timeout), (clock, speed)
 
 
@@ -189,7 +190,8 @@ def finish(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tr
     if timed is not None and settings.final_top > 0:
         clock, speed = timed
         seconds = final_seconds(clock, speed, len(ctx.data.test))
-        k = finalists_that_fit(seconds, speed, settings.trial_seconds or 0.0, settings.final_top)
+        trial_s = trials_finetune_seconds(study.get_trials(deepcopy=False), settings.trial_seconds or 0.0)
+        k = finalists_that_fit(seconds, speed, trial_s, settings.final_top)
         if k > 0:
             print(f"final phase: {seconds:.0f}s for the top {k}", flush=True)
             refine_timed(study, settings, ctx, tracker, k, seconds)

@@ -73,7 +73,11 @@ def refine_timed(study: optuna.Study, settings: SearchSettings, ctx: SearchConte
     if not tops:
         return
     share = seconds * SCREEN_SHARE / len(tops) if len(tops) > 1 else seconds
-    models = {t.number: refine_one(study, settings, ctx, tracker, t, seconds=share) for t in tops}
+    kept = {n: m for n, (_, _, m) in ctx.trained.items()}
+    ctx.trained.clear()
+    models = {t.number: refine_one(study, settings, ctx, tracker, t, seconds=share, model=kept.pop(t.number, None),
+                                   from_trial=True)
+              for t in tops}
     left = seconds - (time.monotonic() - start)
     if len(tops) == 1 or left <= 0:
         return
@@ -84,18 +88,23 @@ def refine_timed(study: optuna.Study, settings: SearchSettings, ctx: SearchConte
 
 def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker,
                t: optuna.trial.FrozenTrial, *, epochs: int = 0, seconds: float | None = None,
-               model: nn.Module | None = None) -> nn.Module:
-    """Compress trial t's plan from the baseline (or go on training `model`, its compressed model
-    from an earlier call), fine-tune it for `epochs` or `seconds`, export it as final-N.acz and
-    record it in the study's "final" results; returns the fine-tuned model."""
+               model: nn.Module | None = None, from_trial: bool = False) -> nn.Module:
+    """Compress trial t's plan from the baseline (or go on training `model`: with `from_trial`,
+    the model its screening trial fine-tuned, else its compressed model from an earlier call),
+    fine-tune it for `epochs` or `seconds`, export it as final-N.acz and record it in the study's
+    "final" results; returns the fine-tuned model."""
     plan = CompressionPlan.from_dict(t.user_attrs[Attr.PLAN])
     start = time.perf_counter()
     collect()  # the trials' and the last finalist's models
     done = final_results(study)
-    before = done.get(str(t.number), {}) if model is not None else {}
+    before = done.get(str(t.number), {}) if model is not None and not from_trial else {}
+    if model is not None and from_trial:  # its trial's fine-tune counts, as a finalist's first share does
+        before = {"seconds": t.user_attrs.get(Attr.SECONDS, 0.0) - t.user_attrs.get(Attr.OVERHEAD_SECONDS, 0.0),
+                  "epochs": 0, "from": "trial"}
     distill = max(plan.distill, settings.final_distill)
     run_id = tracker.start_trial(t.number, {"phase": "final", "epochs": epochs if seconds is None else "time",
-                                             "seconds": seconds, "continued": model is not None, "distill": distill},
+                                             "seconds": seconds, "continued": before.get("from", model is not None),
+                                             "distill": distill},
                                  plan.to_dict(), role="final")
     state = TrialState.FAILED
     try:
@@ -117,13 +126,16 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
                  "search_val_accuracy": accuracy(t)}
         if seconds is not None:
             entry["seconds"] = round(trained, 1)
+        if before.get("from") == "trial" or done.get(str(t.number), {}).get("from_trial"):
+            entry["from_trial"] = True  # it went on from its screening trial's fine-tune
         done[str(t.number)] = entry
         study.set_user_attr(StudyAttr.FINAL, done)
         tracker.log_metrics(run_id, {"val_accuracy_final": res.val_acc[-1], "size_bytes": size,
                                      "trial_seconds": time.perf_counter() - start})
         state = TrialState.COMPLETE
         how = f"{entry['epochs']} epochs" if seconds is None else \
-            f"{trained:.0f}s ({entry['epochs']} epochs{', continued' if before else ''})"
+            f"{trained:.0f}s ({entry['epochs']} epochs{', continued' if before else ''}" \
+            f"{' from its trial' if before.get('from') == 'trial' else ''})"
         print(f"finalist trial {t.number:3d}: val {accuracy(t):.4f} -> {res.val_acc[-1]:.4f} after {how}, "
               f"{format_bytes(size)}", flush=True)
         return model

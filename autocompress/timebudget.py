@@ -15,6 +15,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import optuna
 import torch
 from torch import nn
 
@@ -23,10 +24,12 @@ from .data import TensorData
 from .models import logits_of
 from .settings import SearchSettings
 from .train import evaluate
+from .trials import Attr
 
 PROBE_STEPS = 3  # timed training steps of the probe (after one warm-up step)
 SCREEN_VAL_SAMPLES = 2000  # validation samples that score a screening trial (stratified, fixed)
-OVERHEAD_S = 0.25  # per-trial time outside fine-tune and evaluation (LeNet-5 on this CPU: 0.15-0.5 s)
+OVERHEAD_S = 0.25  # per-trial time outside fine-tune and evaluation, besides calibration (LeNet-5 on this CPU: 0.15-0.5 s)
+CALIB_PASSES = 3  # forwards of each calibration batch per trial: BN statistics, the refit's two passes
 MAX_OVERHEAD = 0.05  # of a screening trial's time
 MIN_TRIAL_S = (1 / MAX_OVERHEAD - 1) * OVERHEAD_S  # shortest screening fine-tune
 FINAL_RESERVE_EVALS = 3  # evaluations' worth of time kept for exporting, loading and testing the pick
@@ -35,11 +38,13 @@ REVIEW_RESERVE_S = 5.0  # and for the tables, plots and MLflow review after it
 
 @dataclass
 class Speed:
-    """Seconds per fine-tune step (with the teacher's forward) and per evaluation of `eval_samples`."""
+    """Seconds per fine-tune step (with the teacher's forward), per forward of one batch (the
+    teacher's) and per evaluation of `eval_samples`."""
 
     step_s: float
     eval_s: float
     eval_samples: int = 1
+    forward_s: float = 0.0
 
 
 @dataclass
@@ -82,31 +87,44 @@ def probe_speed(ctx: SearchContext, settings: SearchSettings, val: TensorData | 
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     batches = list(ctx.data.train.batches(settings.batch_size, shuffle=True, seed=settings.seed,
                                           limit=PROBE_STEPS + 1))
-    times = []
+    times, forwards = [], []
     for x, y in batches:
         t0 = time.perf_counter()
         x, y = x.to(settings.device), y.to(settings.device)
         with torch.no_grad():
             ctx.model(x)
+        forwards.append(time.perf_counter() - t0)
         loss = nn.functional.cross_entropy(logits_of(model(x)), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
     step_s = sum(times[1:]) / max(len(times) - 1, 1) if len(times) > 1 else times[0]
+    forward_s = sum(forwards[1:]) / max(len(forwards) - 1, 1) if len(forwards) > 1 else forwards[0]
     val = ctx.data.val if val is None else val
     t0 = time.perf_counter()
     evaluate(ctx.model, val, settings.device)
-    return Speed(step_s=step_s, eval_s=time.perf_counter() - t0, eval_samples=len(val))
+    return Speed(step_s=step_s, eval_s=time.perf_counter() - t0, eval_samples=len(val), forward_s=forward_s)
 
 
-def trial_seconds(speed: Speed, seconds: float, trials: int) -> float:
+def overhead_estimate(speed: Speed, calib_batches: int) -> float:
+    """A trial's seconds outside its fine-tune and evaluation, before any trial has measured them:
+    the fixed part (proposing, sizing, Optuna's and MLflow's writes, the artifact) and the
+    calibration passes of the compressed model, which grow with the model (mnasnet0_5 on one CPU
+    thread: 1.5-2 s, where LeNet-5 takes 0.3 s). Without it the first trials of a deep model were
+    planned as if it were LeNet-5, and spent 15-18% of their time outside the fine-tune."""
+    return OVERHEAD_S + CALIB_PASSES * calib_batches * speed.forward_s
+
+
+def trial_seconds(speed: Speed, seconds: float, trials: int, overhead: float = OVERHEAD_S) -> float:
     """Fine-tune seconds of each screening trial, so that `trials` of them (each with its
-    evaluation and overhead) fit in `seconds`; at least MIN_TRIAL_S, so fewer trials run when
+    evaluation and `overhead`) fit in `seconds`; at least long enough that the overhead is
+    MAX_OVERHEAD of the trial (MIN_TRIAL_S for the smallest models), so fewer trials run when
     the exploring time is short. Every trial trains for the same time, not the same number of
     batches: the final fine-tune is bounded by time too, so a plan that trains faster (fewer
     channels) rightly gets more steps, in screening as in the final."""
-    return max(seconds / max(trials, 1) - OVERHEAD_S - speed.eval_s, MIN_TRIAL_S)
+    shortest = max(overhead * (1 / MAX_OVERHEAD - 1), MIN_TRIAL_S)
+    return max(seconds / max(trials, 1) - overhead - speed.eval_s, shortest)
 
 
 def trial_length(planned: float, overheads: list[float]) -> float:
@@ -128,17 +146,30 @@ def final_seconds(clock: Clock, speed: Speed, test_size: int) -> float:
     return max(clock.left() - reserve, 0.0)
 
 
+def trials_finetune_seconds(trials: list[optuna.trial.FrozenTrial], planned: float) -> float:
+    """The median seconds the screening trials that trained spent fine-tuning and evaluating, as
+    they ran (trial_length makes them longer than planned when their overhead asks for it);
+    `planned` when none trained."""
+    ran = [t.user_attrs[Attr.SECONDS] - t.user_attrs[Attr.OVERHEAD_SECONDS] for t in trials
+           if Attr.SECONDS in t.user_attrs and Attr.OVERHEAD_SECONDS in t.user_attrs]
+    ran = [s for s in ran if s > 0]
+    return statistics.median(ran) if ran else planned
+
+
 def finalists_that_fit(seconds: float, speed: Speed, trial_s: float, finalists: int) -> int:
     """How many finalists the final phase can take (0: none). A finalist starts again from the
-    baseline, so each needs about three times its screening trial's fine-tune to end better
-    than the trial did; with less time, fewer finalists, and the best trial alone when none fit."""
-    return min(finalists, int(seconds // (3 * (trial_s + speed.eval_s))))
+    baseline, so each needs about three times its screening trial's fine-tune (`trial_s`, as
+    the trials ran) to end better than the trial did; with less time, fewer finalists, and the
+    best trial alone (re-fine-tuned for all of it) while that is at least twice its trial."""
+    per = trial_s + speed.eval_s
+    fit = min(finalists, int(seconds // (3 * per)))
+    return fit if fit > 0 or finalists < 1 else int(seconds >= 2 * per)
 
 
-def describe(clock: Clock, speed: Speed, seconds: float, trials: int) -> str:
+def describe(clock: Clock, speed: Speed, seconds: float, trials: int, overhead: float = OVERHEAD_S) -> str:
     """One line for the search header: how the budget is split."""
     explore = clock.explore_end - time.monotonic()
-    fit = min(trials, max(int(explore / (seconds + speed.eval_s + OVERHEAD_S)), 1))
+    fit = min(trials, max(int(explore / (seconds + speed.eval_s + overhead)), 1))
     return (f"time budget {_dur(clock.budget)}, {_dur(clock.left())} left after set-up: {_dur(explore)} exploring "
             f"(about {fit} trials, each fine-tuned for {seconds:.1f}s, about {seconds / speed.step_s:.0f} batches at "
             "the baseline's speed), the rest fine-tuning the finalists, then the best of them")

@@ -5,10 +5,13 @@ import time
 
 import optuna
 import pytest
+import torch
 
 from autocompress.api import search
+from autocompress.objective import KEEP_MAX_BYTES, keep_for_final
 from autocompress.timebudget import (MAX_OVERHEAD, MIN_TRIAL_S, OVERHEAD_S, Clock, Speed, final_seconds,
-                                     finalists_that_fit, trial_length, trial_seconds)
+                                     finalists_that_fit, overhead_estimate, trial_length, trial_seconds,
+                                     trials_finetune_seconds)
 from autocompress.trials import Attr, StudyAttr
 
 
@@ -37,7 +40,35 @@ def test_final_phase_keeps_a_reserve_and_is_skipped_when_too_short():
     assert 85.0 < left < 100.0 - 6.0  # at least 3 test-sized evaluations (6 s) kept back
     assert finalists_that_fit(left, speed, trial_s=8.0, finalists=3) == 3
     assert finalists_that_fit(30.0, speed, trial_s=8.0, finalists=3) == 1  # 3 x 9 s each
-    assert finalists_that_fit(20.0, speed, trial_s=8.0, finalists=3) == 0
+    # too short for several: the best trial alone, re-fine-tuned while that is at least twice its trial
+    assert finalists_that_fit(20.0, speed, trial_s=8.0, finalists=3) == 1
+    assert finalists_that_fit(17.0, speed, trial_s=8.0, finalists=3) == 0
+    assert finalists_that_fit(100.0, speed, trial_s=8.0, finalists=0) == 0
+
+
+def test_a_deep_models_first_trials_are_planned_with_its_calibration_passes():
+    """mnasnet0_5 on one CPU thread: a 0.12 s forward per batch, 1.5-2 s per trial outside the
+    fine-tune. Planned with LeNet-5's 0.25 s, its first trial ran 7 s and spent 18% outside it."""
+    speed = Speed(step_s=0.5, eval_s=1.0, forward_s=0.12)
+    overhead = overhead_estimate(speed, calib_batches=4)
+    assert 1.5 < overhead < 2.0
+    seconds = trial_seconds(speed, 57.0, 6, overhead)
+    assert overhead / (seconds + overhead) <= MAX_OVERHEAD
+    assert seconds == pytest.approx(overhead * (1 / MAX_OVERHEAD - 1))  # so fewer trials fit
+    lenet = Speed(step_s=0.01, eval_s=0.1, forward_s=0.002)
+    assert trial_seconds(lenet, 60.0, 6, overhead_estimate(lenet, 4)) == pytest.approx(
+        10.0 - overhead_estimate(lenet, 4) - 0.1)
+
+
+def test_finalists_are_sized_by_the_trials_as_they_ran():
+    """trial_length may lengthen the trials past the plan: the final phase must compare with them."""
+    study = optuna.create_study(direction="maximize")
+    for seconds, overhead in ((31.6, 1.5), (30.7, 2.0), (8.5, 1.6)):
+        t = optuna.trial.create_trial(value=0.5, user_attrs={Attr.SECONDS: seconds, Attr.OVERHEAD_SECONDS: overhead})
+        study.add_trial(t)
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING))
+    assert trials_finetune_seconds(study.trials, planned=7.3) == pytest.approx(28.7)  # 30.1, 28.7, 6.9
+    assert trials_finetune_seconds([], planned=7.3) == 7.3
 
 
 @pytest.mark.slow
@@ -55,6 +86,12 @@ def test_search_keeps_to_its_time_budget(tmp_path):
     assert outcome.best_path is not None and outcome.test_accuracy is not None
     final = study.user_attrs.get(StudyAttr.FINAL, {})
     assert final and all("seconds" in v for v in final.values())
+    # the finalists went on from their screening trials' fine-tunes (kept in memory), and their
+    # seconds count the trial's
+    for num, v in final.items():
+        assert v.get("from_trial") is True
+        trial = study.trials[int(num)]
+        assert v["seconds"] > trial.user_attrs[Attr.SECONDS] - trial.user_attrs[Attr.OVERHEAD_SECONDS]
     assert sum(v["seconds"] for v in final.values()) < 45
     assert wall < 90  # baseline training (3 epochs on digits) is not counted in the 45 s
     sizes = {t.user_attrs[Attr.SIZE_BYTES] for t in ran}
@@ -65,3 +102,18 @@ def test_search_keeps_to_its_time_budget(tmp_path):
         trained = t.user_attrs[Attr.SECONDS] - t.user_attrs[Attr.OVERHEAD_SECONDS]
         assert trained >= 0.9 * trial_length(MIN_TRIAL_S, overheads), t.number
         overheads.append(t.user_attrs[Attr.OVERHEAD_SECONDS])
+
+
+def test_only_the_best_trials_models_are_kept_for_the_final_phase():
+    kept: dict = {}
+    models = {n: torch.nn.Linear(4, 2) for n in range(5)}
+    for n, acc, size in ((0, 0.5, 100), (1, 0.7, 100), (2, 0.6, 90), (3, 0.7, 80), (4, float("nan"), 10)):
+        keep_for_final(kept, n, acc, size, models[n], top=2)
+    assert sorted(kept) == [1, 3]  # 0.7 twice (the smaller first), then nothing of 0.6, 0.5 or NaN
+    assert kept[3][2] is models[3]
+    keep_for_final(kept, 5, 0.9, 100, torch.nn.Linear(4, 2), top=0)  # no finalists: nothing kept
+    assert 5 not in kept
+    huge = torch.nn.Linear(20_000, 20_000, device="meta")  # 1.6 GB of parameters, none allocated
+    assert 4 * 20_000 ** 2 > KEEP_MAX_BYTES
+    keep_for_final(kept, 6, 0.9, 100, huge, top=2)
+    assert 6 not in kept
