@@ -151,7 +151,7 @@ class Objective:
             acc = result.val_acc[-1]
             metrics["val_accuracy_final"] = acc
             state = TrialState.COMPLETE
-            if seconds is not None:
+            if seconds is not None or self.s.final_epochs > 0:  # a final phase will go on training it
                 keep_for_final(self.ctx.trained, trial.number, acc, size, compressed, self.s.final_top)
             return acc, size
         except optuna.TrialPruned:
@@ -228,9 +228,9 @@ class Objective:
 def keep_for_final(kept: dict[int, tuple[float, int, nn.Module]], number: int, acc: float, size: int,
                    model: nn.Module, top: int) -> None:
     """Keep trial `number`'s fine-tuned model while it is among the `top` most accurate (the
-    smaller breaks ties, as trials.finalists ranks them): a time-budgeted search's finalists then
-    go on training their screening fine-tune instead of starting again from the baseline, which
-    spent a finalist's first share relearning what its trial had learnt. Not kept when `top`
+    smaller breaks ties, as trials.finalists ranks them): the finalists then go on training their
+    trial's fine-tune instead of starting again from the baseline, which spent a finalist's first
+    share (or first epoch) relearning what its trial had learnt. Not kept when `top`
     models would hold more than KEEP_MAX_BYTES of parameters."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     if top <= 0 or params * top > KEEP_MAX_BYTES or not math.isfinite(acc):

@@ -1,8 +1,9 @@
 """The second fidelity: the top-k plans of the search, fine-tuned longer, decide the final pick.
 
-Search trials use short fine-tunes (cheap, noisy); the finalists are re-compressed from the
-baseline and fine-tuned for `final_epochs`, scored on the validation split, and written as
-artifacts. Results live in the study's user attrs ("final") so `report` and `export` see them.
+Search trials use short fine-tunes (cheap, noisy); the finalists go on training their trial's
+fine-tuned model when this process kept it (objective.keep_for_final; else they are
+re-compressed from the baseline) for `final_epochs`, are scored on the validation split, and
+written as artifacts. Results live in the study's user attrs ("final") so `report` and `export` see them.
 """
 from __future__ import annotations
 
@@ -56,11 +57,20 @@ def refine(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tr
     """Fine-tune the top-k plans for `epochs` and record them (skips finalists already refined at
     that many epochs, so a resumed search does not redo them)."""
     done = final_results(study)
+    kept = take_trained(ctx)
     for t in finalists(study, k):
         key = str(t.number)
         if key in done and done[key]["epochs"] == epochs and "seconds" not in done[key]:
             continue
-        refine_one(study, settings, ctx, tracker, t, epochs=epochs)
+        refine_one(study, settings, ctx, tracker, t, epochs=epochs, model=kept.pop(t.number, None), from_trial=True)
+
+
+def take_trained(ctx: SearchContext) -> dict[int, nn.Module]:
+    """The fine-tuned models this process kept of its best trials (objective.keep_for_final), by
+    trial number; the context lets go of them, so each is freed once its finalist is done."""
+    kept = {n: m for n, (_, _, m) in ctx.trained.items()}
+    ctx.trained.clear()
+    return kept
 
 
 def refine_timed(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker, k: int,
@@ -73,8 +83,7 @@ def refine_timed(study: optuna.Study, settings: SearchSettings, ctx: SearchConte
     if not tops:
         return
     share = seconds * SCREEN_SHARE / len(tops) if len(tops) > 1 else seconds
-    kept = {n: m for n, (_, _, m) in ctx.trained.items()}
-    ctx.trained.clear()
+    kept = take_trained(ctx)
     models = {t.number: refine_one(study, settings, ctx, tracker, t, seconds=share, model=kept.pop(t.number, None),
                                    from_trial=True)
               for t in tops}
@@ -126,16 +135,16 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
                  "search_val_accuracy": accuracy(t)}
         if seconds is not None:
             entry["seconds"] = round(trained, 1)
-        if before.get("from") == "trial" or done.get(str(t.number), {}).get("from_trial"):
+        if before.get("from") == "trial" or before.get("from_trial"):
             entry["from_trial"] = True  # it went on from its screening trial's fine-tune
         done[str(t.number)] = entry
         study.set_user_attr(StudyAttr.FINAL, done)
         tracker.log_metrics(run_id, {"val_accuracy_final": res.val_acc[-1], "size_bytes": size,
                                      "trial_seconds": time.perf_counter() - start})
         state = TrialState.COMPLETE
-        how = f"{entry['epochs']} epochs" if seconds is None else \
-            f"{trained:.0f}s ({entry['epochs']} epochs{', continued' if before else ''}" \
-            f"{' from its trial' if before.get('from') == 'trial' else ''})"
+        origin = " from its trial" if before.get("from") == "trial" else ""
+        how = f"{entry['epochs']} epochs{', continued' + origin if origin else ''}" if seconds is None else \
+            f"{trained:.0f}s ({entry['epochs']} epochs{', continued' if before else ''}{origin})"
         print(f"finalist trial {t.number:3d}: val {accuracy(t):.4f} -> {res.val_acc[-1]:.4f} after {how}, "
               f"{format_bytes(size)}", flush=True)
         return model

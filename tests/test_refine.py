@@ -18,6 +18,7 @@ def test_final_phase_refines_the_top_plans_and_exports_the_best(tmp_path):
     final = outcome.study.user_attrs["final"]
     assert len(final) == 2
     assert all(f["distill"] == 0.5 for f in final.values())  # --final-distill's default, whatever the plan said
+    assert all(f.get("from_trial") for f in final.values())  # they went on from their trials' fine-tunes
     best_num, best = max(final.items(), key=lambda kv: kv[1]["val_accuracy"])
     assert outcome.best.number == int(best_num) and outcome.best_val == best["val_accuracy"]
     assert os.path.getsize(outcome.best_path) == best["size_bytes"] == os.path.getsize(best["artifact"])
