@@ -28,7 +28,7 @@ from .trials import Attr
 
 PROBE_STEPS = 3  # timed training steps of the probe (after one warm-up step)
 SCREEN_VAL_SAMPLES = 2000  # validation samples that score a screening trial (stratified, fixed)
-OVERHEAD_S = 0.25  # per-trial time outside fine-tune and evaluation, besides calibration (LeNet-5 on this CPU: 0.15-0.5 s)
+OVERHEAD_S = 0.25  # per-trial time outside fine-tune, evaluation and calibration (LeNet-5 on this CPU: 0.15-0.5 s)
 CALIB_PASSES = 3  # forwards of each calibration batch per trial: BN statistics, the refit's two passes
 MAX_OVERHEAD = 0.05  # of a screening trial's time
 MIN_TRIAL_S = (1 / MAX_OVERHEAD - 1) * OVERHEAD_S  # shortest screening fine-tune
@@ -157,10 +157,11 @@ def trials_finetune_seconds(trials: list[optuna.trial.FrozenTrial], planned: flo
 
 
 def finalists_that_fit(seconds: float, speed: Speed, trial_s: float, finalists: int) -> int:
-    """How many finalists the final phase can take (0: none). A finalist starts again from the
-    baseline, so each needs about three times its screening trial's fine-tune (`trial_s`, as
-    the trials ran) to end better than the trial did; with less time, fewer finalists, and the
-    best trial alone (re-fine-tuned for all of it) while that is at least twice its trial."""
+    """How many finalists the final phase can take (0: none). A finalist whose trial's model was
+    not kept (another worker's trial, a resumed search) starts again from the baseline, so each
+    gets about three times its screening trial's fine-tune (`trial_s`, as the trials ran); with
+    less time, fewer finalists, and the best trial alone (trained for all of it) while that is at
+    least twice its trial."""
     per = trial_s + speed.eval_s
     fit = min(finalists, int(seconds // (3 * per)))
     return fit if fit > 0 or finalists < 1 else int(seconds >= 2 * per)
