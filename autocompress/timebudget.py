@@ -172,8 +172,9 @@ def describe(clock: Clock, speed: Speed, seconds: float, trials: int, overhead: 
     explore = clock.explore_end - time.monotonic()
     fit = min(trials, max(int(explore / (seconds + speed.eval_s + overhead)), 1))
     return (f"time budget {_dur(clock.budget)}, {_dur(clock.left())} left after set-up: {_dur(explore)} exploring "
-            f"(about {fit} trials, each fine-tuned for {seconds:.1f}s, about {seconds / speed.step_s:.0f} batches at "
-            "the baseline's speed), the rest fine-tuning the finalists, then the best of them")
+            f"(about {fit} trial{'s' if fit != 1 else ''}, each fine-tuned for {seconds:.1f}s, "
+            f"about {seconds / speed.step_s:.0f} batches at the baseline's speed), the rest fine-tuning the finalists, "
+            "then the best of them")
 
 
 def _dur(seconds: float) -> str:
