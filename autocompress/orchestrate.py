@@ -20,7 +20,7 @@ from .console import progress_bar, trial_printer
 from .context import SearchContext, SearchOutcome
 from .cost import space_untouchable
 from .memory import SettleAfterFirst, settle
-from .objective import Objective, TrialFailed, budget_load, quiet_failed_trials, sized
+from .objective import Objective, TrialFailed, as_trial, budget_load, quiet_failed_trials, sized
 from .plan import CompressionPlan, format_bytes
 from .refine import refine, refine_timed
 from .report import format_table, print_table, trial_rows
@@ -159,9 +159,10 @@ def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Searc
           "most fragile first: " + ", ".join(sens.ranking()[:5]))
     tracker.log_file(parent, cache)
     study.set_user_attr(StudyAttr.SENSITIVITY, sens.table())  # the heat map of the review
-    plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: sized(ctx, p)[1], limit, sens)
+    plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: sized(ctx, as_trial(ctx, p))[1], limit, sens)
     if settings.latency_budget_ms is not None and ctx.latency is not None:
-        cost = lambda p: math.ceil(limit * budget_load(ctx, settings, p, limit))  # noqa: E731  (<= limit: fits both)
+        def cost(p: CompressionPlan) -> int:  # <= limit: fits both budgets
+            return math.ceil(limit * budget_load(ctx, settings, as_trial(ctx, p), limit))
         plans = fast_plans(ctx.model, ctx.space.layers, cost, limit) + plans
     plans = interleave(plans)[:remaining]  # never more than the trials asked
     for name, plan in plans:
