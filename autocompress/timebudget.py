@@ -99,12 +99,16 @@ def probe_speed(ctx: SearchContext, settings: SearchSettings, val: TensorData | 
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
-    step_s = sum(times[1:]) / max(len(times) - 1, 1) if len(times) > 1 else times[0]
-    forward_s = sum(forwards[1:]) / max(len(forwards) - 1, 1) if len(forwards) > 1 else forwards[0]
+    step_s, forward_s = _after_warm_up(times), _after_warm_up(forwards)
     val = ctx.data.val if val is None else val
     t0 = time.perf_counter()
     evaluate(ctx.model, val, settings.device)
     return Speed(step_s=step_s, eval_s=time.perf_counter() - t0, eval_samples=len(val), forward_s=forward_s)
+
+
+def _after_warm_up(times: list[float]) -> float:
+    """The mean of timings without the first (warm-up) one, unless it is the only one."""
+    return sum(times[1:]) / (len(times) - 1) if len(times) > 1 else times[0]
 
 
 def overhead_estimate(speed: Speed, calib_batches: int) -> float:
