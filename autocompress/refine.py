@@ -106,10 +106,13 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
     start = time.perf_counter()
     collect()  # the trials' and the last finalist's models
     done = final_results(study)
-    before = done.get(str(t.number), {}) if model is not None and not from_trial else {}
-    if model is not None and from_trial:  # its trial's fine-tune counts, as a finalist's first share does
+    if model is None:
+        before: dict = {}
+    elif from_trial:  # its trial's fine-tune counts, as a finalist's first share does
         before = {"seconds": t.user_attrs.get(Attr.SECONDS, 0.0) - t.user_attrs.get(Attr.OVERHEAD_SECONDS, 0.0),
                   "epochs": 0, "from": "trial"}
+    else:
+        before = done.get(str(t.number), {})
     distill = max(plan.distill, settings.final_distill)
     run_id = tracker.start_trial(t.number, {"phase": "final", "epochs": epochs if seconds is None else "time",
                                              "seconds": seconds, "continued": before.get("from", model is not None),
