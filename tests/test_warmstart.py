@@ -10,6 +10,7 @@ from autocompress.compression import compress
 from autocompress.cost import artifact_size
 from autocompress.data import TensorData, load_data
 from autocompress.models import MLP, LeNet5, ModelSpec, build_model, prunable_layers
+from autocompress.orchestrate import interleave
 from autocompress.sensitivity import analyse
 from autocompress.space import load_space
 from autocompress.train import evaluate, train_model
@@ -64,6 +65,21 @@ def test_knapsack_and_uniform_plans_fit_the_budget(digits):
             {**params, "recovery.distill": 0.0, **{k: "2:4" for k in _nm_params(layers)}}))
         assert size_of(rebuilt) <= limit, name  # on the space's grid, amounts only rounded up
     assert knapsack_plan(model, sens, 10, [0.5], [8]) is None  # nothing fits 10 bytes
+
+
+def test_a_short_search_tries_the_size_weighted_channel_plans_first_and_the_knapsack_last(digits):
+    """The warm start's order decides what a short --time-budget tries: two channel plans (the
+    size-weighted ones first) for each uniform plan, the knapsack plan (never an equal-time pick)
+    last. On mnasnet0_5 at 20x the channel plan that tested best after 300 s had been seventh."""
+    model = LeNet5(image_size=8).eval()
+    spec, example = ModelSpec("lenet5", 10, 1, 8), digits.train.x[:2]
+    size_of = lambda p: artifact_size(compress(model, p, example, calibrate=False), spec)  # noqa: E731
+    layers = load_space(None).bind(model).layers
+    sens = analyse(model, digits.val, example, amounts=(0.5, 0.9), bits=(2, 4), hessian_samples=1)
+    names = [n for n, _ in interleave(warm_start_plans(model, layers, size_of, 524_320 // 30, sens))]
+    kinds = [n.rsplit("-", 2)[0] for n in names]
+    assert kinds[:3] == ["channels-by-size", "channels-by-size-sqrt", "uniform"], names
+    assert kinds[3:6].count("uniform") == 1 and names[-1] == "knapsack", names
 
 
 def test_channel_plans_shrink_big_layers_most_and_keep_more_bits_in_the_small_ones():
