@@ -33,14 +33,19 @@ def finetune_and_export(model: nn.Module, plan: CompressionPlan, size: int, path
                         ctx: SearchContext, *,
                         epochs: int, max_batches: int | None, report: Callable[[float, int], None],
                         min_distill: float = 0.0, seconds: float | None = None,
-                        val: TensorData | None = None) -> FinetuneResult:
+                        val: TensorData | None = None, phase: int = 0) -> FinetuneResult:
     """Fine-tune a compressed model (distilled from the baseline when the plan asks, or with
     weight at least `min_distill`), write its artifact to `path`, and check the file has exactly
     the `size` bytes the cost model reported. Shared by search trials and finalists so both are
-    trained and stored the same way."""
+    trained and stored the same way.
+
+    Every trial sees the same batches in the same order (a fair comparison); `phase` > 0 (a model
+    that goes on from its trial or its finalist share) shuffles with another seed, so that a
+    continued model does not start again on the batches of its earlier fine-tunes: a time-budgeted
+    pick went through its first 86 batches three times before it saw the end of an epoch."""
     distill = max(plan.distill, min_distill)
     config = FinetuneConfig(epochs=epochs, lr=settings.lr, batch_size=settings.batch_size, max_batches=max_batches,
-                            distill=distill, temperature=plan.temperature, l1=plan.l1, seed=settings.seed,
+                            distill=distill, temperature=plan.temperature, l1=plan.l1, seed=settings.seed + phase,
                             seconds=seconds)
     result = finetune(model, ctx.data.train, ctx.data.val if val is None else val, config,
                       teacher=ctx.model if distill > 0 else None, report=report,
@@ -131,7 +136,8 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
             tracker.log_metrics(run_id, {"val_accuracy": acc}, step=epoch)
 
         res = finetune_and_export(model, plan, size, path, settings, ctx, epochs=epochs, max_batches=None,
-                                  report=report, min_distill=settings.final_distill, seconds=seconds)
+                                  report=report, min_distill=settings.final_distill, seconds=seconds,
+                                  phase=0 if not before else 1 if before.get("from") == "trial" else 2)
         trained = before.get("seconds", 0.0) + (res.seconds + res.eval_seconds if seconds is not None else 0.0)
         entry = {"val_accuracy": res.val_acc[-1], "size_bytes": size, "artifact": os.path.abspath(path),
                  "epochs": before.get("epochs", 0) + len(res.train_loss), "distill": distill,

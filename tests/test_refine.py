@@ -26,3 +26,23 @@ def test_final_phase_refines_the_top_plans_and_exports_the_best(tmp_path):
 
     assert main(["export", "--runs", str(tmp_path), "--study", "f", "--out", str(tmp_path / "x.acz")]) == 0
     assert (tmp_path / "x.acz").read_bytes() == open(best["artifact"], "rb").read()
+
+
+def test_a_finalist_that_goes_on_from_its_trial_sees_other_batches(tmp_path, monkeypatch):
+    """Every trial shuffles the training data with the same seed (a fair comparison); a finalist
+    that goes on from its trial's model shuffles with another, so that it does not start again on
+    the batches its trial already trained on (a time-budgeted pick had seen its first 86 batches
+    three times before the end of one epoch)."""
+    import autocompress.refine as refine
+
+    seeds: list[int] = []
+    real = refine.finetune
+
+    def recording(model, train, val, config, **kw):  # the real fine-tune, its seed noted
+        seeds.append(config.seed)
+        return real(model, train, val, config, **kw)
+
+    monkeypatch.setattr(refine, "finetune", recording)
+    outcome = search("8x", out=str(tmp_path), study="s", **{**QUICK, "trials": 2, "final_top": 1, "final_epochs": 1})
+    assert all(f.get("from_trial") for f in outcome.study.user_attrs["final"].values())
+    assert seeds[:2] == [0, 0] and seeds[2] != 0, seeds  # two trials, then the finalist
