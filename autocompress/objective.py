@@ -26,6 +26,7 @@ from .memory import collect
 from .plan import CompressionPlan
 from .refine import finetune_and_export
 from .settings import SearchSettings
+from .space import BoundSpace, SearchSpace
 from .timebudget import trial_length
 from .tracking import Tracker
 from .trials import TS, Attr, TrialState
@@ -69,13 +70,14 @@ def sized(ctx: SearchContext, plan: CompressionPlan) -> tuple[nn.Module, int]:
     return compressed, artifact_size(compressed, ctx.spec)
 
 
-def as_trial(ctx: SearchContext, plan: CompressionPlan) -> CompressionPlan:
+def as_trial(space: SearchSpace | BoundSpace, plan: CompressionPlan) -> CompressionPlan:
     """`plan` with the width its trial will store the other float tensors at (biases, BatchNorm):
     the space's recovery.float_bits, the widest of its values when it is searched, so that a plan
-    sized here is never larger as a trial. A plan made outside the space (the warm start's) has
-    the default 32 bits, and the default space stores them at 16: on mnasnet0_5 the warm start's
-    uniform plan was fitted to 95 KB of a 95 KB budget and ran as a 74 KB trial."""
-    choice = ctx.space.recovery.get("float_bits")
+    sized here is never larger as a trial. A plan made outside the space (the warm start's, the
+    uniform arm of bench/equal_time) has the default 32 bits, and the default space stores them at
+    16: on mnasnet0_5 the warm start's uniform plan was fitted to 95 KB of a 95 KB budget and ran
+    as a 74 KB trial."""
+    choice = space.recovery.get("float_bits")
     return plan if choice is None else replace(plan, float_bits=int(choice.extreme(largest=True)))
 
 

@@ -159,10 +159,10 @@ def enqueue_warm_start(study: optuna.Study, settings: SearchSettings, ctx: Searc
           "most fragile first: " + ", ".join(sens.ranking()[:5]))
     tracker.log_file(parent, cache)
     study.set_user_attr(StudyAttr.SENSITIVITY, sens.table())  # the heat map of the review
-    plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: sized(ctx, as_trial(ctx, p))[1], limit, sens)
+    plans = warm_start_plans(ctx.model, ctx.space.layers, lambda p: sized(ctx, as_trial(ctx.space, p))[1], limit, sens)
     if settings.latency_budget_ms is not None and ctx.latency is not None:
         def cost(p: CompressionPlan) -> int:  # <= limit: fits both budgets
-            return math.ceil(limit * budget_load(ctx, settings, as_trial(ctx, p), limit))
+            return math.ceil(limit * budget_load(ctx, settings, as_trial(ctx.space, p), limit))
         plans = fast_plans(ctx.model, ctx.space.layers, cost, limit) + plans
     plans = interleave(plans)[:remaining]  # never more than the trials asked
     for name, plan in plans:
@@ -186,7 +186,8 @@ def interleave(plans: list[tuple[str, CompressionPlan]]) -> list[tuple[str, Comp
     channels = iter([p for p in plans if p[0].startswith("channels")])
     uniform = iter([p for p in plans if p[0].startswith("uniform")])
     turns = [p for group in itertools.zip_longest(channels, channels, uniform) for p in group if p is not None]
-    rest = [p for p in plans if p not in first + last + turns]
+    placed = first + last + turns
+    rest = [p for p in plans if p not in placed]
     return first + turns + rest + last
 
 

@@ -26,7 +26,6 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -36,6 +35,7 @@ from autocompress.artifact import export, load
 from autocompress.compression import compress, kept_weights, recalibrate_bn
 from autocompress.cost import artifact_size
 from autocompress.finetune import FinetuneConfig, finetune
+from autocompress.objective import as_trial
 from autocompress.plan import CompressionPlan
 from autocompress.space import load_space
 from autocompress.train import evaluate
@@ -49,20 +49,15 @@ TEST_RESERVE_EVALS = 1
 EXPORT_RESERVE_S = 3.0
 
 
-def float_bits() -> int:
-    """The width the search's trials store biases and BatchNorm at (the default space's widest
-    recovery.float_bits, as objective.as_trial sizes them): U stores them the same way. Before,
-    U kept them at 32 bits, which spent 12% of mnasnet0_5's 20x budget and 5% of LeNet-5's 200x
-    budget on float tensors that the search's plans store at 16."""
-    return int(load_space(None).recovery["float_bits"].extreme(largest=True))
-
-
 def fit(model, spec, data, limit: int, bits: int):
-    """U's plan: the least global sparsity at `bits` whose artifact fits `limit`."""
-    example, fb = data.train.x[:2], float_bits()
-    found = fit_uniform(model, bits, lambda p: artifact_size(compress(model, replace(p, float_bits=fb), example,
+    """U's plan: the least global sparsity at `bits` whose artifact fits `limit`, with its biases
+    and BatchNorm stored as the search's trials store them (objective.as_trial). Before, U kept
+    them at 32 bits, which spent 12% of mnasnet0_5's 20x budget and 5% of LeNet-5's 200x budget on
+    float tensors that the search's plans store at 16."""
+    example, space = data.train.x[:2], load_space(None)
+    found = fit_uniform(model, bits, lambda p: artifact_size(compress(model, as_trial(space, p), example,
                                                                       calibrate=False), spec), limit)
-    return None if found is None else (found[0], replace(found[1], float_bits=fb))
+    return None if found is None else (found[0], as_trial(space, found[1]))
 
 
 def run_uniform(model, spec, data, limit: int, bits: int, seconds: float, seed: int, distill: float, lr: float,

@@ -335,7 +335,6 @@ def test_warm_start_plans_are_sized_at_the_float_width_their_trials_store(digits
     CompressionPlan's 32. Sized as it was, a BatchNorm-heavy model's plans ran as trials much
     smaller than the budget they were fitted to (mnasnet0_5 at 40x: 95 KB fitted, 74 KB trained)."""
     from dataclasses import replace
-    from types import SimpleNamespace
 
     from conftest_models import TinyResNet, warm_bn
 
@@ -350,7 +349,7 @@ def test_warm_start_plans_are_sized_at_the_float_width_their_trials_store(digits
     study.enqueue_trial(to_params(plan, bound.layers))
     trial_plan = bound.suggest(study.ask())  # what the trial of this warm-start plan runs
     assert plan.float_bits == 32 and trial_plan.float_bits == 16
-    sized_as_trial = as_trial(SimpleNamespace(space=bound), plan)
+    sized_as_trial = as_trial(bound, plan)
     assert sized_as_trial.float_bits == trial_plan.float_bits
     size = lambda p: artifact_size(compress(model, p, x[:2], calibrate=False), spec)  # noqa: E731
     assert size(sized_as_trial) == size(replace(plan, float_bits=16)) < size(plan)
