@@ -111,13 +111,14 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
     start = time.perf_counter()
     collect()  # the trials' and the last finalist's models
     done = final_results(study)
-    if model is None:
-        before: dict = {}
+    if model is None:  # phase: which shuffle of the training data (finetune_and_export)
+        before, phase = {}, 0
     elif from_trial:  # its trial's fine-tune counts, as a finalist's first share does
         before = {"seconds": t.user_attrs.get(Attr.SECONDS, 0.0) - t.user_attrs.get(Attr.OVERHEAD_SECONDS, 0.0),
                   "epochs": 0, "from": "trial"}
+        phase = 1
     else:
-        before = done.get(str(t.number), {})
+        before, phase = done.get(str(t.number), {}), 2
     distill = max(plan.distill, settings.final_distill)
     run_id = tracker.start_trial(t.number, {"phase": "final", "epochs": epochs if seconds is None else "time",
                                              "seconds": seconds, "continued": before.get("from", model is not None),
@@ -137,7 +138,7 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
 
         res = finetune_and_export(model, plan, size, path, settings, ctx, epochs=epochs, max_batches=None,
                                   report=report, min_distill=settings.final_distill, seconds=seconds,
-                                  phase=0 if not before else 1 if before.get("from") == "trial" else 2)
+                                  phase=phase)
         trained = before.get("seconds", 0.0) + (res.seconds + res.eval_seconds if seconds is not None else 0.0)
         entry = {"val_accuracy": res.val_acc[-1], "size_bytes": size, "artifact": os.path.abspath(path),
                  "epochs": before.get("epochs", 0) + len(res.train_loss), "distill": distill,
