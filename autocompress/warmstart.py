@@ -4,12 +4,12 @@
   at the smallest sparsity whose real artifact fits the budget (bisection on exact sizes).
 - Channel plans: every layer that may lose channels loses the same fraction of them, or a
   fraction that grows with the layer's size (a power of its share: the big fully connected layers
-  lose most, the small first convolution little); physically removed, so no mask is stored; the
-  least pruning that fits. The same bits everywhere, except in the smallest layers (together at
-  most EDGE_SHARE of the weights: in LeNet-5 the first convolution and the classifier), which keep
-  EDGE_BITS: they cost almost nothing and are the most fragile. At high ratios these beat
-  unstructured plans, whose masks cost ~log2(1/density) bits per kept weight; and they are
-  faster, not only smaller.
+  lose most, the small first convolution little; the two largest powers that fit the budget);
+  physically removed, so no mask is stored; the least pruning that fits. The same bits
+  everywhere, except in the smallest layers (together at most EDGE_SHARE of the weights: in
+  LeNet-5 the first convolution and the classifier), which keep EDGE_BITS: they cost almost
+  nothing and are the most fragile. At high ratios these beat unstructured plans, whose masks cost
+  ~log2(1/density) bits per kept weight; and they are faster, not only smaller.
 - A sensitivity-allocated plan: a multiple-choice knapsack over per-layer (amount, bits) options
   that minimises the summed per-layer accuracy drops under the byte budget.
 All are mapped onto the search space's choices so they can be enqueued as Optuna trials.
@@ -33,13 +33,20 @@ SizeFn = Callable[[CompressionPlan], int]
 
 EDGE_SHARE = 0.05  # the smallest layers holding together at most this share of the weights ...
 EDGE_BITS = 6  # ... keep at least this many bits in a channel plan
-# exponents p of the channel plans: layer amount = fraction * (layer size / largest)^p. At 200x on
-# LeNet-5 (3 bits, conv1 and fc2 at 6), p = 0.25 (conv2 keeps half its channels, fc1 3%) tests
-# 90.6% after 100 s of fine-tuning, p = 0 (every layer keeps 19%) 89.3%, and p = 0.5 does not fit;
-# at 100x, p = 0.25 90.9% and p = 0.5 90.7%. On mnasnet0_5 at 20x (4 bits, 300 s of fine-tuning,
-# seed 0), p = 0.5 tests 80.65%, p = 0.25 79.98% (3 bits: 80.36%), the uniform plan 79.04%.
-# Tried in this order when only a few trials run: the size-weighted plans first.
-CHANNEL_POWERS = {"channels-by-size": 0.25, "channels-by-size-sqrt": 0.5, "channels": 0.0}
+# exponents p of the size-weighted channel plans: layer amount = fraction * (layer size / largest)^p,
+# tried largest first; the first SIZE_WEIGHTED that fit the budget become plans, beside p = 0 (the
+# same fraction everywhere). The higher the ratio, the milder the power that still fits, and the
+# largest that fits tested best (100 s of fine-tuning, seed 0, bench/results/channel_powers.md):
+# - LeNet-5 at 200x (3 bits, conv1 and fc2 at 6): p = 0.25 (conv2 keeps half its channels, fc1 3%)
+#   90.5%, p = 0.125 90.7%, p = 0 89.3%; p = 0.5 does not fit;
+# - LeNet-5 at 300x: p = 0.125 90.2%, p = 0.0625 90.0%, p = 0 86.5%; p = 0.25 does not fit;
+# - mnasnet0_5 at 20x (4 bits, 300 s): p = 0.5 80.65%, p = 0.25 79.98%, p = 0 79.04%.
+CHANNEL_POWERS = (0.5, 0.25, 0.125, 0.0625)
+SIZE_WEIGHTED = 2
+# the largest fraction of a layer's channels a warm-start plan removes: LeNet-5 at 200x, 4 bits,
+# p = 0.25 fits with fc1 losing 98.75% and tests 89.9% after 100 s, p = 0.125 (94.75%) 90.5%; at
+# 300x, p = 0.125 fits at 4 bits with 98% and tests 89.5%, at 3 bits with 96% 90.0%
+MOST_CHANNELS = 0.975
 
 
 def global_amounts(model: nn.Module, sparsity: float, layers: list[str] | None = None) -> dict[str, float]:
@@ -153,12 +160,14 @@ def size_weights(model: nn.Module, layers: list[str], power: float) -> dict[str,
 
 def fit_channels(space_layers: dict, bits: int, size_of: SizeFn, limit: int, weights: dict[str, float] | None = None,
                  tol: float = 0.01, small: frozenset[str] = frozenset()) -> tuple[float, CompressionPlan] | None:
-    """The smallest channel fraction (within tol, on the space's amount grid) whose channel plan
-    fits `limit` bytes; None if the space allows no channel pruning or none fits."""
+    """The smallest channel fraction (within tol, on the space's amount grid, at most
+    MOST_CHANNELS) whose channel plan fits `limit` bytes; None if the space allows no channel
+    pruning or none fits."""
     prunable = [c for c in space_layers.values() if "channel" in c["prune"].values and "amount" in c]
     if not prunable:
         return None
-    top = min(c["amount"].high if c["amount"].low is not None else max(c["amount"].values) for c in prunable)
+    top = min([MOST_CHANNELS] + [c["amount"].high if c["amount"].low is not None else max(c["amount"].values)
+                                 for c in prunable])
     plan = lambda f: channel_plan(space_layers, f, bits, weights, small)  # noqa: E731
     x = least_that_fits(lambda f: size_of(plan(f)), limit, top, tol)
     return None if x is None else (x, plan(x))
@@ -171,12 +180,24 @@ def fast_plans(model: nn.Module, space_layers: dict, cost_of: SizeFn, limit: int
     bits a plan loses accuracy and gains no speed; the size-driven plans above all have 3-5 bits."""
     if not all(8 in c["bits"].values for c in space_layers.values()):
         return []
+    return [(f"fast-{kind}-8bit-{fraction:.2f}", plan) for kind, fraction, plan in channel_fits(
+        model, space_layers, 8, cost_of, limit)]
+
+
+def channel_fits(model: nn.Module, space_layers: dict, bits: int, size_of: SizeFn, limit: int,
+                 small: frozenset[str] = frozenset()) -> list[tuple[str, float, CompressionPlan]]:
+    """(kind, fraction, plan) of the channel plans at `bits` that fit `limit`: the size-weighted
+    ones at the SIZE_WEIGHTED largest CHANNEL_POWERS that fit (a power that does not fit costs two
+    sizings), then the same fraction everywhere (at fraction 0: the dense plan, when that fits)."""
     layers, out = list(space_layers), []
-    for kind, power in CHANNEL_POWERS.items():
-        fit = fit_channels(space_layers, 8, cost_of, limit, size_weights(model, layers, power))
-        if fit is not None and all(fit[1] != plan for _, plan in out):  # at fraction 0 all are the dense plan
-            out.append((f"fast-{kind}-8bit-{fit[0]:.2f}", fit[1]))
-    return out
+    for power in CHANNEL_POWERS:
+        fit = fit_channels(space_layers, bits, size_of, limit, size_weights(model, layers, power), small=small)
+        if fit is not None and fit[0] > 0:
+            out.append((f"channels-by-size-p{power:g}", *fit))
+            if len(out) == SIZE_WEIGHTED:
+                break
+    fit = fit_channels(space_layers, bits, size_of, limit, small=small)
+    return out + ([("channels", *fit)] if fit is not None else [])
 
 
 def _entropy_bits(n: int, density: float) -> float:
@@ -309,13 +330,11 @@ def warm_start_plans(model: nn.Module, space_layers: dict, size_of: SizeFn, limi
         if fit is not None:
             out.append((f"uniform-{b}bit-{fit[0]:.3f}", on_grid(fit[1])))
     small = small_layers(model, layers)
-    for b in channel_bits:
-        if b not in shared_bits:
-            continue
-        for kind, power in CHANNEL_POWERS.items():
-            fit = fit_channels(space_layers, b, size_of, limit, size_weights(model, layers, power), small=small)
-            if fit is not None and fit[0] > 0:
-                out.append((f"{kind}-{b}bit-{fit[0]:.2f}", fit[1]))
+    ranked = [(rank, b, fit) for b in channel_bits if b in shared_bits
+              for rank, fit in enumerate(channel_fits(model, space_layers, b, size_of, limit, small))]
+    for _, b, (kind, fraction, plan) in sorted(ranked, key=lambda r: r[0]):  # each width's first plan, then ...
+        if fraction > 0:  # the dense plan is the uniform plan at sparsity 0
+            out.append((f"{kind}-{b}bit-{fraction:.2f}", plan))
     if sens is not None and all("amount" in c for c in space_layers.values()):
         amounts = sorted(set.intersection(*(set(_grid(c["amount"])) for c in space_layers.values())))
         bits = sorted(b for b in shared_bits if b <= 8)
