@@ -35,11 +35,13 @@ EDGE_SHARE = 0.05  # the smallest layers holding together at most this share of 
 EDGE_BITS = 6  # ... keep at least this many bits in a channel plan
 # exponents p of the size-weighted channel plans: layer amount = fraction * (layer size / largest)^p,
 # tried largest first; the first SIZE_WEIGHTED that fit the budget become plans, beside p = 0 (the
-# same fraction everywhere). The higher the ratio, the milder the power that still fits, and the
-# largest that fits tested best (100 s of fine-tuning, seed 0, bench/results/channel_powers.md):
+# same fraction everywhere). The higher the ratio, the milder the power that still fits; the two
+# largest that fit tested 1-4 points above the same fraction everywhere (100 s of fine-tuning,
+# seed 0, one process beside another; bench/results/channel_powers.md):
 # - LeNet-5 at 200x (3 bits, conv1 and fc2 at 6): p = 0.25 (conv2 keeps half its channels, fc1 3%)
-#   90.5%, p = 0.125 90.7%, p = 0 89.3%; p = 0.5 does not fit;
-# - LeNet-5 at 300x: p = 0.125 90.2%, p = 0.0625 90.0%, p = 0 86.5%; p = 0.25 does not fit;
+#   90.5%, p = 0.125 90.7% (p = 0: 89.3% in an earlier measurement); p = 0.5 does not fit;
+# - LeNet-5 at 300x: p = 0.125 90.2%, p = 0.0625 90.0%; p = 0.25 does not fit; four processes at
+#   once: p = 0.125 90.0%, p = 0 86.5%;
 # - mnasnet0_5 at 20x (4 bits, 300 s): p = 0.5 80.65%, p = 0.25 79.98%, p = 0 79.04%.
 CHANNEL_POWERS = (0.5, 0.25, 0.125, 0.0625)
 SIZE_WEIGHTED = 2
