@@ -78,8 +78,8 @@ def test_a_short_search_tries_the_size_weighted_channel_plans_first_and_the_knap
     sens = analyse(model, digits.val, example, amounts=(0.5, 0.9), bits=(2, 4), hessian_samples=1)
     names = [n for n, _ in interleave(warm_start_plans(model, layers, size_of, 524_320 // 30, sens))]
     kinds = [n.rsplit("-", 2)[0] for n in names]
-    assert kinds[0].startswith("channels-by-size-p") and kinds[1].startswith("channels-by-size-p"), names
-    assert kinds[2] == "uniform", names
+    assert kinds[0].startswith("channels-by-size-p") and kinds[0] == kinds[1], names  # the same power, ...
+    assert "-4bit-" in names[0] and "-3bit-" in names[1] and kinds[2] == "uniform", names  # ... at 4 then 3 bits
     assert kinds[3:6].count("uniform") == 1 and names[-1] == "knapsack", names
 
 
