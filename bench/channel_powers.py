@@ -3,9 +3,9 @@
 The warm start's channel plans remove from each layer `fraction * (layer size / largest)^p` of its
 channels (autocompress.warmstart.channel_plan), the fraction the least that fits the budget. For
 each power p and bit width given, this fits that plan to the budget (on the space's grid, biases
-and norms at 16 bits as the search's trials store them), fine-tunes it for --seconds with the
-search's final recipe (distilled 0.5, cosine, BatchNorm statistics re-estimated) and scores it on
-validation and test. The fraction here may go up to the space's largest amount, beyond the warm
+and norms at the width the search's trials store them at: objective.as_trial), fine-tunes it for
+--seconds with the search's final recipe (distilled 0.5, cosine, BatchNorm statistics
+re-estimated) and scores it on validation and test. The fraction here may go up to the space's largest amount, beyond the warm
 start's MOST_CHANNELS, to show what the cap leaves out.
 
     python bench/channel_powers.py --ratio 300 --bits 3 --powers 0,0.0625,0.125
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
 
 import torch
 
@@ -32,6 +31,7 @@ from autocompress.cost import artifact_size  # noqa: E402
 from autocompress.data import load_data  # noqa: E402
 from autocompress.finetune import FinetuneConfig, finetune  # noqa: E402
 from autocompress.models import ModelSpec, param_bytes  # noqa: E402
+from autocompress.objective import as_trial  # noqa: E402
 from autocompress.space import load_space  # noqa: E402
 from autocompress.train import baseline, evaluate  # noqa: E402
 
@@ -44,11 +44,11 @@ def run(a: argparse.Namespace, power: float, bits: int, model, spec, data) -> di
     space = load_space(None).bind(model, example)
     layers = list(space.layers)
     limit = int(param_bytes(model) / a.ratio)
-    size_of = lambda p: artifact_size(compress(model, replace(p, float_bits=16), example, calibrate=False), spec)  # noqa: E731
+    size_of = lambda p: artifact_size(compress(model, as_trial(space, p), example, calibrate=False), spec)  # noqa: E731
     weights = ws.size_weights(model, layers, power)
     small = ws.small_layers(model, layers)
     top = max(c["amount"].high for c in space.layers.values() if "amount" in c) / min(weights.values())
-    plan_of = lambda f: replace(ws.channel_plan(space.layers, f, bits, weights, small), float_bits=16)  # noqa: E731
+    plan_of = lambda f: as_trial(space, ws.channel_plan(space.layers, f, bits, weights, small))  # noqa: E731
     fraction = ws.least_that_fits(lambda f: size_of(plan_of(f)), limit, top, 0.005)
     row = {"model": a.model, "ratio": a.ratio, "budget_bytes": limit, "power": power, "bits": bits,
            "seconds": a.seconds, "seed": a.seed}
