@@ -32,6 +32,7 @@ class SearchContext:
     baseline_test_acc: float | None = None  # measured at the start when a checkpoint was given (api.validation_line)
     baseline_saw_val: bool | None = None  # the checkpoint has most likely been trained on the validation split
     screen_val: TensorData | None = None  # --time-budget: the validation subset screening trials are scored on
+    screen_baseline_acc: float | None = None  # the baseline's accuracy on screen_val (orchestrate.reference_accuracy)
     # the fine-tuned models of this process's best trials (number -> (val accuracy, size, model)),
     # so that the finalists go on training them instead of starting again (objective.keep_for_final)
     trained: dict[int, tuple[float, int, nn.Module]] = field(default_factory=dict)

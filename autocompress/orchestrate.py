@@ -31,7 +31,7 @@ from .study import check_same_study, make_sampler, make_tracker, open_study, res
 from .timebudget import (Clock, Speed, describe, final_seconds, finalists_that_fit, overhead_estimate, probe_speed,
                          screening_split, trial_seconds, trials_finetune_seconds)
 from .tracking import Tracker
-from .trials import Attr, StudyAttr, TrialState, accuracy, best_final, best_trial, pareto_trials
+from .trials import Attr, StudyAttr, TrialState, accuracy, best_final, best_trial, matching_trial, pareto_trials
 from .workers import optimize_shared, spawn_workers, study_counts, wait_workers
 
 
@@ -86,7 +86,44 @@ def run_search(settings: SearchSettings, ctx: SearchContext) -> SearchOutcome:
         print("interrupted: the current trial is recorded as interrupted; run the same command to resume")
         tracker.end(parent, TrialState.INTERRUPTED)
         raise
+    note_match(study, settings, ctx, tracker, parent)
     return finish(study, settings, ctx, tracker, parent, limit, timed)
+
+
+def reference_accuracy(settings: SearchSettings, ctx: SearchContext) -> float:
+    """The baseline's accuracy on the samples the trials are scored on: the validation split, or
+    its screening subset under --time-budget (measured once)."""
+    if ctx.screen_val is None:
+        return ctx.baseline_val_acc
+    if ctx.screen_baseline_acc is None:
+        from .train import evaluate
+
+        ctx.screen_baseline_acc = evaluate(ctx.model, ctx.screen_val, device=settings.device)
+    return ctx.screen_baseline_acc
+
+
+def stops_at_baseline(settings: SearchSettings) -> bool:
+    """--stop-at-baseline applies: one objective (a Pareto front wants the smaller plans too)."""
+    return settings.stop_at_baseline and len(settings.objectives) == 1
+
+
+def note_match(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker,
+               parent: str) -> None:
+    """Record (once, in the study, so a resumed search keeps to it) that exploring stopped early
+    because a trial matched the baseline, with the trials it left unrun."""
+    if not stops_at_baseline(settings) or StudyAttr.MATCHED in study.user_attrs:
+        return
+    reference = reference_accuracy(settings, ctx)
+    match = matching_trial(study, reference)
+    left = settings.trials - study_counts(study)[0]
+    if match is None or left <= 0:
+        return
+    study.set_user_attr(StudyAttr.MATCHED, {"trial": match.number, "val_accuracy": accuracy(match),
+                                            "baseline": reference, "trials_left": left})
+    tracker.set_tags(parent, {"matched_baseline_trial": match.number, "trials_left": left})
+    print(f"trial {match.number} matches the baseline on validation ({accuracy(match):.4f} >= {reference:.4f}): "
+          f"no plan can be more accurate, so exploring stops with {left} trial(s) left and the rest of the run "
+          "fine-tunes it (--no-stop-at-baseline runs them all)", flush=True)
 
 
 def plan_time(settings: SearchSettings, ctx: SearchContext, trials: int) -> tuple[SearchSettings, tuple[Clock, Speed]]:
@@ -128,6 +165,10 @@ def optimize(settings: SearchSettings, ctx: SearchContext, study: optuna.Study, 
              remaining: int) -> int:
     """Take trials of the shared study until it is complete (see workers.optimize_shared)."""
     objective = Objective(settings, ctx, tracker, limit)
+    done = None
+    if stops_at_baseline(settings):
+        reference = reference_accuracy(settings, ctx)
+        done = lambda: matching_trial(study, reference) is not None  # noqa: E731
     quiet_failed_trials()  # the trial line reports a TrialFailed in one line
     bar = progress_bar(remaining, settings.progress)
     settle()  # the study, tracker and warm start's objects out of each collection's scan
@@ -136,7 +177,7 @@ def optimize(settings: SearchSettings, ctx: SearchContext, study: optuna.Study, 
                                timeout=settings.timeout, catch=(TrialFailed,),
                                callbacks=[trial_printer(bar, ctx.original_bytes), SettleAfterFirst()],
                                poll=min(2.0, settings.heartbeat_interval),
-                               sampler_for=lambda n: make_sampler(settings, n))
+                               sampler_for=lambda n: make_sampler(settings, n), done=done)
     finally:
         if bar is not None:
             bar.close()
@@ -195,11 +236,12 @@ def finish(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tr
            limit: int, timed: tuple[Clock, Speed] | None = None) -> SearchOutcome:
     """After the trials: refine the finalists (for what is left of a time budget, when one is
     set), print the tables, export the best, log the review."""
+    matched = study.user_attrs.get(StudyAttr.MATCHED)  # then the matching trial alone goes on
     if timed is not None and settings.final_top > 0:
         clock, speed = timed
         seconds = final_seconds(clock, speed, len(ctx.data.test))
         trial_s = trials_finetune_seconds(study.get_trials(deepcopy=False), settings.trial_seconds or 0.0)
-        k = finalists_that_fit(seconds, speed, trial_s, settings.final_top)
+        k = finalists_that_fit(seconds, speed, trial_s, 1 if matched else settings.final_top)
         if k > 0:
             print(f"final phase: {seconds:.0f}s for the top {k}", flush=True)
             refine_timed(study, settings, ctx, tracker, k, seconds)
@@ -207,7 +249,11 @@ def finish(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tr
             print(f"final phase skipped: {seconds:.0f}s left is too little to fine-tune the finalists longer than "
                   "their trials; the best trial is exported (give a larger --time-budget)", flush=True)
     elif settings.final_top > 0 and settings.final_epochs > 0:
-        refine(study, settings, ctx, tracker, settings.final_top, settings.final_epochs)
+        k, epochs = settings.final_top, settings.final_epochs
+        if matched:  # the finalists' epochs and the trials' left unrun, all to the one that matched
+            k, epochs = 1, settings.final_top * settings.final_epochs + matched["trials_left"] * settings.epochs
+            print(f"final phase: trial {matched['trial']} alone, {epochs} epochs", flush=True)
+        refine(study, settings, ctx, tracker, k, epochs)
     best = best_trial(study)
     print_table(study, ctx.original_bytes, limit)
     if len(settings.objectives) > 1:

@@ -47,8 +47,11 @@ def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def optimize_shared(study: optuna.Study, objective: Callable[[optuna.Trial], float], total: int, lock: StudyLock,
                     *, timeout: float | None = None, catch: tuple[type[Exception], ...] = (),
                     callbacks: list[Any] | None = None, poll: float = 1.0,
-                    sampler_for: Callable[[int], optuna.samplers.BaseSampler] | None = None) -> int:
-    """Run trials until the study holds `total` counted trials; returns how many this worker ran.
+                    sampler_for: Callable[[int], optuna.samplers.BaseSampler] | None = None,
+                    done: Callable[[], bool] | None = None) -> int:
+    """Run trials until the study holds `total` counted trials, or until `done()` (asked before
+    each trial, under the lock, so every worker sees the same study) says there is no point in
+    more; returns how many this worker ran.
 
     While the count is reached but trials of other workers still run, waits: one of them may die,
     and its retry must still be run. Ctrl-C: the current trial is failed by Optuna, marked
@@ -85,6 +88,8 @@ def optimize_shared(study: optuna.Study, objective: Callable[[optuna.Trial], flo
             lock.acquire()
             try:
                 optuna.storages.fail_stale_trials(study)
+                if done is not None and done():
+                    break
                 finished, running = study_counts(study)
                 if finished + running >= total:
                     if finished >= total:
