@@ -121,9 +121,11 @@ def note_match(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
     study.set_user_attr(StudyAttr.MATCHED, {"trial": match.number, "val_accuracy": accuracy(match),
                                             "baseline": reference, "trials_left": left})
     tracker.set_tags(parent, {"matched_baseline_trial": match.number, "trials_left": left})
+    final = settings.final_top > 0 and (settings.final_epochs > 0 or settings.time_budget is not None)
     print(f"trial {match.number} matches the baseline on validation ({accuracy(match):.4f} >= {reference:.4f}): "
-          f"no plan can be more accurate, so exploring stops with {left} trial(s) left and the rest of the run "
-          "fine-tunes it (--no-stop-at-baseline runs them all)", flush=True)
+          f"no plan can be more accurate, so exploring stops with {left} trial(s) left"
+          + (" and the rest of the run fine-tunes it" if final else "")
+          + " (--no-stop-at-baseline runs them all)", flush=True)
 
 
 def plan_time(settings: SearchSettings, ctx: SearchContext, trials: int) -> tuple[SearchSettings, tuple[Clock, Speed]]:

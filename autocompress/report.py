@@ -9,7 +9,7 @@ import optuna
 
 from .plan import CompressionPlan, format_bytes
 from .plantable import PER_LAYER_UP_TO, plan_text
-from .trials import TS, Attr, TrialState, accuracy, trial_state
+from .trials import TS, Attr, StudyAttr, TrialState, accuracy, trial_state
 
 
 def trial_rows(study: optuna.Study, original_bytes: int | None = None) -> list[dict[str, Any]]:
@@ -59,8 +59,10 @@ def print_table(study: optuna.Study, original_bytes: int, limit: int, top: int =
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
+    matched = study.user_attrs.get(StudyAttr.MATCHED)
     print(f"\ntop trials (budget {format_bytes(limit)}; "
-          + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ")")
+          + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+          + (f"; exploring stopped when trial {matched['trial']} matched the baseline" if matched else "") + ")")
     print(format_table(rows, top))
 
 

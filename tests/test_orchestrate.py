@@ -105,7 +105,7 @@ def test_pareto_mode_returns_only_non_dominated_trials(tmp_path):
             assert any(f.values[0] >= t.values[0] and f.values[1] <= t.values[1] for f in front)
 
 
-def test_exploring_stops_once_a_trial_matches_the_baseline_and_that_trial_alone_gets_the_time_left(tmp_path):
+def test_exploring_stops_once_a_trial_matches_the_baseline_and_that_trial_alone_gets_the_time_left(tmp_path, capsys):
     """At a mild budget a plan can be as accurate as the original (the README's 50 KB run: its
     second trial read 0.9172 against the baseline's 0.9168), and no plan can then do better, only
     as well: the trials left and the finalists' epochs all go to fine-tuning that one. Digits'
@@ -126,6 +126,7 @@ def test_exploring_stops_once_a_trial_matches_the_baseline_and_that_trial_alone_
     parent = [r for r in _client(tmp_path).search_runs([_client(tmp_path).get_experiment_by_name("m").experiment_id])
               if r.data.tags.get("autocompress.role") == "study"]
     assert parent[0].data.tags["matched_baseline_trial"] == "0"
+    assert "exploring stopped when trial 0 matched the baseline" in capsys.readouterr().out  # the table says why
 
     again = search("8x", out=str(tmp_path), study="m", **options)  # a resumed search keeps to the stop
     assert [t.number for t in again.study.trials if t.state == optuna.trial.TrialState.COMPLETE] == [0]
