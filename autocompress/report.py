@@ -63,7 +63,7 @@ def print_table(study: optuna.Study, original_bytes: int, limit: int, top: int =
     print(f"\ntop trials (budget {format_bytes(limit)}; "
           + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
           + (f"; exploring stopped when trial {matched['trial']} matched the baseline" if matched else "") + ")")
-    print(format_table(rows, top))
+    print(format_table([r for r in rows if r["state"] != TrialState.WAITING.value], top))  # queued: nothing to show yet
 
 
 def rows_json(rows: list[dict[str, Any]]) -> str:

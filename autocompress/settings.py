@@ -164,8 +164,9 @@ class SearchSettings:
     repair: bool = option(True, "tighten over-budget proposals into the budget (more pruning, then fewer bits) "
                           "instead of recording them infeasible")
     warm_start: bool = option(True, "run the sensitivity analysis and try the uniform/channel/knapsack plans first")
-    stop_at_baseline: bool = option(True, "stop exploring once a trial matches the baseline's validation accuracy "
-                                    "(no plan can be more accurate): the best trial alone is then fine-tuned for the "
+    stop_at_baseline: bool = option(True, "stop exploring once a trial matches the baseline's validation accuracy, "
+                                    "within its standard error (no plan can be more accurate): the best trial alone "
+                                    "is then fine-tuned for the "
                                     "finalists' epochs and those of the trials left, or for the rest of --time-budget "
                                     "(single-objective searches)")
     sensitivity_seconds: float = option(50.0, "time the sensitivity analysis aims at: past it, it measures fewer "

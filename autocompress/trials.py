@@ -65,7 +65,7 @@ class StudyAttr:
     SENSITIVITY = "sensitivity"  # the warm start's per-layer table
     FINAL = "final"  # refined finalists: trial number -> results
     UNTOUCHABLE = "untouchable_bytes"  # artifact bytes no plan can touch (cost.space_untouchable)
-    MATCHED = "matched_baseline"  # {trial, val_accuracy, baseline, trials_left}: exploring stopped there
+    MATCHED = "matched_baseline"  # {trial, val_accuracy, baseline, standard_error, trials_left}: exploring stopped
 
 
 def trial_state(t: optuna.trial.FrozenTrial) -> TrialState:
@@ -93,11 +93,12 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return max(ok, key=lambda t: (accuracy(t), -t.user_attrs.get(Attr.SIZE_BYTES, 0))) if ok else None
 
 
-def matching_trial(study: optuna.Study, reference: float) -> optuna.trial.FrozenTrial | None:
-    """The best trial, when its validation accuracy is at least `reference` (the baseline's on the
-    same samples): no plan can then be more accurate than the original, only as accurate."""
+def matching_trial(study: optuna.Study, bar: float) -> optuna.trial.FrozenTrial | None:
+    """The best trial, when its validation accuracy is at least `bar` (the baseline's on the same
+    samples, less its standard error): no plan can then be more accurate than the original, only
+    as accurate."""
     best = best_trial(study)
-    return best if best is not None and accuracy(best) >= reference else None
+    return best if best is not None and accuracy(best) >= bar else None
 
 
 def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
