@@ -145,6 +145,8 @@ def plan_time(settings: SearchSettings, ctx: SearchContext, trials: int) -> tupl
     clock = Clock(ctx.started, settings.time_budget or 0.0, settings.explore_share)
     ctx.screen_val = screening_split(ctx.data.val, settings.seed)
     speed = probe_speed(ctx, settings, ctx.screen_val)
+    if ctx.screen_val is not None:  # the timing pass scored the baseline on the screening images
+        ctx.screen_baseline_acc = speed.val_accuracy
     clock.start_exploring()
     left = clock.left(clock.explore_end)
     overhead = overhead_estimate(speed, settings.calib_batches)

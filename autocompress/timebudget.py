@@ -39,12 +39,14 @@ REVIEW_RESERVE_S = 5.0  # and for the tables, plots and MLflow review after it
 @dataclass
 class Speed:
     """Seconds per fine-tune step (with the teacher's forward), per forward of one batch (the
-    teacher's) and per evaluation of `eval_samples`."""
+    teacher's) and per evaluation of `eval_samples`; the baseline's accuracy in that evaluation
+    (what a trial must match to stop exploring, orchestrate.reference_accuracy)."""
 
     step_s: float
     eval_s: float
     eval_samples: int = 1
     forward_s: float = 0.0
+    val_accuracy: float | None = None
 
 
 @dataclass
@@ -102,8 +104,9 @@ def probe_speed(ctx: SearchContext, settings: SearchSettings, val: TensorData | 
     step_s, forward_s = _after_warm_up(times), _after_warm_up(forwards)
     val = ctx.data.val if val is None else val
     t0 = time.perf_counter()
-    evaluate(ctx.model, val, settings.device)
-    return Speed(step_s=step_s, eval_s=time.perf_counter() - t0, eval_samples=len(val), forward_s=forward_s)
+    acc = evaluate(ctx.model, val, settings.device)
+    return Speed(step_s=step_s, eval_s=time.perf_counter() - t0, eval_samples=len(val), forward_s=forward_s,
+                 val_accuracy=acc)
 
 
 def _after_warm_up(times: list[float]) -> float:

@@ -117,3 +117,24 @@ def test_only_the_best_trials_models_are_kept_for_the_final_phase():
     assert 4 * 20_000 ** 2 > KEEP_MAX_BYTES
     keep_for_final(kept, 6, 0.9, 100, huge, top=2)
     assert 6 not in kept
+
+
+def test_the_timing_pass_scores_the_baseline_on_the_screening_images():
+    """Under --time-budget the trials are scored on a subset of the validation split, so a trial
+    matches the baseline (and exploring stops) against the baseline's accuracy on that subset:
+    the probe's timed evaluation gives it, without a second pass over the images."""
+    from types import SimpleNamespace
+
+    from autocompress.data import load_data
+    from autocompress.models import LeNet5
+    from autocompress.timebudget import probe_speed
+    from autocompress.train import evaluate
+
+    digits = load_data("digits", seed=0)
+    torch.manual_seed(0)
+    model = LeNet5(image_size=8).eval()
+    subset = digits.val.subset(60, seed=1)
+    ctx = SimpleNamespace(model=model, data=digits)
+    speed = probe_speed(ctx, SimpleNamespace(batch_size=32, seed=0, device="cpu"), subset)
+    assert speed.eval_samples == 60 and speed.val_accuracy == evaluate(model, subset)
+    assert speed.val_accuracy != evaluate(model, digits.val)  # the subset's score, not the whole split's
