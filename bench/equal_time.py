@@ -215,7 +215,8 @@ def write_summary(jsonl: str, md: str) -> None:
         pooled = ((statistics.stdev(ut) ** 2 + statistics.stdev(st) ** 2) / 2) ** 0.5 \
             if min(len(ut), len(st)) > 1 else float("nan")
         gap = lambda rs: statistics.mean(r["val_accuracy"] - r["test_accuracy"] for r in rs) * 100  # noqa: E731
-        n_trials = statistics.mean(sum(r["trials"].values()) for r in s)
+        # trials that ran: not those left queued when exploring stopped at the baseline or ran out of time
+        n_trials = statistics.mean(sum(n for state, n in r["trials"].items() if state != "waiting") for r in s)
         lines.append(f"| {model} | {budget} | {T if isinstance(T, str) else f'{T:.0f}s'} | {len(s)} | {fp32 * 100:.2f} | {mean_sd(ut)} | {mean_sd(st)} | "
                      f"{diff * 100:+.2f} | {diff / loss:.0%} | {pooled * 100:.2f} | {gap(u):+.2f} / {gap(s):+.2f} | "
                      f"{statistics.mean(r['wall_s'] for r in u):.0f} / {statistics.mean(r['wall_s'] for r in s):.0f} s | "
