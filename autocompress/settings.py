@@ -166,9 +166,8 @@ class SearchSettings:
     warm_start: bool = option(True, "run the sensitivity analysis and try the uniform/channel/knapsack plans first")
     stop_at_baseline: bool = option(True, "stop exploring once a trial matches the baseline's validation accuracy, "
                                     "within its standard error (no plan can be more accurate): the best trial alone "
-                                    "is then fine-tuned for the "
-                                    "finalists' epochs and those of the trials left, or for the rest of --time-budget "
-                                    "(single-objective searches)")
+                                    "is then fine-tuned for the finalists' epochs and those of the trials left, or "
+                                    "for the rest of --time-budget (single-objective searches)")
     sensitivity_seconds: float = option(50.0, "time the sensitivity analysis aims at: past it, it measures fewer "
                                         "settings, then fewer images (with --time-budget: at most a tenth of it)",
                                         parse=parse_duration, check=positive())

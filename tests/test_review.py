@@ -28,8 +28,8 @@ from autocompress.tracking import Tracker
 
 STUDY = "review-study"
 QUICK = dict(model="lenet5", data="digits", trials=3, epochs=2, baseline_epochs=3, max_batches=3,
-             progress=False, seed=0, final_top=0,
-             stop_at_baseline=False)  # these tests count trials: digits' weak baseline is matched at once  # with warm start: its sensitivity gives the heat map
+             progress=False, seed=0, final_top=0,  # with warm start: its sensitivity gives the heat map
+             stop_at_baseline=False)  # these tests count trials: digits' weak baseline is matched at once
 ARTIFACTS = os.path.join(os.path.dirname(__file__), "artifacts")  # screenshots kept by the browser test
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
