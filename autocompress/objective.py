@@ -165,7 +165,8 @@ class Objective:
             metrics["val_accuracy_final"] = acc
             state = TrialState.COMPLETE
             if seconds is not None or self.s.final_epochs > 0:  # a final phase will go on training it
-                keep_for_final(self.ctx.trained, trial.number, acc, size, compressed, self.s.final_top)
+                keep_for_final(self.ctx.trained, trial.number, acc, size, compressed,
+                               self.s.final_top if seconds is None else self.s.time_finalists)
             return acc, size
         except optuna.TrialPruned:
             state = TrialState.EARLY_STOPPED

@@ -129,11 +129,10 @@ def note_match(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
     study.set_user_attr(StudyAttr.MATCHED, {"trial": match.number, "val_accuracy": accuracy(match),
                                             "baseline": reference, "standard_error": error, "trials_left": left})
     tracker.set_tags(parent, {"matched_baseline_trial": match.number, "trials_left": left})
-    final = settings.final_top > 0 and (settings.final_epochs > 0 or settings.time_budget is not None)
     print(f"trial {match.number} matches the baseline on validation ({accuracy(match):.4f}; the baseline "
           f"{reference:.4f} ± {error:.4f}): "
           f"no plan can be more accurate, so exploring stops with {left} trial(s) left"
-          + (" and the rest of the run fine-tunes it" if final else "")
+          + (" and the rest of the run fine-tunes it" if settings.has_final_phase else "")
           + " (--no-stop-at-baseline runs them all)", flush=True)
 
 
@@ -249,24 +248,8 @@ def finish(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tr
            limit: int, timed: tuple[Clock, Speed] | None = None) -> SearchOutcome:
     """After the trials: refine the finalists (for what is left of a time budget, when one is
     set), print the tables, export the best, log the review."""
-    matched = study.user_attrs.get(StudyAttr.MATCHED)  # then the matching trial alone goes on
-    if timed is not None and settings.final_top > 0:
-        clock, speed = timed
-        seconds = final_seconds(clock, speed, len(ctx.data.test))
-        trial_s = trials_finetune_seconds(study.get_trials(deepcopy=False), settings.trial_seconds or 0.0)
-        k = finalists_that_fit(seconds, speed, trial_s, 1 if matched else settings.final_top)
-        if k > 0:
-            print(f"final phase: {seconds:.0f}s for the top {k}", flush=True)
-            refine_timed(study, settings, ctx, tracker, k, seconds)
-        else:
-            print(f"final phase skipped: {seconds:.0f}s left is too little to fine-tune the finalists longer than "
-                  "their trials; the best trial is exported (give a larger --time-budget)", flush=True)
-    elif settings.final_top > 0 and settings.final_epochs > 0:
-        k, epochs = settings.final_top, settings.final_epochs
-        if matched:  # the finalists' epochs and the trials' left unrun, all to the one that matched
-            k, epochs = 1, settings.final_top * settings.final_epochs + matched["trials_left"] * settings.epochs
-            print(f"final phase: trial {matched['trial']} alone, {epochs} epochs", flush=True)
-        refine(study, settings, ctx, tracker, k, epochs)
+    if settings.has_final_phase:
+        final_phase(study, settings, ctx, tracker, timed)
     best = best_trial(study)
     print_table(study, ctx.original_bytes, limit)
     if len(settings.objectives) > 1:
@@ -281,6 +264,30 @@ def finish(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tr
     log_review(tracker, outcome, settings.out, settings.register)
     tracker.end(parent, TrialState.COMPLETE)
     return outcome
+
+
+def final_phase(study: optuna.Study, settings: SearchSettings, ctx: SearchContext, tracker: Tracker,
+                timed: tuple[Clock, Speed] | None) -> None:
+    """Fine-tune the finalists again: for what is left of a time budget, else for --final-epochs.
+    When a trial matched the baseline, it alone goes on, with the time of the trials left unrun."""
+    matched = study.user_attrs.get(StudyAttr.MATCHED)
+    if timed is not None:
+        clock, speed = timed
+        seconds = final_seconds(clock, speed, len(ctx.data.test))
+        trial_s = trials_finetune_seconds(study.get_trials(deepcopy=False), settings.trial_seconds or 0.0)
+        k = finalists_that_fit(seconds, speed, trial_s, 1 if matched else settings.time_finalists)
+        if k > 0:
+            print(f"final phase: {seconds:.0f}s for the top {k}", flush=True)
+            refine_timed(study, settings, ctx, tracker, k, seconds)
+        else:
+            print(f"final phase skipped: {seconds:.0f}s left is too little to fine-tune the finalists longer than "
+                  "their trials; the best trial is exported (give a larger --time-budget)", flush=True)
+        return
+    k, epochs = settings.final_top, settings.final_epochs
+    if matched:  # the finalists' epochs and the trials' left unrun, all to the one that matched
+        k, epochs = 1, settings.final_top * settings.final_epochs + matched["trials_left"] * settings.epochs
+        print(f"final phase: trial {matched['trial']} alone, {epochs} epochs", flush=True)
+    refine(study, settings, ctx, tracker, k, epochs)
 
 
 def finish_best(outcome: SearchOutcome, settings: SearchSettings, ctx: SearchContext, tracker: Tracker) -> None:

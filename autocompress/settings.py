@@ -177,6 +177,9 @@ class SearchSettings:
     # the final phase
     final_top: int = option(3, "plans re-fine-tuned longer at the end (0: none)", check=at_least(0))
     final_epochs: int = option(2, "fine-tune epochs for those finalists", check=at_least(0))
+    time_finalists: int = option(1, "with --time-budget: the best trials that first share 30 percent of the final "
+                                 "phase before the best of them goes on (1: the best trial takes all of it)",
+                                 check=at_least(1))
     final_distill: float = option(0.5, "distillation weight (at least) for the finalists' fine-tune",
                                   check=between(0, 1, high_open=True))
     # latency
@@ -229,6 +232,12 @@ class SearchSettings:
             out[f.name] = str(value) if isinstance(value, Budget) else list(value) if isinstance(value, tuple) \
                 else value
         return out
+
+    @property
+    def has_final_phase(self) -> bool:
+        """The finalists are fine-tuned again after the trials: --final-top > 0, for
+        --final-epochs, or for what is left of --time-budget."""
+        return self.final_top > 0 and (self.final_epochs > 0 or self.time_budget is not None)
 
     @property
     def data_seed(self) -> int:
