@@ -151,7 +151,7 @@ def plan_time(settings: SearchSettings, ctx: SearchContext, trials: int) -> tupl
     overhead = overhead_estimate(speed, settings.calib_batches)
     seconds = trial_seconds(speed, left, trials, overhead)
     timeout = max(min(left, settings.timeout or left), 1.0)  # at least one trial starts
-    print(describe(clock, speed, seconds, trials, overhead), flush=True)
+    print(describe(clock, speed, seconds, trials, overhead, settings.time_finalists), flush=True)
     return replace(settings, trial_seconds=seconds, timeout=timeout), (clock, speed)
 
 

@@ -140,7 +140,7 @@ class SearchSettings:
                                    check=positive())
     time_budget: float | None = option(None, "wall-clock time for the whole search (10m, 1h): --explore-share of it "
                                        "screens plans with short fine-tunes (sized to fit --trials in it), the rest "
-                                       "fine-tunes the finalists and then the best of them", parse=parse_duration,
+                                       "fine-tunes the best of them (see --time-finalists)", parse=parse_duration,
                                        check=positive())
     explore_share: float = option(0.3, "with --time-budget: the share spent exploring plans",
                                   check=between(0, 1, low_open=True, high_open=True))

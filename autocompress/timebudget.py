@@ -4,8 +4,8 @@ A user's alternative to searching is to fine-tune one uniform plan for the same 
 fine-tune length moves accuracy more than most allocations do. So with a time budget T (counted
 from the start of the search) the search, once set up, spends `explore_share` of what is left
 screening plans with fine-tunes of equal (short) time, sized so that the asked number of trials
-fit, and the rest fine-tuning the finalists: each for a short equal share, then the best of them
-for all that is left (refine.refine_timed). A reserve is kept for writing, loading and testing
+fit, and the rest fine-tuning the best of them for all that is left (or, with --time-finalists
+N, the N best for a short equal share each, then the best of those: refine.refine_timed). A reserve is kept for writing, loading and testing
 the pick, and for the review.
 """
 from __future__ import annotations
@@ -174,14 +174,15 @@ def finalists_that_fit(seconds: float, speed: Speed, trial_s: float, finalists: 
     return fit if fit > 0 or finalists < 1 else int(seconds >= 2 * per)
 
 
-def describe(clock: Clock, speed: Speed, seconds: float, trials: int, overhead: float = OVERHEAD_S) -> str:
+def describe(clock: Clock, speed: Speed, seconds: float, trials: int, overhead: float = OVERHEAD_S,
+             finalists: int = 1) -> str:
     """One line for the search header: how the budget is split."""
     explore = clock.explore_end - time.monotonic()
     fit = min(trials, max(int(explore / (seconds + speed.eval_s + overhead)), 1))
     return (f"time budget {_dur(clock.budget)}, {_dur(clock.left())} left after set-up: {_dur(explore)} exploring "
             f"(about {fit} trial{'s' if fit != 1 else ''}, each fine-tuned for {seconds:.1f}s, "
-            f"about {seconds / speed.step_s:.0f} batches at the baseline's speed), the rest fine-tuning the finalists, "
-            "then the best of them")
+            f"about {seconds / speed.step_s:.0f} batches at the baseline's speed), the rest fine-tuning "
+            + ("the best trial" if finalists == 1 else f"the {finalists} best trials, then the best of them"))
 
 
 def _dur(seconds: float) -> str:

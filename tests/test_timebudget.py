@@ -72,10 +72,11 @@ def test_finalists_are_sized_by_the_trials_as_they_ran():
 
 
 @pytest.mark.slow
-def test_search_keeps_to_its_time_budget(tmp_path):
+def test_search_keeps_to_its_time_budget(tmp_path, capsys):
     """Without the budget, 40 one-epoch trials and 3 finalists would take minutes; with 45 s the
-    search explores for its share (screening trials of at least MIN_TRIAL_S each), refines for
-    the rest, and records how long each finalist trained."""
+    search explores for its share (screening trials of at least MIN_TRIAL_S each), then the best
+    screening trial alone (--time-finalists 1, the default) goes on for the rest, and the search
+    records how long it trained."""
     t0 = time.monotonic()
     outcome = search("8x", model="lenet5", data="digits", out=str(tmp_path), study="tb", trials=40,
                      baseline_epochs=3, time_budget=45, progress=False)
@@ -93,6 +94,9 @@ def test_search_keeps_to_its_time_budget(tmp_path):
         trial = study.trials[int(num)]
         assert v["seconds"] > trial.user_attrs[Attr.SECONDS] - trial.user_attrs[Attr.OVERHEAD_SECONDS]
     assert sum(v["seconds"] for v in final.values()) < 45
+    best = max(ran, key=lambda t: (t.value, -t.user_attrs[Attr.SIZE_BYTES]))
+    assert list(final) == [str(best.number)] and outcome.best.number == best.number
+    assert "the rest fine-tuning the best trial" in capsys.readouterr().out
     assert wall < 90  # baseline training (3 epochs on digits) is not counted in the 45 s
     sizes = {t.user_attrs[Attr.SIZE_BYTES] for t in ran}
     assert max(sizes) <= outcome.limit
