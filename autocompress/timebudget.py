@@ -5,8 +5,8 @@ fine-tune length moves accuracy more than most allocations do. So with a time bu
 from the start of the search) the search, once set up, spends `explore_share` of what is left
 screening plans with fine-tunes of equal (short) time, sized so that the asked number of trials
 fit, and the rest fine-tuning the best of them for all that is left (or, with --time-finalists
-N, the N best for a short equal share each, then the best of those: refine.refine_timed). A reserve is kept for writing, loading and testing
-the pick, and for the review.
+N, the N best for a short equal share each, then the best of those: refine.refine_timed). A
+reserve is kept for writing, loading and testing the pick, and for the review.
 """
 from __future__ import annotations
 
