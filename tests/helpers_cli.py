@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+import sqlalchemy
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,10 +46,17 @@ def wait_for(find: Callable[[], Any], proc: subprocess.Popen, timeout: float = 1
     raise AssertionError("timed out")
 
 
+def reader(storage: str) -> optuna.storages.RDBStorage:
+    """A storage for polling a running search: it never races the search creating the tables, and
+    closes its connection after each query (a pooled engine per 50 ms poll holds its connection
+    until garbage collection, enough to exhaust PostgreSQL's max_connections)."""
+    return optuna.storages.RDBStorage(storage, skip_table_creation=True,
+                                      engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
+
+
 def fine_tuning_trial(storage: str, study: str, min_number: int = 0) -> optuna.trial.FrozenTrial | None:
     """A RUNNING trial past its size check (within budget, so fine-tuning), with its MLflow run open."""
-    reader = optuna.storages.RDBStorage(storage, skip_table_creation=True)  # never races the search creating them
-    for t in optuna.load_study(study_name=study, storage=reader).get_trials(deepcopy=False):
+    for t in optuna.load_study(study_name=study, storage=reader(storage)).get_trials(deepcopy=False):
         if (t.state == optuna.trial.TrialState.RUNNING and t.number >= min_number and "mlflow_run_id" in t.user_attrs
                 and t.user_attrs.get("constraint", 1) <= 0 and "worker" in t.user_attrs):
             return t

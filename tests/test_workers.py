@@ -17,7 +17,7 @@ from autocompress.cli import main
 from autocompress.storage import database_url
 from autocompress.trials import best_trial
 from autocompress.workers import counted_trials
-from helpers_cli import fine_tuning_trial, parent_runs, start_search, trial_runs, wait_for
+from helpers_cli import fine_tuning_trial, parent_runs, reader, start_search, trial_runs, wait_for
 
 PG = database_url(os.environ.get("AUTOCOMPRESS_TEST_PG"))
 pytestmark = [pytest.mark.slow,
@@ -65,7 +65,7 @@ def test_worker_killed_mid_trial_is_retried_and_nothing_is_lost(where, tmp_path)
     victim = wait_for(lambda: fine_tuning_trial(storage, name), p)
     os.kill(int(victim.user_attrs["worker"].rsplit(":", 1)[1]), signal.SIGKILL)
     # mid-study, the best trial so far can be exported
-    wait_for(lambda: best_trial(optuna.load_study(study_name=name, storage=storage)), p)
+    wait_for(lambda: best_trial(optuna.load_study(study_name=name, storage=reader(storage))), p)
     assert main(["export", "--storage", storage, "--study", name, "--out", str(tmp_path / "mid.acz")]) == 0
     log, _ = p.communicate(timeout=240)
     assert p.returncode == 0, log
