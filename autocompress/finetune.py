@@ -218,6 +218,15 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
         mark = (step, now, eval_seconds)
         return planned_steps(step, per_step, deadline - now, per_eval(per_step), per_epoch)
 
+    def finished() -> bool:
+        """Whether training stops here: the schedule has run its steps, or the deadline is near. A
+        timed fine-tune whose schedule ran out early (a slow stretch made the speed look lower than it
+        is) is re-planned over the time left instead: the deadline, not a misjudged plan, ends it."""
+        nonlocal total
+        if deadline is not None and step >= total and not out_of_time():
+            total = replan()
+        return step >= total or out_of_time()
+
     for epoch in itertools.count(1):
         if config.seconds is None and epoch > config.epochs:
             break
@@ -230,7 +239,7 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
                            desc=f"fine-tune {epoch}" + (f"/{config.epochs}" if config.seconds is None else ""))
         loss_sum, count = 0.0, 0
         for idx in batches:
-            if step >= total or out_of_time():
+            if finished():
                 break
             x, y = train.x[idx], train.y[idx]
             _set_lr(opt, config.lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0))))
@@ -246,7 +255,7 @@ def finetune(model: nn.Module, train: TensorData, val: TensorData, config: Finet
             check(epoch)
             if deadline is not None and epoch == 1:  # now with an evaluation timed
                 total = replan()
-        if count == 0 or step >= total or out_of_time():
+        if count == 0 or finished():
             break
     if not val_acc:
         check(0)

@@ -157,8 +157,10 @@ def test_time_budget_trains_for_that_long(digits):
     result = finetune(model, digits.train, digits.val, FinetuneConfig(epochs=0, lr=0.05, batch_size=32, seconds=1.5),
                       report=lambda acc, step: steps.append(step))
     wall = time.perf_counter() - t0
-    assert 1.4 < wall < 1.5 + 1.0
     assert result.steps > 0 and steps == list(range(1, len(steps) + 1)) and len(result.val_acc) == len(steps)
+    # it stops short by at most what the plan leaves for the last evaluation and a step's rounding
+    one_eval, one_step = result.eval_seconds / len(steps), result.seconds / result.steps
+    assert 1.5 - one_eval - 2 * one_step - 0.05 < wall < 1.5 + 1.0
     assert result.seconds + result.eval_seconds == pytest.approx(wall, abs=0.2)
 
 
