@@ -25,6 +25,7 @@ from .compression import RECORD_ATTR, channel, codec, compressed_weights, compre
 from .compression.prune import blocks_of
 from .errors import UserError
 from .models import HALF_MAX, ModelSpec, build_model, set_submodule
+from .plan import CompressionPlan
 
 MAGIC = b"ACZP"
 FORMAT_VERSION = 1
@@ -180,7 +181,8 @@ def layout(model: nn.Module, spec: ModelSpec) -> dict:
             entries.append({"t": "f", "name": key, "shape": shape, "bits": plan_fb})
     for name in record["acts"]:
         entries.append({"t": "act", "module": name, "bits": model.get_submodule(name).act_bits})
-    rec = {k: record[k] for k in ("plan", "input_shape", "channel_replay", "ranks", "targets", "acts")}
+    rec = {k: record[k] for k in ("input_shape", "channel_replay", "ranks", "targets", "acts")}
+    rec["plan"] = CompressionPlan.from_dict(record["plan"]).stored().to_dict()
     if record.get("folded"):
         rec["folded"] = record["folded"]
     return {"format": FORMAT_VERSION, "spec": spec.to_dict(), "record": rec, "entries": entries}

@@ -177,6 +177,30 @@ def test_header_holds_plan_and_spec(lenet, data, tmp_path):
     assert CompressionPlan.from_dict(h["plan"]) == plan
 
 
+def test_what_does_not_shape_the_model_costs_no_bytes(lenet, data, tmp_path):
+    """A warm-start plan fixes prune, amount and bits; the sampler draws the rest (an N:M pattern
+    for a channel-pruned layer, distill), and an unpruned layer becomes "unstructured" by 0 where
+    the space has no "none". Those must not change the artifact: mnasnet0_5's warm-start
+    plans came out 50-60 bytes larger as trials than as sized, over the budget they were fitted
+    to, and each paid a repair before training."""
+    base = {"conv2": LayerPlan(bits=4, prune="channel", amount=0.25),
+            "fc1": LayerPlan(bits=3, prune="unstructured", amount=0.8), "fc2": LayerPlan(bits=4, prune="nm", n=1, m=4),
+            "conv1": LayerPlan(bits=5)}
+    drawn = {"conv2": LayerPlan(bits=4, prune="channel", amount=0.25, n=1, m=8, block_size=8),
+             "fc1": LayerPlan(bits=3, prune="unstructured", amount=0.8, n=1, m=4, block_size=2),
+             "fc2": LayerPlan(bits=4, prune="nm", n=1, m=4, amount=0.6),
+             "conv1": LayerPlan(bits=5, prune="unstructured", amount=0.0)}  # where the space has no "none"
+    example = data[0][:1]
+    a = compress(lenet, CompressionPlan(layers=base), example)
+    b = compress(lenet, CompressionPlan(layers=drawn, distill=0.5, temperature=2.0, l1=1e-5), example)
+    assert artifact_size(a, SPEC) == artifact_size(b, SPEC) == export(b, tmp_path / "b.acz", SPEC)
+    assert read_header(tmp_path / "b.acz")["plan"] == CompressionPlan(layers=base).to_dict()
+    different = compress(lenet, CompressionPlan(layers={**base, "fc2": LayerPlan(bits=4, prune="nm", n=2, m=4)}),
+                         example)
+    export(different, tmp_path / "c.acz", SPEC)
+    assert read_header(tmp_path / "c.acz")["plan"]["layers"]["fc2"]["n"] == 2  # an N:M layer keeps its pattern
+
+
 def test_payload_walker_tiles_the_payload_with_each_entrys_streams(lenet, data, tmp_path):
     from autocompress.artifact import ACT_BYTES, encode, read_artifact, walk_payload
 
