@@ -108,6 +108,35 @@ def test_search_keeps_to_its_time_budget(tmp_path, capsys):
         overheads.append(t.user_attrs[Attr.OVERHEAD_SECONDS])
 
 
+@pytest.mark.slow
+def test_a_round_of_finalists_shares_the_final_phase_then_the_best_goes_on(tmp_path, capsys):
+    """--time-finalists 2: the two best screening trials each go on from their trial for an equal
+    share of 30% of the final phase; then the better of them on validation trains for the rest,
+    from where its share left it."""
+    outcome = search("8x", model="lenet5", data="digits", out=str(tmp_path), study="round", trials=4,
+                     baseline_epochs=3, time_budget=90, explore_share=0.2, time_finalists=2, stop_at_baseline=False,
+                     progress=False)
+    study = optuna.load_study(study_name="round", storage=f"sqlite:///{tmp_path}/optuna.db")
+    out = capsys.readouterr().out
+    assert "the rest fine-tuning the 2 best trials, then the best of them" in out
+    assert "final phase: " in out and "for the top 2" in out
+    final = study.user_attrs[StudyAttr.FINAL]
+    assert len(final) == 2 and all(v["from_trial"] for v in final.values())
+    ran = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+                 key=lambda t: (-t.value, t.user_attrs[Attr.SIZE_BYTES]))
+    assert sorted(final) == sorted(str(t.number) for t in ran[:2])  # the two best screening trials
+    lines = [line for line in out.splitlines() if line.startswith("finalist trial")]
+    assert len(lines) == 3  # two shares, then the better one again
+    winner, loser = sorted(final, key=lambda n: -final[n]["seconds"])
+    assert f"finalist trial {int(winner):3d}" in lines[2]
+    trial_s = {n: study.trials[int(n)].user_attrs[Attr.SECONDS] - study.trials[int(n)].user_attrs[Attr.OVERHEAD_SECONDS]
+               for n in final}
+    share = final[loser]["seconds"] - trial_s[loser]
+    assert share > 0 and final[winner]["seconds"] - trial_s[winner] > 2 * share  # the rest is more than a share
+    assert outcome.best is not None  # the pick: the finalist most accurate on validation at the end
+    assert str(outcome.best.number) == max(final, key=lambda n: final[n]["val_accuracy"])
+
+
 def test_only_the_best_trials_models_are_kept_for_the_final_phase():
     kept: dict = {}
     models = {n: torch.nn.Linear(4, 2) for n in range(5)}
