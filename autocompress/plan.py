@@ -138,7 +138,8 @@ class CompressionPlan:
                                    n=lp.n if lp.prune == "nm" else base.n, m=lp.m if lp.prune == "nm" else base.m,
                                    block_size=lp.block_size if lp.prune == "block" else base.block_size,
                                    amount=base.amount if lp.prune == "nm" else lp.amount)
-        return replace(self, layers=layers, distill=0.0, temperature=4.0, l1=0.0)
+        plain = CompressionPlan()
+        return replace(self, layers=layers, distill=plain.distill, temperature=plain.temperature, l1=plain.l1)
 
     def to_dict(self) -> dict[str, Any]:
         return {
