@@ -76,6 +76,18 @@ class LayerPlan:
             return 1.0 - self.n / self.m
         return self.amount
 
+    def stored(self) -> LayerPlan:
+        """This layer as an artifact stores it: what does not shape the deployed layer at its
+        default. The N:M pattern unless pruned N:M, the block size unless pruned in blocks, the
+        amount when N:M, the importance score that chose what to prune; pruned by an amount of 0 is
+        not pruned (a warm-start plan leaves the output layer unpruned, its trial prunes it
+        "unstructured" by 0 where the space has no "none")."""
+        plain, nm = LayerPlan(), self.prune == "nm"
+        return replace(self, prune=self.prune if nm or self.amount > 0 else "none", importance=plain.importance,
+                       n=self.n if nm else plain.n, m=self.m if nm else plain.m,
+                       block_size=self.block_size if self.prune == "block" else plain.block_size,
+                       amount=plain.amount if nm else self.amount)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -118,28 +130,18 @@ class CompressionPlan:
             raise PlanError(f"float_bits must be 16 or 32, got {self.float_bits}")
 
     def stored(self) -> CompressionPlan:
-        """The plan as an artifact's header stores it: what the deployed model is made of. What
-        does not shape it is left at its default: a layer's N:M pattern unless it is pruned N:M,
-        its block size unless pruned in blocks, its amount when N:M, the importance score that
-        chose what to prune, and the fine-tune's options (distill, temperature, l1); a layer
-        pruned by an amount of 0 is stored as not pruned (a warm-start plan leaves the output
-        layer unpruned, its trial prunes it "unstructured" by 0 where the space has no "none").
+        """The plan as an artifact's header stores it: what the deployed model is made of
+        (LayerPlan.stored per layer), with the fine-tune's options (distill, temperature, l1) at
+        their defaults.
 
         Why: the header is compressed, so those values cost bytes, and a trial whose plan the warm
         start fixed has them drawn by the sampler. Such a trial's artifact came out 50-60 bytes
         larger than the plan the warm start sized, over a budget the plan had been fitted to
         within 30 bytes (mnasnet0_5 at 20x), and every such trial paid a repair (8 sizings, 1.3 s
         of overhead) before training."""
-        base = LayerPlan()
-        layers = {}
-        for name, lp in self.layers.items():
-            pruned = lp.prune == "nm" or lp.amount > 0
-            layers[name] = replace(lp, importance=base.importance, prune=lp.prune if pruned else "none",
-                                   n=lp.n if lp.prune == "nm" else base.n, m=lp.m if lp.prune == "nm" else base.m,
-                                   block_size=lp.block_size if lp.prune == "block" else base.block_size,
-                                   amount=base.amount if lp.prune == "nm" else lp.amount)
         plain = CompressionPlan()
-        return replace(self, layers=layers, distill=plain.distill, temperature=plain.temperature, l1=plain.l1)
+        return replace(self, layers={name: lp.stored() for name, lp in self.layers.items()},
+                       distill=plain.distill, temperature=plain.temperature, l1=plain.l1)
 
     def to_dict(self) -> dict[str, Any]:
         return {
