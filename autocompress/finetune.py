@@ -114,6 +114,7 @@ class FinetuneResult:
     seconds: float
     eval_seconds: float
     steps: int = 0  # optimiser steps taken
+    restored: bool = False  # the weights it started from were put back (refine.guarded): val_acc[-1] is theirs
 
 
 def finetune_loss(logits: Tensor, y: Tensor, config: FinetuneConfig, teacher_logits: Tensor | None = None,
