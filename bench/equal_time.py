@@ -21,6 +21,7 @@ Writes bench/results/<tag>.jsonl (one line per arm and seed) and <tag>.md (mean 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -139,7 +140,20 @@ def search_row(res: Any, wall: float, label: str) -> dict[str, Any]:
             "trials": {s.value: states.count(s) for s in set(states)},
             "overhead_fraction": sum(overhead) / max(len(overhead), 1),
             "overhead_per_trial_s": sum(t.user_attrs["overhead_seconds"] for t in ran) / max(len(ran), 1),
-            "plan": res.best.user_attrs.get("plan") if res.best else None}
+            "plan": res.best.user_attrs.get("plan") if res.best else None,
+            # finalists whose continued fine-tune ended lower and were kept as they started (refine.guarded)
+            "kept_start": sum("restored" in v for v in res.study.user_attrs.get("final", {}).values())}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of the baseline's weights: the cache key names the recipe, not the floats,
+    and the same key trained on another machine tested 81.93% here and 82.44% there, so rows of
+    different runs compare only where this matches."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def equal_time(a: Any, model, spec, data, original: int, base_test: float, device_name: str, results: str) -> None:
@@ -147,6 +161,7 @@ def equal_time(a: Any, model, spec, data, original: int, base_test: float, devic
     from autocompress.plan import parse_budget
 
     seeds = [int(s) for s in a.seeds.split(",")]
+    digest = weights_digest(model)
     T = float(a.equal_time or 300)  # with --default-run: only the seconds of U's bit-width screen (T / 6 each)
     jsonl = os.path.join(results, f"{a.tag}.jsonl")
     for budget in a.budgets.split(","):
@@ -174,7 +189,7 @@ def equal_time(a: Any, model, spec, data, original: int, base_test: float, devic
                     r.update({"budget": budget, "budget_bytes": limit, "seed": seed,
                               "time_budget_s": "default run" if a.default_run else T,
                               "model": a.model, "data": data.name, "device": device_name, "baseline_test": base_test,
-                              "original_bytes": original, "threads": torch.get_num_threads(),
+                              "baseline_weights": digest, "original_bytes": original, "threads": torch.get_num_threads(),
                               "uniform_bits_screen": screen, "load": os.getloadavg()[0]})
                     with open(jsonl, "a") as f:
                         f.write(json.dumps(r) + "\n")
@@ -201,7 +216,7 @@ def write_summary(jsonl: str, md: str) -> None:
              "U: the uniform plan, fine-tuned for all of T. S: `search(time_budget=T)`; for T = 'default "
              "run', S is `autocompress search --budget B` with every default and U gets its wall time. "
              "Recovered: (S - U) / (fp32 - U). See bench/equal_time.py.", "",
-             "| model | budget | T | seeds | fp32 | U test | S test | S - U | recovered | pooled sd | "
+             "| model | budget | T | seeds | fp32 (weights) | U test | S test | S - U | recovered | pooled sd | "
              "val-test gap U / S | wall U / S | S overhead / trial | S trials (mean) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, budget, T), arms in cases.items():
@@ -217,7 +232,8 @@ def write_summary(jsonl: str, md: str) -> None:
         gap = lambda rs: statistics.mean(r["val_accuracy"] - r["test_accuracy"] for r in rs) * 100  # noqa: E731
         # trials that ran: not those left queued when exploring stopped at the baseline or ran out of time
         n_trials = statistics.mean(sum(n for state, n in r["trials"].items() if state != "waiting") for r in s)
-        lines.append(f"| {model} | {budget} | {T if isinstance(T, str) else f'{T:.0f}s'} | {len(s)} | {fp32 * 100:.2f} | {mean_sd(ut)} | {mean_sd(st)} | "
+        weights = ", ".join(sorted({r.get("baseline_weights", "?") for r in u + s}))  # more than one: not comparable
+        lines.append(f"| {model} | {budget} | {T if isinstance(T, str) else f'{T:.0f}s'} | {len(s)} | {fp32 * 100:.2f} ({weights}) | {mean_sd(ut)} | {mean_sd(st)} | "
                      f"{diff * 100:+.2f} | {diff / loss:.0%} | {pooled * 100:.2f} | {gap(u):+.2f} / {gap(s):+.2f} | "
                      f"{statistics.mean(r['wall_s'] for r in u):.0f} / {statistics.mean(r['wall_s'] for r in s):.0f} s | "
                      f"{statistics.mean(r['overhead_fraction'] for r in s):.1%} | {n_trials:.1f} |")
