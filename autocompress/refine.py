@@ -26,7 +26,7 @@ from .plan import CompressionPlan, format_bytes
 from .settings import SearchSettings
 from .tracking import Tracker
 from .train import evaluate
-from .trials import Attr, StudyAttr, TrialState, accuracy, final_rank, final_results, finalists
+from .trials import Attr, StudyAttr, TrialState, accuracy, final_rank, final_results, finalists, finetune_seconds
 
 SCREEN_SHARE = 0.3  # of a timed final phase: the finalists' equal first fine-tunes, before the best goes on
 
@@ -146,8 +146,7 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
     if model is None:  # phase: which shuffle of the training data (finetune_and_export)
         before, phase = {}, 0
     elif from_trial:  # its trial's fine-tune counts, as a finalist's first share does
-        before = {"seconds": t.user_attrs.get(Attr.SECONDS, 0.0) - t.user_attrs.get(Attr.OVERHEAD_SECONDS, 0.0),
-                  "epochs": 0, "from": "trial"}
+        before = {"seconds": finetune_seconds(t) or 0.0, "epochs": 0, "from": "trial"}
         phase = 1
     else:
         before, phase = done.get(str(t.number), {}), 2

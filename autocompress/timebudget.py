@@ -24,7 +24,7 @@ from .data import TensorData
 from .models import logits_of
 from .settings import SearchSettings
 from .train import evaluate
-from .trials import Attr
+from .trials import finetune_seconds
 
 PROBE_STEPS = 3  # timed training steps of the probe (after one warm-up step)
 SCREEN_VAL_SAMPLES = 2000  # validation samples that score a screening trial (stratified, fixed)
@@ -157,9 +157,7 @@ def trials_finetune_seconds(trials: list[optuna.trial.FrozenTrial], planned: flo
     """The median seconds the screening trials that trained spent fine-tuning and evaluating, as
     they ran (trial_length makes them longer than planned when their overhead asks for it);
     `planned` when none trained."""
-    ran = [t.user_attrs[Attr.SECONDS] - t.user_attrs[Attr.OVERHEAD_SECONDS] for t in trials
-           if Attr.SECONDS in t.user_attrs and Attr.OVERHEAD_SECONDS in t.user_attrs]
-    ran = [s for s in ran if s > 0]
+    ran = [s for s in map(finetune_seconds, trials) if s is not None and s > 0]
     return statistics.median(ran) if ran else planned
 
 

@@ -81,6 +81,14 @@ def accuracy(t: optuna.trial.FrozenTrial) -> float:
     return t.values[0]
 
 
+def finetune_seconds(t: optuna.trial.FrozenTrial) -> float | None:
+    """Seconds the trial spent fine-tuning and evaluating (its time less its overhead); None when
+    it did not record both (it never trained, or an older study)."""
+    if Attr.SECONDS not in t.user_attrs or Attr.OVERHEAD_SECONDS not in t.user_attrs:
+        return None
+    return t.user_attrs[Attr.SECONDS] - t.user_attrs[Attr.OVERHEAD_SECONDS]
+
+
 def feasible(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Completed trials within every budget, with a value."""
     return [t for t in study.get_trials(deepcopy=False, states=(TS.COMPLETE,))
