@@ -160,9 +160,12 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
         start_acc = None  # a model that goes on: what guards its fine-tune (guarded)
         if model is None:
             model = compress(ctx.model, plan, ctx.example_input, ctx.calib)
-        else:
-            start_acc = before["val_accuracy"] if "val_accuracy" in before else \
-                evaluate(model, ctx.data.val, settings.device)
+        elif "val_accuracy" in before:  # a finalist's share, scored on the validation split
+            start_acc = before["val_accuracy"]
+        elif ctx.screen_val is None:  # its trial was scored on the whole validation split too
+            start_acc = accuracy(t)
+        else:  # its trial was scored on the screening images only
+            start_acc = evaluate(model, ctx.data.val, settings.device)
         size = artifact_size(model, ctx.spec)
         if seconds is not None:  # the share includes compressing: the fine-tune gets what is left of it
             seconds = max(seconds - (time.perf_counter() - start), 1.0)

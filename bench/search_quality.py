@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arms", default="U,S", help="with --equal-time: the arms to run (S alone after a change that "
                     "leaves U as it was: copy U's rows of the earlier run into the tag's jsonl)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--baseline-only", action="store_true", help="train (or load) and cache the baseline, print "
+                    "its test accuracy, stop: before arms run side by side, so that they do not both train it")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.device != "cpu":  # small data sets live on the device, as in the search
         data.train, data.val, data.test = data.train.to(a.device), data.val.to(a.device), data.test.to(a.device)
     base_test = evaluate(model, data.test, a.device)
+    if a.baseline_only:
+        print(f"baseline {a.model}: test {base_test * 100:.2f}%, {param_bytes(model)} parameter bytes")
+        return
     device = f"{platform.machine()} CPU, {torch.get_num_threads()} threads" if a.device == "cpu" else \
         torch.cuda.get_device_name(0)
     os.makedirs(RESULTS, exist_ok=True)
