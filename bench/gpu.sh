@@ -12,7 +12,7 @@
 #   bash bench/gpu.sh quality  # only the search quality (BUDGETS, default 100x,40x; QUALITY_S limit)
 #   bash bench/gpu.sh latency  # only the latency run (LATENCY_S limit; 48 fitted + 12 held-out plans per batch size)
 #   bash bench/gpu.sh equal_time  # issue 14: search vs uniform at equal time (ET_BUDGETS, default 300x;
-#                                 # ET_S seconds per arm, default 60; ET_SEEDS, default 0,1,2)
+#                                 # ET_S seconds per arm, default 100; ET_SEEDS, default 0,1,2: about 8 minutes, one call)
 #
 # One call may run 10 minutes: on 2026-11-26 (H200) the 15-epoch baseline took 55 s and the 100x
 # budget 260 s (uniform plans and search), so run one budget per call (BUDGETS=40x), then
@@ -65,12 +65,12 @@ if [ "$MODE" = equal_time ]; then
   # the baseline first (55 s on an H200), then for each budget the uniform arm (U, which first
   # screens its bit width for T/6 per width) and the search (S) side by side on the GPU, as the
   # CPU runs put the two arms of a seed side by side: 3 seeds x (T + set-up) per budget
-  ET_MODEL=${ET_MODEL:-resnet18} ET_DEVICE=${ET_DEVICE:-cuda} ET_S=${ET_S:-60}
+  ET_MODEL=${ET_MODEL:-resnet18} ET_DEVICE=${ET_DEVICE:-cuda} ET_S=${ET_S:-100}
   common=(--model "$ET_MODEL" --device "$ET_DEVICE" --baseline-epochs "${ET_EPOCHS:-15}" --trials 12)
   stage baseline 200 python3 bench/search_quality.py "${common[@]}" --baseline-only
   for budget in ${ET_BUDGETS:-300x}; do
     for arm in U S; do
-      timeout "${ET_LIMIT:-540}" python3 bench/search_quality.py "${common[@]}" --equal-time "$ET_S" --budgets "$budget" \
+      timeout "${ET_LIMIT:-480}" python3 bench/search_quality.py "${common[@]}" --equal-time "$ET_S" --budgets "$budget" \
         --seeds "${ET_SEEDS:-0,1,2}" --arms $arm --tag "equal_time-$ET_MODEL-$budget-gpu" > "$OUT/et-$budget-$arm.log" 2>&1 &
     done
     wait
