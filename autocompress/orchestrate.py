@@ -28,8 +28,8 @@ from .review import log_review
 from .settings import SearchSettings
 from .storage import StudyLock
 from .study import check_same_study, make_sampler, make_tracker, open_study, resume_cleanup, space_json
-from .timebudget import (Clock, Speed, describe, final_seconds, finalists_that_fit, overhead_estimate, probe_speed,
-                         screening_split, trial_seconds, trials_finetune_seconds)
+from .timebudget import (Clock, Speed, describe, final_seconds, finalists_that_fit, fit_in_budget, overhead_estimate,
+                         probe_speed, screening_split, trial_seconds, trials_finetune_seconds)
 from .tracking import Tracker
 from .trials import Attr, StudyAttr, TrialState, accuracy, best_final, best_trial, matching_trial, pareto_trials
 from .workers import optimize_shared, spawn_workers, study_counts, wait_workers
@@ -149,9 +149,14 @@ def plan_time(settings: SearchSettings, ctx: SearchContext, trials: int) -> tupl
     clock.start_exploring()
     left = clock.left(clock.explore_end)
     overhead = overhead_estimate(speed, settings.calib_batches)
-    seconds = trial_seconds(speed, left, trials, overhead)
+    planned = trial_seconds(speed, left, trials, overhead)
+    seconds = fit_in_budget(planned, clock, speed, overhead, len(ctx.data.test))
     timeout = max(min(left, settings.timeout or left), 1.0)  # at least one trial starts
     print(describe(clock, speed, seconds, trials, overhead, settings.time_finalists), flush=True)
+    if seconds < planned:
+        print(f"time budget: {clock.left():.0f}s left after set-up fits one trial of {seconds:.1f}s and no final "
+              f"fine-tune; give a larger --time-budget (at least {clock.budget - clock.left() + 3 * planned:.0f}s "
+              "here) to explore and then fine-tune the best plan", flush=True)
     return replace(settings, trial_seconds=seconds, timeout=timeout), (clock, speed)
 
 

@@ -10,8 +10,8 @@ import torch
 from autocompress.api import search
 from autocompress.objective import KEEP_MAX_BYTES, keep_for_final
 from autocompress.timebudget import (MAX_OVERHEAD, MIN_TRIAL_S, OVERHEAD_S, Clock, Speed, final_seconds,
-                                     finalists_that_fit, overhead_estimate, trial_length, trial_seconds,
-                                     trials_finetune_seconds)
+                                     finalists_that_fit, fit_in_budget, overhead_estimate, reserve_seconds,
+                                     trial_length, trial_seconds, trials_finetune_seconds)
 from autocompress.trials import Attr, StudyAttr
 
 
@@ -44,6 +44,19 @@ def test_final_phase_keeps_a_reserve_and_is_skipped_when_too_short():
     assert finalists_that_fit(20.0, speed, trial_s=8.0, finalists=3) == 1
     assert finalists_that_fit(17.0, speed, trial_s=8.0, finalists=3) == 0
     assert finalists_that_fit(100.0, speed, trial_s=8.0, finalists=0) == 0
+
+
+def test_a_trial_longer_than_the_budget_left_is_cut_to_fit():
+    """The shortest screening trial keeps the overhead within 5%; with little of the budget left
+    after set-up it is cut to what is left (at least one trial runs), so the budget holds."""
+    speed = Speed(step_s=0.01, eval_s=0.5, eval_samples=1000)
+    reserve = reserve_seconds(speed, test_size=1000)
+    clock = Clock(started=time.monotonic() - 50.0, budget=100.0, explore_share=0.3)  # 50 s left
+    assert fit_in_budget(20.0, clock, speed, overhead=1.0, test_size=1000) == 20.0  # fits: unchanged
+    cut = fit_in_budget(60.0, clock, speed, overhead=1.0, test_size=1000)
+    assert 50.0 - 1.0 - 0.5 - reserve - 0.5 < cut < 50.0 - 1.0 - 0.5 - reserve
+    late = Clock(started=time.monotonic() - 99.0, budget=100.0, explore_share=0.3)
+    assert fit_in_budget(60.0, late, speed, overhead=1.0, test_size=1000) == 1.0  # nothing left: one short trial
 
 
 def test_a_deep_models_first_trials_are_planned_with_its_calibration_passes():
@@ -106,6 +119,23 @@ def test_search_keeps_to_its_time_budget(tmp_path, capsys):
         trained = t.user_attrs[Attr.SECONDS] - t.user_attrs[Attr.OVERHEAD_SECONDS]
         assert trained >= 0.9 * trial_length(MIN_TRIAL_S, overheads), t.number
         overheads.append(t.user_attrs[Attr.OVERHEAD_SECONDS])
+
+
+@pytest.mark.slow
+def test_a_budget_too_short_for_a_full_trial_is_still_kept(tmp_path, capsys):
+    """With 8 s the search cannot both explore and fine-tune: its one trial is cut to the time
+    left, the final phase is skipped, the best trial is exported and tested, and the search ends
+    within its budget (it ran 2.6 times over when the trial kept its planned length)."""
+    search("8x", model="lenet5", data="digits", out=str(tmp_path / "warm"), study="w", trials=1,
+           baseline_epochs=3, progress=False)  # the baseline, cached: its training is not counted anyway
+    t0 = time.monotonic()
+    outcome = search("8x", model="lenet5", data="digits", out=str(tmp_path / "short"), study="s", trials=10,
+                     baseline_epochs=3, time_budget=8, progress=False)
+    wall = time.monotonic() - t0
+    out = capsys.readouterr().out
+    assert "fits one trial of" in out and "give a larger --time-budget" in out
+    assert outcome.best_path is not None and outcome.test_accuracy is not None
+    assert wall < 8 + 3, wall  # loading the data and the cached baseline come before the clock starts
 
 
 @pytest.mark.slow
