@@ -184,6 +184,8 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
                  "distill": distill, "search_val_accuracy": accuracy(t)}
         if seconds is not None:
             entry["seconds"] = round(trained, 1)
+        if start_acc is not None:
+            entry["start_val_accuracy"] = start_acc  # what it went on from, on the validation split
         if res.restored:  # going on ended lower: the model it went on from is kept (guarded)
             entry["restored"] = {"val_accuracy": res.val_acc[-2], "seconds": round(spent, 1)}
         if before.get("from") == "trial" or before.get("from_trial"):
@@ -197,10 +199,13 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
         origin = " from its trial" if before.get("from") == "trial" else ""
         how = f"{entry['epochs']} epochs{', continued' + origin if origin else ''}" if seconds is None else \
             f"{trained:.0f}s ({entry['epochs']} epochs{', continued' if before else ''}{origin})"
-        went = f"{spent:.0f}s" if seconds is not None else f"{len(res.train_loss)} epochs"
+        went = f"{spent:.0f}s" if seconds is not None else \
+            f"{len(res.train_loss)} epoch{'' if len(res.train_loss) == 1 else 's'}"
         kept = f" (going on for {went} ended at {res.val_acc[-2]:.4f}: kept the model it went on from)" \
             if res.restored else ""
-        print(f"finalist trial {t.number:3d}: val {accuracy(t):.4f} -> {res.val_acc[-1]:.4f} after {how}, "
+        start_note = f" (screening images; it went on from {start_acc:.4f} on validation)" \
+            if start_acc is not None and start_acc != accuracy(t) and not entry.get("restored") and from_trial else ""
+        print(f"finalist trial {t.number:3d}: val {accuracy(t):.4f}{start_note} -> {res.val_acc[-1]:.4f} after {how}, "
               f"{format_bytes(size)}{kept}", flush=True)
         return model
     finally:
