@@ -313,6 +313,14 @@ def prunable_layers(model: nn.Module) -> list[str]:
             and all(isinstance(t, torch.Tensor) for _, t in layer_weights(m))]
 
 
+def hash_weights(h: Any, model: nn.Module) -> None:
+    """Feed each state-dict entry of `model` (its name, then its bytes) into the hashlib object `h`:
+    what identifies trained weights, where a cache key (the recipe that trained them) does not."""
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+
+
 def param_bytes(model: nn.Module) -> int:
     """fp32 size of the model's parameters: the 'original size' that ratio budgets refer to."""
     return sum(p.numel() for p in model.parameters()) * 4

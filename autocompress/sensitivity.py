@@ -28,7 +28,7 @@ from torch import nn
 from .compression import prune
 from .compression.quantize import WeightCompressor
 from .data import TensorData
-from .models import layer_numel, layer_weight, layer_weights, prunable_layers
+from .models import hash_weights, layer_numel, layer_weight, layer_weights, prunable_layers
 from .jsonfile import read_json, write_json
 from .memory import trim
 
@@ -334,9 +334,7 @@ def model_key(model: nn.Module, data: TensorData, settings: dict | None = None) 
     """A short hash of the weights, the validation split and the analysis settings (amounts, bits,
     samples): what a sensitivity result depends on."""
     h = hashlib.sha1(repr(sorted((settings or {}).items())).encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    hash_weights(h, model)
     h.update(data.y.cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 

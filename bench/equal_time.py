@@ -36,6 +36,7 @@ from autocompress.artifact import export, load
 from autocompress.compression import compress, kept_weights, recalibrate_bn
 from autocompress.cost import artifact_size
 from autocompress.finetune import FinetuneConfig, finetune
+from autocompress.models import hash_weights
 from autocompress.objective import as_trial
 from autocompress.plan import CompressionPlan
 from autocompress.space import load_space
@@ -150,9 +151,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     and the same key trained on another machine tested 81.93% here and 82.44% there, so rows of
     different runs compare only where this matches."""
     h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    hash_weights(h, model)
     return h.hexdigest()[:12]
 
 
