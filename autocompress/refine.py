@@ -204,7 +204,7 @@ def refine_one(study: optuna.Study, settings: SearchSettings, ctx: SearchContext
         kept = f" (going on for {went} ended at {res.val_acc[-2]:.4f}: kept the model it went on from)" \
             if res.restored else ""
         start_note = f" (screening images; it went on from {start_acc:.4f} on validation)" \
-            if start_acc is not None and start_acc != accuracy(t) and not entry.get("restored") and from_trial else ""
+            if start_acc is not None and start_acc != accuracy(t) and not res.restored and from_trial else ""
         print(f"finalist trial {t.number:3d}: val {accuracy(t):.4f}{start_note} -> {res.val_acc[-1]:.4f} after {how}, "
               f"{format_bytes(size)}{kept}", flush=True)
         return model
