@@ -139,7 +139,7 @@ def test_a_budget_too_short_for_a_full_trial_is_still_kept(tmp_path, capsys):
     ran = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(ran) == 1 and finetune_seconds(ran[0]) < MIN_TRIAL_S  # cut, not the 5%-overhead length
     assert StudyAttr.FINAL not in study.user_attrs  # no time was left for a final phase
-    assert wall < 2 * 8, wall  # about 8-10 s here: the review's plots and MLflow writes may run past it
+    assert wall < 2 * 8, wall  # 3.5 s on an idle 2-core machine (the 1 s trial leaves the reserve unused)
 
 
 @pytest.mark.slow
